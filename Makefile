@@ -1,0 +1,31 @@
+# Every target sets itself up: a fresh clone needs nothing but python3 (>= 3.10).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# torch and torchvision must come as a matching pair; override on other machines, e.g.
+#   make test TORCH_SPEC="torch torchvision"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install -q $(TORCH_SPEC) 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -m pip install -q -e '.[dev,vision]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(PY) -c "import metacompress.cli.main, torch, torchvision, torch_pruning, onnxruntime"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/metacompress compress resnet20 --data digits --target-macs 0.5 --out out/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check metacompress cli tests benchmarks
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,1 @@
+"""The ``metacompress`` command line: thin Typer commands over the library."""

@@ -1,0 +1,80 @@
+"""The shared Typer app and the conventions every command follows.
+
+- bad input (``UserError``): one line on stderr, exit code 2, no traceback;
+- anything else: one line on stderr, exit code 1 (``METACOMPRESS_DEBUG=1`` shows the traceback);
+- ``--json``: the result as one JSON object on stdout, nothing else on stdout.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from metacompress.errors import UserError
+
+app = typer.Typer(
+    name="metacompress",
+    help="Compress PyTorch networks with a meta-learned pruning + distillation policy; export verified ONNX.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+JSON_OPTION = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
+SEED_OPTION = typer.Option(0, "--seed", help="Random seed: the same seed gives the same result.")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.split()) if text else type(exc).__name__
+
+
+def command(name: str, **kwargs: Any) -> Callable:
+    """Register a function as a CLI command with the toolkit's error and exit-code contract."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            try:
+                return fn(*args, **kw)
+            except UserError as exc:
+                err_console.print(f"error: {_one_line(exc)}", highlight=False, markup=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            except (typer.Exit, typer.Abort):
+                raise
+            except KeyboardInterrupt:
+                raise typer.Exit(130) from None
+            except Exception as exc:
+                if os.environ.get("METACOMPRESS_DEBUG"):
+                    raise
+                err_console.print(f"internal error: {type(exc).__name__}: {_one_line(exc)} "
+                                  "(set METACOMPRESS_DEBUG=1 for the traceback)",
+                                  highlight=False, markup=False, soft_wrap=True)
+                raise typer.Exit(1) from None
+
+        return app.command(name, **kwargs)(wrapper)
+
+    return decorate
+
+
+def emit(result: dict, as_json: bool, render: Callable[[dict], None]) -> None:
+    """Print ``result`` as JSON on stdout, or let ``render`` print it for people."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=_json_default) + "\n")
+        sys.stdout.flush()
+    else:
+        render(result)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)

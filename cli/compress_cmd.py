@@ -1,0 +1,1 @@
+"""Commands: train, compress, inspect."""

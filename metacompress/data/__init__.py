@@ -1,0 +1,17 @@
+"""Datasets without downloads: sklearn's bundled digits, generated data, and user files.
+
+``load_dataset(spec)`` understands:
+
+- ``digits``: sklearn's 8x8 digits as 1x8x8 images (raw pixel values 0..16);
+  ``digits@32`` resizes them to 1x32x32 for image models.
+- ``synthetic:SHAPE``: seeded, learnable classification data, e.g. ``synthetic:3x32x32``
+  (images) or ``synthetic:20`` (features); ``synthetic:3x32x32:classes=5:n=2000`` sets more.
+- ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test``; images NCHW, NHWC or flat.
+- ``imagefolder:DIR``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (needs torchvision).
+
+A fixed validation split is always carved from the training split.
+"""
+
+from metacompress.data.datasets import Dataset, load_dataset, subsample_per_class
+
+__all__ = ["Dataset", "load_dataset", "subsample_per_class"]

@@ -1,0 +1,216 @@
+"""Dataset container and the loaders behind ``load_dataset``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metacompress.errors import UserError
+
+VAL_FRACTION = 0.1
+TEST_FRACTION = 0.2
+
+
+@dataclass
+class Dataset:
+    """Train / validation / test tensors and what a model needs to know about them.
+
+    ``x_*`` hold the data exactly as a deployed model receives it (no normalisation applied);
+    ``mean`` and ``std`` are training-set statistics that zoo models fold into their graph.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def mean(self) -> float:
+        return float(self.x_train.mean())
+
+    @property
+    def std(self) -> float:
+        return float(self.x_train.std().clamp_min(1e-6))
+
+    def calibration_batch(self, n: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed random batch of training data (for probes, BN recalibration, Taylor scores)."""
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self.x_train), generator=g)[: min(n, len(self.x_train))]
+        return self.x_train[idx], self.y_train[idx]
+
+
+def subsample_per_class(
+    x: torch.Tensor, y: torch.Tensor, k: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep ``k`` random samples of each class: the 'few labelled samples' repair regime."""
+    if k <= 0:
+        raise UserError(f"samples per class must be positive, got {k}")
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)][:k]
+        keep.append(idx)
+    sel = torch.cat(keep)
+    sel = sel[torch.randperm(len(sel), generator=g)]
+    return x[sel], y[sel]
+
+
+def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
+    """Stratified split: the same seed always gives the same split."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
+
+
+def _finish(name: str, x_tr, y_tr, x_te, y_te, num_classes: int | None = None) -> Dataset:
+    x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, VAL_FRACTION, seed=0)
+
+    def t(a, dtype=torch.float32):
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)
+
+    ys = [y_tr, y_va, y_te]
+    if num_classes is None:
+        num_classes = int(max(int(np.max(a)) for a in ys)) + 1
+    return Dataset(
+        name=name,
+        x_train=t(x_tr), y_train=t(y_tr, torch.long),
+        x_val=t(x_va), y_val=t(y_va, torch.long),
+        x_test=t(x_te), y_test=t(y_te, torch.long),
+        num_classes=num_classes,
+    )
+
+
+def _digits(size: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images.astype(np.float32)[:, None]  # N x 1 x 8 x 8, values 0..16
+    if size != 8:
+        x = F.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False).numpy()
+    x_tr, x_te, y_tr, y_te = _split(x, d.target, TEST_FRACTION, seed=0)
+    return _finish("digits" if size == 8 else f"digits@{size}", x_tr, y_tr, x_te, y_te, 10)
+
+
+def _synthetic(arg: str) -> Dataset:
+    """Generated data with class structure a small network can learn, from a fixed seed.
+
+    Each class has a random prototype; samples are prototype + noise, smoothed over space for
+    images so that convolutions have local structure to find.
+    """
+    parts = arg.split(":")
+    try:
+        shape = tuple(int(s) for s in parts[0].lower().split("x"))
+        opts = dict(p.split("=", 1) for p in parts[1:])
+        classes = int(opts.pop("classes", 10))
+        n = int(opts.pop("n", 1200))
+        seed = int(opts.pop("seed", 0))
+    except ValueError:
+        raise UserError(f"malformed synthetic spec 'synthetic:{arg}': use synthetic:SHAPE[:classes=C][:n=N], "
+                        "e.g. synthetic:3x32x32 or synthetic:20") from None
+    if opts:
+        raise UserError(f"unknown synthetic option(s): {', '.join(opts)} (known: classes, n, seed)")
+    if len(shape) not in (1, 3) or min(shape) <= 0 or classes < 2 or n < 4 * classes:
+        raise UserError(f"synthetic data needs a shape CxHxW or F with positive sizes, >= 2 classes and "
+                        f"n >= 4 x classes; got shape {shape}, classes {classes}, n {n}")
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn((classes, *shape), generator=g)
+    y = torch.arange(n) % classes
+    y = y[torch.randperm(n, generator=g)]
+    x = protos[y] + 1.5 * torch.randn((n, *shape), generator=g)
+    if len(shape) == 3:
+        x = F.avg_pool2d(x, 3, stride=1, padding=1) * 2.0
+    x_np, y_np = x.numpy().astype(np.float32), y.numpy()
+    x_tr, x_te, y_tr, y_te = _split(x_np, y_np, TEST_FRACTION, seed=0)
+    return _finish(f"synthetic:{arg}", x_tr, y_tr, x_te, y_te, classes)
+
+
+def _npz(path: str) -> Dataset:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in z}
+    except Exception as exc:
+        raise UserError(f"cannot read {p} as .npz: {exc}") from None
+    missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays)
+    if missing:
+        raise UserError(f"{p} lacks array(s) {', '.join(sorted(missing))}")
+    xs = []
+    for key in ("x_train", "x_test"):
+        x = arrays[key].astype(np.float32)
+        if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        if x.ndim not in (2, 4):
+            raise UserError(f"{p}: {key} must be N x F (flat) or images N x C x H x W / N x H x W x C, "
+                            f"got shape {x.shape}")
+        xs.append(x)
+    if xs[0].shape[1:] != xs[1].shape[1:]:
+        raise UserError(f"{p}: x_train samples {xs[0].shape[1:]} and x_test samples {xs[1].shape[1:]} differ")
+    y_tr, y_te = arrays["y_train"].astype(np.int64).ravel(), arrays["y_test"].astype(np.int64).ravel()
+    if len(y_tr) != len(xs[0]) or len(y_te) != len(xs[1]):
+        raise UserError(f"{p}: label and sample counts differ")
+    if min(y_tr.min(), y_te.min()) < 0:
+        raise UserError(f"{p}: labels must be 0..C-1")
+    if not (np.isfinite(xs[0]).all() and np.isfinite(xs[1]).all()):
+        raise UserError(f"{p}: data holds NaN or infinite values")
+    return _finish(f"npz:{p}", xs[0], y_tr, xs[1], y_te)
+
+
+def _imagefolder(root: str) -> Dataset:
+    try:
+        from torchvision import datasets, transforms
+    except ImportError:
+        raise UserError("imagefolder data needs torchvision: pip install 'metacompress[vision]'") from None
+    base = Path(root)
+    if not (base / "train").is_dir() or not (base / "test").is_dir():
+        raise UserError(f"imagefolder:{root} needs sub-folders train/ and test/, one folder per class in each")
+    tf = transforms.ToTensor()
+    out = []
+    for split in ("train", "test"):
+        ds = datasets.ImageFolder(str(base / split), transform=tf)
+        xs, ys = zip(*[ds[i] for i in range(len(ds))])
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) != 1:
+            raise UserError(f"imagefolder:{root}: images differ in size ({sorted(shapes)[:3]}...); resize them first")
+        out.append((torch.stack(xs).numpy(), np.array(ys)))
+    return _finish(f"imagefolder:{root}", out[0][0], out[0][1], out[1][0], out[1][1])
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Build a Dataset from a spec string (see the package docstring for the forms)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits" and not arg:
+        return _digits(8)
+    if kind.startswith("digits@") and not arg:
+        try:
+            size = int(kind.split("@", 1)[1])
+        except ValueError:
+            size = 0
+        if size < 8:
+            raise UserError(f"malformed data spec '{spec}': use digits@SIZE with SIZE >= 8, e.g. digits@32")
+        return _digits(size)
+    if kind == "synthetic" and arg:
+        return _synthetic(arg)
+    if kind == "npz" and arg:
+        return _npz(arg)
+    if kind == "imagefolder" and arg:
+        return _imagefolder(arg)
+    raise UserError(f"unknown data spec '{spec}': use digits, digits@32, synthetic:SHAPE, npz:PATH or imagefolder:DIR")

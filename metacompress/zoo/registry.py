@@ -1,0 +1,115 @@
+"""Resolve a model spec string to an ``nn.Module`` sized for the data."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from metacompress.errors import UserError
+from metacompress.zoo import models as m
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {
+    "mlp": m.MLP,
+    "lenet5": m.LeNet5,
+    "vgg-small": m.VGGSmall,
+    "resnet20": partial(m.CifarResNet, depth=20),
+    "resnet56": partial(m.CifarResNet, depth=56),
+    "mobilenet-small": m.MobileNetSmall,
+    "vit-tiny": m.ViTTiny,
+}
+
+
+def is_builtin(spec: str) -> bool:
+    return spec in BUILTIN
+
+
+def _torchvision(name: str, input_shape, num_classes: int, mean: float, std: float) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError:
+        raise UserError("torchvision models need torchvision: pip install 'metacompress[vision]'") from None
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise UserError(f"unknown torchvision classification model '{name}' (see torchvision.models.list_models())")
+    m._require_image(f"torchvision:{name}", input_shape)
+    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    layers: list[nn.Module] = [m.Normalize(mean, std)]
+    if input_shape[0] == 1:  # torchvision models take RGB: replicate a grey channel inside the graph
+        layers.append(_GreyToRGB())
+    return nn.Sequential(*layers, net)
+
+
+class _GreyToRGB(nn.Module):
+    def forward(self, x):
+        return x.expand(-1, 3, -1, -1)
+
+
+def _user_factory(spec: str) -> Callable[..., Any]:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise UserError(f"model file not found: {path}")
+        mod_spec = importlib.util.spec_from_file_location(f"_metacompress_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise UserError(f"cannot import model file {path}: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UserError(f"cannot import module '{target}' for model '{spec}': {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"'{attr}' in {target} is not a callable model factory")
+    return factory
+
+
+def build_model(spec: str, input_shape, num_classes: int, mean: float = 0.0, std: float = 1.0,
+                **kwargs: Any) -> nn.Module:
+    """Build the model a spec names, sized for ``input_shape`` samples and ``num_classes`` outputs.
+
+    ``kwargs`` reach built-in constructors (widths, depths) and user factories that accept them.
+    """
+    input_shape = tuple(int(s) for s in input_shape)
+    if spec in BUILTIN:
+        try:
+            return BUILTIN[spec](input_shape, num_classes, mean, std, **kwargs)
+        except TypeError as exc:
+            raise UserError(f"bad options for model '{spec}': {exc}") from None
+    if spec.startswith("torchvision:"):
+        return _torchvision(spec.split(":", 1)[1], input_shape, num_classes, mean, std)
+    if ":" in spec:
+        factory = _user_factory(spec)
+        params = inspect.signature(factory).parameters
+        offered = {"input_shape": input_shape, "num_classes": num_classes, **kwargs}
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        model = factory(**{k: v for k, v in offered.items() if accepts_any or k in params})
+        if not isinstance(model, nn.Module):
+            raise UserError(f"factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    known = ", ".join(BUILTIN)
+    raise UserError(f"unknown model '{spec}': use one of {known}, torchvision:NAME, file.py:factory or module:factory")
+
+
+def check_forward(model: nn.Module, sample: torch.Tensor, num_classes: int, spec: str = "model") -> None:
+    """Fail early, with a one-line reason, when the model cannot run on the data."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample[:2])
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{spec} cannot run on inputs of shape {tuple(sample.shape[1:])}: {msg}") from None
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise UserError(f"{spec} gives outputs of shape {tuple(out.shape)}; expected (N, {num_classes}) class scores")
+    if not torch.isfinite(out).all():
+        raise UserError(f"{spec} gives NaN or infinite outputs: check its weights")
