@@ -1,1 +1,114 @@
 """Commands: train, compress, inspect."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
+from metacompress.compress.distill import RepairConfig
+
+
+@command("train")
+def train(
+    model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
+    data: str = typer.Option("digits", "--data", help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH."),
+    out: str = typer.Option(..., "--out", help="Where to write the dense state dict (.pt)."),
+    epochs: int = typer.Option(30, "--epochs", min=1, help="Training epochs."),
+    seed: int = SEED_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Train the dense model (seeded) and save its state dict."""
+    from metacompress.dense import train_and_save
+
+    result = train_and_save(model, data, out, epochs=epochs, seed=seed)
+    emit(result, as_json, lambda r: console.print(
+        f"trained [bold]{r['model']}[/bold] on {r['data']}: test accuracy {r['accuracy']:.4f} -> {r['out']}"))
+
+
+@command("compress")
+def compress(
+    model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
+    data: str = typer.Option("digits", "--data", help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH."),
+    weights: Optional[str] = typer.Option(
+        None, "--weights", help="Dense state dict (.pt). Omit to train first; 'none' for untrained weights."),
+    target_macs: Optional[float] = typer.Option(None, "--target-macs", help="Kept fraction of MACs, in (0, 1]."),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="Kept fraction of parameters."),
+    allocation: str = typer.Option(
+        "uniform", "--allocation", help="How much to prune where: uniform, global-magnitude, global-taylor, lamp."),
+    round_to: int = typer.Option(8, "--round-to", min=1, help="Keep channel counts multiples of this."),
+    repair_steps: int = typer.Option(RepairConfig.steps, "--repair-steps", help="Distillation steps (0: BN recalibration only)."),
+    repair_lr: float = typer.Option(RepairConfig.lr, "--repair-lr", help="Distillation learning rate."),
+    temperature: float = typer.Option(RepairConfig.temperature, "--temperature", help="Distillation temperature."),
+    alpha: float = typer.Option(RepairConfig.alpha, "--alpha", help="Weight of the teacher's soft targets."),
+    samples_per_class: Optional[int] = typer.Option(
+        None, "--repair-samples-per-class", help="Repair with only K labelled samples per class."),
+    out: str = typer.Option(..., "--out", help="Output folder for model.onnx, model.pt and report.json."),
+    epochs: int = typer.Option(30, "--train-epochs", min=1, help="Epochs when the dense model is trained first."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow --weights files that unpickle code."),
+    seed: int = SEED_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Prune MODEL to a MACs or parameter budget, repair it, export ONNX and verify it."""
+    from metacompress.pipeline import CompressConfig, run_compress
+
+    cfg = CompressConfig(
+        model=model, data=data, weights=weights, target_macs=target_macs, target_params=target_params,
+        allocation=allocation, round_to=round_to,
+        repair=RepairConfig(steps=repair_steps, lr=repair_lr, temperature=temperature, alpha=alpha,
+                            samples_per_class=samples_per_class),
+        train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,
+    )
+    emit(run_compress(cfg), as_json, _render_report)
+
+
+def _render_report(r: dict) -> None:
+    t = Table(title=f"{r['model']} on {r['data']} ({r['policy']}) -> {r.get('out', '')}")
+    for col in ("", "dense", "compressed", "ratio"):
+        t.add_column(col, justify="right")
+    d, c = r["dense"], r["compressed"]
+    t.add_row("MACs", f"{d['macs']:,}", f"{c['macs']:,}", f"{c['macs'] / d['macs']:.3f}")
+    t.add_row("params", f"{d['params']:,}", f"{c['params']:,}", f"{c['params'] / d['params']:.3f}")
+    t.add_row("accuracy", f"{d['accuracy']:.4f}", f"{c['accuracy']:.4f}", f"{c['accuracy'] - d['accuracy']:+.4f}")
+    for b in ("b1", "b32"):
+        t.add_row(f"latency {b} (ms)", f"{d['latency_ms'][b]:.3f}", f"{c['latency_ms'][b]:.3f}",
+                  f"{r['speedup'][b]:.2f}x faster")
+    t.add_row("ONNX bytes", f"{d['onnx_bytes']:,}", f"{c['onnx_bytes']:,}", f"{c['onnx_bytes'] / d['onnx_bytes']:.3f}")
+    console.print(t)
+    o = r["onnx"]
+    console.print(f"ONNX check: max abs diff {o['max_abs_diff']:.2e}, top-1 agreement {o['top1_agreement']:.4f}, "
+                  f"opset {o['opset']} ({o['exporter']} exporter)")
+
+
+@command("inspect")
+def inspect_model(
+    model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
+    data: str = typer.Option("digits", "--data", help="Data spec that sizes the model's input and classes."),
+    weights: Optional[str] = typer.Option("none", "--weights", help="State dict to load (default: untrained)."),
+    round_to: int = typer.Option(8, "--round-to", min=1),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Show prunable groups and per-layer MACs and parameters."""
+    from metacompress.dense import inspect_model as inspect_fn
+
+    emit(inspect_fn(model, data, weights, round_to), as_json, _render_inspect)
+
+
+def _render_inspect(r: dict) -> None:
+    console.print(f"[bold]{r['model']}[/bold] on {r['data']}: input {tuple(r['input_shape'])}, "
+                  f"{r['macs']:,} MACs, {r['params']:,} params")
+    g = Table(title="prunable groups")
+    for col in ("#", "root layer", "kind", "channels", "step", "coupled layers"):
+        g.add_column(col)
+    for i, grp in enumerate(r["groups"]):
+        g.add_row(str(i), grp["name"], grp["kind"], str(grp["channels"]), str(grp["step"]),
+                  str(len(grp["out_layers"]) + len(grp["in_layers"])))
+    console.print(g)
+    t = Table(title="layers")
+    for col in ("layer", "type", "MACs", "params"):
+        t.add_column(col)
+    for layer in r["layers"]:
+        t.add_row(layer["name"], layer["type"], f"{layer['macs']:,}", f"{layer['params']:,}")
+    console.print(t)

@@ -184,6 +184,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
+        # Fixed at construction: pruning head dims must not change the attention temperature.
+        self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -195,7 +197,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q @ k.transpose(-2, -1)) * (self.head_dim**-0.5)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
         out = attn.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
@@ -237,8 +239,15 @@ class ViTTiny(nn.Module):
         return self.classifier(self.norm(self.blocks(x)).mean(dim=1))
 
     def pruning_hints(self) -> dict:
-        """What torch-pruning cannot infer alone: the position embedding's channel dim and heads."""
+        """What torch-pruning cannot infer alone.
+
+        The attention blocks (pruned by head dimension), the position embedding's channel dim,
+        and the residual stream, kept whole (``frozen``): torch-pruning mis-maps its indices
+        through the patch embedding's flatten/transpose. Pruning heads and MLP widths still
+        reaches every block's MACs.
+        """
         return {
             "unwrapped_parameters": [(self.pos_embed, 2)],
-            "num_heads": {blk.attn.qkv: blk.attn.num_heads for blk in self.blocks},
+            "attention": [(blk.attn.qkv, blk.attn.proj, blk.attn.num_heads) for blk in self.blocks],
+            "frozen": [self.patch_embed],
         }

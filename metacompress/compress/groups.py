@@ -1,0 +1,119 @@
+"""What is coupled: a model's prunable groups, found with torch-pruning's dependency graph.
+
+A group is a set of channels that must be removed together (a conv's outputs, the BN after
+it, the next layer's inputs, and everything tied to them through residual additions). Each
+group has one *root* layer, named by its module path, which is how allocations address it.
+Attention blocks are handled here too: their qkv projection is pruned by head dimension,
+the same dims in every head of q, k and v, so that the block keeps its shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from metacompress.errors import UserError
+
+KINDS = ("conv", "depthwise", "linear", "attention")
+
+
+@dataclass
+class Group:
+    """One prunable group: ``channels`` units that can be kept in multiples of ``step``."""
+
+    name: str                 # module path of the root layer
+    channels: int             # prunable units (channels, or per-head dims for attention)
+    kind: str                 # one of KINDS
+    out_layers: list[str]     # conv/linear layers whose outputs this group prunes
+    in_layers: list[str]      # conv/linear layers whose inputs this group prunes
+    step: int = 1             # rounding step in units
+    heads: int = 1            # attention heads (units are per-head dims)
+    kernel: int = 1           # kernel area of the root layer
+    stride: int = 1
+    residual: bool = False    # coupled through a residual addition (several producers)
+    extra: dict = field(default_factory=dict)
+
+
+def find_classifier(model: nn.Module, num_classes: int) -> nn.Module | None:
+    """The layer that produces the class scores: its outputs are never pruned."""
+    last = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_classes:
+            last = module
+        elif isinstance(module, nn.Conv2d) and module.out_channels == num_classes:
+            last = module
+    return last
+
+
+def attention_blocks(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]:
+    """(qkv, proj, num_heads) triples the model declares through ``pruning_hints()``."""
+    hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
+    return list(hints.get("attention", []))
+
+
+def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
+    model.eval()
+    try:
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters")
+        )
+    except Exception as exc:
+        raise UserError(f"cannot trace the model for pruning: {type(exc).__name__}: {exc}") from None
+
+
+def _is_layer(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv2d, nn.Linear))
+
+
+def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, round_to: int = 8,
+                    dg: tp.DependencyGraph | None = None) -> list[Group]:
+    """All prunable groups of ``model``, in the order the dependency graph gives them."""
+    dg = dg or build_graph(model, example)
+    names = dg._module2name
+    classifier = find_classifier(model, num_classes)
+    attn = {qkv: (proj, heads) for qkv, proj, heads in attention_blocks(model)}
+    hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
+    ignored = ([classifier] if classifier is not None else []) + list(hints.get("frozen", []))
+    groups: list[Group] = []
+    for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+        root = g[0].dep.target.module
+        outs, ins = [], []
+        for dep, _ in g:
+            mod = dep.target.module
+            if _is_layer(mod) and mod in names:
+                (outs if dg.is_out_channel_pruning_fn(dep.handler) else ins).append(names[mod])
+        if root in attn:
+            proj, heads = attn[root]
+            head_dim = root.out_features // 3 // heads
+            step = max(1, round_to // _gcd(round_to, heads))
+            groups.append(Group(names[root], head_dim, "attention", [names[root]], [names[proj]],
+                                step=_step(head_dim, step), heads=heads))
+            continue
+        if isinstance(root, nn.Conv2d):
+            depthwise = root.groups > 1 and root.groups == root.in_channels
+            kind = "depthwise" if depthwise else "conv"
+            kernel = root.kernel_size[0] * root.kernel_size[1]
+            stride = root.stride[0]
+            channels = root.out_channels
+        else:
+            kind, kernel, stride, channels = "linear", 1, 1, root.out_features
+        groups.append(Group(names[root], channels, kind, outs, ins, step=_step(channels, round_to),
+                            kernel=kernel, stride=stride, residual=len(outs) > 1))
+    if not groups:
+        raise UserError("the model has no prunable groups (no conv or linear layer besides the classifier)")
+    return groups
+
+
+def _step(channels: int, round_to: int) -> int:
+    """Rounding step: ``round_to``, except for groups too narrow to keep two steps of it."""
+    return round_to if channels >= 2 * round_to else 1
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a

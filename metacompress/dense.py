@@ -1,0 +1,46 @@
+"""Dense-model jobs behind ``metacompress train`` and ``metacompress inspect``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from metacompress.compress.groups import discover_groups
+from metacompress.compress.measure import count_params, module_macs
+from metacompress.data import load_dataset
+from metacompress.io import save_torch
+from metacompress.pipeline import load_dense
+from metacompress.training import accuracy
+
+
+def train_and_save(spec: str, data_spec: str, out: str, epochs: int = 30, seed: int = 0) -> dict[str, Any]:
+    """Train ``spec`` on ``data_spec`` and save its state dict (loadable with weights_only=True)."""
+    data = load_dataset(data_spec)
+    model = load_dense(spec, data, None, seed=seed, epochs=epochs)
+    acc = accuracy(model, data.x_test, data.y_test)
+    save_torch(model.state_dict(), out)
+    return {"model": spec, "data": data_spec, "accuracy": acc, "val_accuracy": accuracy(model, data.x_val, data.y_val),
+            "epochs": epochs, "seed": seed, "out": out}
+
+
+def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round_to: int = 8) -> dict[str, Any]:
+    """Prunable groups and per-layer cost of a model sized for the data."""
+    data = load_dataset(data_spec)
+    model = load_dense(spec, data, weights)
+    example = data.x_train[:1]
+    macs = module_macs(model, example)
+    layers = [
+        {"name": name, "type": type(m).__name__, "macs": macs.get(name, 0), "params": count_params(m)}
+        for name, m in model.named_modules()
+        if not list(m.children()) and (count_params(m) or macs.get(name, 0))
+    ]
+    groups = discover_groups(model, example, data.num_classes, round_to)
+    return {
+        "model": spec, "data": data_spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+        "macs": macs.get("", 0), "params": count_params(model),
+        "groups": [{"name": g.name, "kind": g.kind, "channels": g.channels, "step": g.step, "heads": g.heads,
+                    "residual": g.residual, "out_layers": g.out_layers, "in_layers": g.in_layers} for g in groups],
+        "layers": layers,
+    }
+
+
+__all__ = ["inspect_model", "train_and_save"]

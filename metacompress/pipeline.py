@@ -1,0 +1,229 @@
+"""The compression pipeline, stage by stage:
+
+load -> measure -> allocate -> prune -> repair -> (fuse) -> export -> verify -> report
+
+Every stage is a plain function call into the library; the CLI and recipes only fill in a
+``CompressConfig``. Outputs are staged in a temporary folder and moved into place only when
+every stage has succeeded, so a failed run leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
+from metacompress.compress.checkpoint import save_compressed
+from metacompress.compress.distill import RepairConfig, repair
+from metacompress.compress.measure import count_macs, count_params
+from metacompress.compress.prune import PruningSpace
+from metacompress.data import Dataset, load_dataset
+from metacompress.errors import UserError
+from metacompress.io import load_weights, write_json
+from metacompress.progress import status
+from metacompress.training import accuracy, train_dense
+from metacompress.zoo import build_model, check_forward, is_builtin
+
+DEFAULT_TRAIN_EPOCHS = 30
+
+
+@dataclass
+class CompressConfig:
+    """Everything one compression run needs; defaults are what a user gets from the CLI."""
+
+    model: str
+    data: str = "digits"
+    weights: str | None = None          # state-dict file, "none" (untrained), or None (train first)
+    target_macs: float | None = None
+    target_params: float | None = None
+    allocation: str = "uniform"
+    round_to: int = 8
+    repair: RepairConfig = field(default_factory=RepairConfig)
+    students: int = 1
+    quantize: str = "none"
+    train_epochs: int = DEFAULT_TRAIN_EPOCHS
+    seed: int = 0
+    out: str = "out"
+    dynamo: bool = True
+    latency_repeats: int = 20
+    trust_pickle: bool = False
+
+    def budget(self) -> tuple[str, float]:
+        if (self.target_macs is None) == (self.target_params is None):
+            raise UserError("give exactly one budget: --target-macs or --target-params")
+        metric, value = ("macs", self.target_macs) if self.target_macs is not None else ("params", self.target_params)
+        if not 0.0 < value <= 1.0:
+            raise UserError(f"--target-{metric} must be in (0, 1] (the kept fraction), got {value:g}")
+        return metric, float(value)
+
+
+@dataclass
+class Prepared:
+    """A dense model ready to compress: the teacher, its data and its pruning space."""
+
+    data: Dataset
+    dense: nn.Module
+    space: PruningSpace
+    dense_accuracy: float
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        status(f"{name}...")
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epochs: int = DEFAULT_TRAIN_EPOCHS,
+               trust_pickle: bool = False) -> nn.Module:
+    """Build the model for the data and give it weights: from a file, untrained, or trained now."""
+    torch.manual_seed(seed)
+    model = build_model(spec, data.input_shape, data.num_classes, data.mean, data.std)
+    check_forward(model, data.x_train[:2], data.num_classes, spec)
+    if weights is None:
+        train_dense(model, data, epochs=epochs, seed=seed)
+    elif weights != "none":
+        state = load_weights(weights, trust_pickle=trust_pickle)
+        if isinstance(state, nn.Module):
+            state = state.state_dict()
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"{weights} is not a state dict (a mapping of names to tensors)")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise UserError(f"{weights} holds NaN or infinite values in: {', '.join(bad[:5])}")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            raise UserError(f"state dict {weights} does not fit model '{spec}': {' '.join(lines[1:3])[:300]}") from None
+    model.eval()
+    check_forward(model, data.x_train[:2], data.num_classes, spec)
+    return model
+
+
+def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
+    timer = timer or Timer()
+    with timer.stage("load"):
+        data = load_dataset(cfg.data)
+        dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle)
+    with timer.stage("measure"):
+        space = PruningSpace(dense, data.x_train[:1], data.num_classes, cfg.round_to)
+        dense_acc = accuracy(dense, data.x_test, data.y_test)
+    return Prepared(data, dense, space, dense_acc)
+
+
+def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, RepairConfig]:
+    """Kept units per group that meet the budget, the channel importance, and repair settings."""
+    metric, target = cfg.budget()
+    calib = prep.data.calibration_batch(128, cfg.seed)
+    if cfg.allocation in RULES:
+        ratio_fn = rule_allocation(cfg.allocation, prep.space, prep.dense, calib)
+        keep = prep.space.project(ratio_fn, target, metric)
+        return keep, CHANNEL_IMPORTANCE[cfg.allocation], cfg.repair
+    raise UserError(f"unknown allocation '{cfg.allocation}': use one of {', '.join(RULES)}")
+
+
+def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) -> nn.Module:
+    student = copy.deepcopy(prep.dense)
+    return prep.space.apply(student, keep, importance, calib=prep.data.calibration_batch(128, seed))
+
+
+def _stage_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path, names: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (tmp / name).replace(out / name)
+
+
+def run_compress(cfg: CompressConfig) -> dict[str, Any]:
+    """Run every stage and write ``model.onnx``, ``model.pt`` and ``report.json`` into ``cfg.out``."""
+    from metacompress.deploy import export_onnx, verify_onnx
+    from metacompress.deploy.bench import benchmark_latency
+
+    metric, target = cfg.budget()
+    cfg.repair.validate()
+    if cfg.students < 1:
+        raise UserError(f"--students must be >= 1, got {cfg.students}")
+    timer = Timer()
+    prep = prepare(cfg, timer)
+    data = prep.data
+    with timer.stage("allocate"):
+        keep, importance, repair_cfg = allocate(cfg, prep)
+    with timer.stage("prune"):
+        student = prune_to(prep, keep, importance, cfg.seed)
+        pruned_acc = accuracy(student, data.x_test, data.y_test)
+    with timer.stage("repair"):
+        repair(student, prep.dense, data, repair_cfg, seed=cfg.seed)
+    out = Path(cfg.out)
+    tmp = _stage_dir(out)
+    try:
+        example = data.x_test[:1]
+        with timer.stage("export"):
+            exp = export_onnx(student, example, tmp / "model.onnx", dynamo=cfg.dynamo)
+            dense_exp = export_onnx(prep.dense, example, tmp / "dense.onnx", dynamo=cfg.dynamo)
+        with timer.stage("verify"):
+            ver = verify_onnx(tmp / "model.onnx", student, data.x_test, data.y_test)
+            dense_ver = verify_onnx(tmp / "dense.onnx", prep.dense, data.x_test, data.y_test)
+            lat = benchmark_latency({"dense": tmp / "dense.onnx", "compressed": tmp / "model.onnx"},
+                                    data.input_shape, batches=(1, 32), repeats=cfg.latency_repeats)
+        dense_macs, macs = prep.space.dense_macs, count_macs(student, example)
+        report = {
+            "model": cfg.model,
+            "data": cfg.data,
+            "policy": cfg.allocation,
+            "target_macs": target if metric == "macs" else None,
+            "target_params": target if metric == "params" else None,
+            "achieved_macs_ratio": round(macs / dense_macs, 4),
+            "achieved_params_ratio": round(count_params(student) / prep.space.dense_params, 4),
+            "dense": {
+                "macs": dense_macs, "params": prep.space.dense_params, "accuracy": prep.dense_accuracy,
+                "latency_ms": {b: lat["dense"][b]["median_ms"] for b in ("b1", "b32")},
+                "onnx_bytes": dense_exp["bytes"],
+            },
+            "compressed": {
+                "macs": macs, "params": count_params(student), "accuracy": ver["accuracy"],
+                "accuracy_before_repair": pruned_acc,
+                "latency_ms": {b: lat["compressed"][b]["median_ms"] for b in ("b1", "b32")},
+                "onnx_bytes": exp["bytes"],
+            },
+            "speedup": {b: round(lat["dense"][b]["median_ms"] / lat["compressed"][b]["median_ms"], 3)
+                        for b in ("b1", "b32")},
+            "onnx": {"max_abs_diff": ver["max_abs_diff"], "top1_agreement": ver["top1_agreement"],
+                     "opset": exp["opset"], "exporter": exp["exporter"],
+                     "dense_max_abs_diff": dense_ver["max_abs_diff"]},
+            "groups": [{"name": g.name, "kind": g.kind, "channels": g.channels, "kept": k}
+                       for g, k in zip(prep.space.groups, keep)],
+            "repair": repair_cfg.to_dict(),
+            "seed": cfg.seed,
+        }
+        with timer.stage("save"):
+            save_compressed(tmp / "model.pt", student, cfg.model, data.input_shape, data.num_classes,
+                            meta={"policy": cfg.allocation, "data": cfg.data})
+        report["timings_s"] = timer.timings
+        write_json(tmp / "report.json", report)
+        _publish(tmp, out, ["model.onnx", "model.pt", "report.json"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not is_builtin(cfg.model) and not cfg.model.startswith("torchvision:"):
+        report["note"] = f"reloading model.pt needs the factory {cfg.model} again"
+    return report

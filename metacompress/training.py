@@ -1,0 +1,57 @@
+"""Dense training and evaluation: the teacher every compression starts from."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metacompress.data import Dataset
+from metacompress.progress import track
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits for ``x`` in eval mode, in batches."""
+    was = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x
+    model.train(was)
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((predict(model, x).argmax(1) == y).float().mean())
+
+
+def train_dense(model: nn.Module, data: Dataset, epochs: int = 30, lr: float = 3e-3, batch_size: int = 64,
+                seed: int = 0, progress: bool = True) -> nn.Module:
+    """Adam with cosine decay on the training split; deterministic under ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    n = len(data.x_train)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    model.train()
+    epochs_iter = track(range(epochs), "training dense model", total=epochs) if progress else range(epochs)
+    for _ in epochs_iter:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) < 2:
+                continue
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    return model
