@@ -45,6 +45,8 @@ def compress(
     alpha: float = typer.Option(RepairConfig.alpha, "--alpha", help="Weight of the teacher's soft targets."),
     samples_per_class: Optional[int] = typer.Option(
         None, "--repair-samples-per-class", help="Repair with only K labelled samples per class."),
+    students: int = typer.Option(1, "--students", help="Repair K students and greedy-soup them (model fusion)."),
+    quantize: str = typer.Option("none", "--quantize", help="Also write int8 model.int8.onnx: auto, static, dynamic, none."),
     out: str = typer.Option(..., "--out", help="Output folder for model.onnx, model.pt and report.json."),
     epochs: int = typer.Option(30, "--train-epochs", min=1, help="Epochs when the dense model is trained first."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow --weights files that unpickle code."),
@@ -59,7 +61,7 @@ def compress(
         allocation=allocation, round_to=round_to,
         repair=RepairConfig(steps=repair_steps, lr=repair_lr, temperature=temperature, alpha=alpha,
                             samples_per_class=samples_per_class),
-        train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,
+        students=students, quantize=quantize, train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,
     )
     emit(run_compress(cfg), as_json, _render_report)
 
@@ -78,6 +80,14 @@ def _render_report(r: dict) -> None:
     t.add_row("ONNX bytes", f"{d['onnx_bytes']:,}", f"{c['onnx_bytes']:,}", f"{c['onnx_bytes'] / d['onnx_bytes']:.3f}")
     console.print(t)
     o = r["onnx"]
+    if "int8" in r:
+        q = r["int8"]
+        console.print(f"int8 ({q['mode']}): accuracy {q['accuracy']:.4f}, {q['onnx_bytes']:,} bytes "
+                      f"({q['size_ratio']:.2f}x), latency b1 {q['latency_ms']['b1']:.3f} ms, b32 {q['latency_ms']['b32']:.3f} ms")
+    if "soup" in r:
+        accs = ", ".join(f"{s['test_accuracy']:.4f}" for s in r["students"])
+        console.print(f"students (test accuracy): {accs}; greedy soup of {len(r['soup']['ingredients'])}: "
+                      f"{r['soup']['test_accuracy']:.4f}")
     console.print(f"ONNX check: max abs diff {o['max_abs_diff']:.2e}, top-1 agreement {o['top1_agreement']:.4f}, "
                   f"opset {o['opset']} ({o['exporter']} exporter)")
 

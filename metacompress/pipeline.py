@@ -34,6 +34,7 @@ from metacompress.training import accuracy, train_dense
 from metacompress.zoo import build_model, check_forward, is_builtin
 
 DEFAULT_TRAIN_EPOCHS = 30
+QUANTIZE_MODES = ("none", "auto", "static", "dynamic")
 
 
 @dataclass
@@ -144,6 +145,31 @@ def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) ->
     return prep.space.apply(student, keep, importance, calib=prep.data.calibration_batch(128, seed))
 
 
+def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,
+                    seed: int = 0) -> list[dict[str, Any]]:
+    """Repair ``k`` students from the same pruned weights, each with its own seed and data order."""
+    students = []
+    for i in range(k):
+        s = copy.deepcopy(pruned)
+        repair(s, teacher, data, cfg, seed=seed + i)
+        students.append({"seed": seed + i, "val_accuracy": accuracy(s, data.x_val, data.y_val),
+                         "test_accuracy": accuracy(s, data.x_test, data.y_test),
+                         "state_dict": {n: t.detach().clone() for n, t in s.state_dict().items()}})
+    return students
+
+
+def soup_students(model: nn.Module, students: list[dict[str, Any]], data: Dataset) -> dict[str, Any]:
+    """Greedy-soup the students on the validation split and load the soup into ``model``."""
+    from metacompress.meta.fusion import FusionData, fuse
+
+    names = [f"student{i}" for i in range(len(students))]
+    fused, info = fuse("greedy", [s["state_dict"] for s in students], names=names, model=model,
+                       data=FusionData(data.x_train, data.y_train, data.x_val, data.y_val))
+    model.load_state_dict(fused)
+    model.eval()
+    return {"ingredients": info["ingredients"], "val_accuracy": accuracy(model, data.x_val, data.y_val)}
+
+
 def _stage_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -159,11 +185,15 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     """Run every stage and write ``model.onnx``, ``model.pt`` and ``report.json`` into ``cfg.out``."""
     from metacompress.deploy import export_onnx, verify_onnx
     from metacompress.deploy.bench import benchmark_latency
+    from metacompress.deploy.quantize import quantize_onnx
+    from metacompress.deploy.simplify import simplify_onnx
 
     metric, target = cfg.budget()
     cfg.repair.validate()
     if cfg.students < 1:
         raise UserError(f"--students must be >= 1, got {cfg.students}")
+    if cfg.quantize not in QUANTIZE_MODES:
+        raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
     timer = Timer()
     prep = prepare(cfg, timer)
     data = prep.data
@@ -173,23 +203,39 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         student = prune_to(prep, keep, importance, cfg.seed)
         pruned_acc = accuracy(student, data.x_test, data.y_test)
     with timer.stage("repair"):
-        repair(student, prep.dense, data, repair_cfg, seed=cfg.seed)
+        students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed)
+    soup = None
+    if cfg.students > 1:
+        with timer.stage("fuse"):
+            soup = soup_students(student, students, data)
+    else:
+        student.load_state_dict(students[0]["state_dict"])
     out = Path(cfg.out)
     tmp = _stage_dir(out)
     try:
         example = data.x_test[:1]
         with timer.stage("export"):
-            exp = export_onnx(student, example, tmp / "model.onnx", dynamo=cfg.dynamo)
+            exp = export_onnx(student, example, tmp / "raw.onnx", dynamo=cfg.dynamo)
+            exp.update(simplify_onnx(tmp / "raw.onnx", tmp / "model.onnx"))
             dense_exp = export_onnx(prep.dense, example, tmp / "dense.onnx", dynamo=cfg.dynamo)
+            outputs = ["model.onnx", "model.pt", "report.json"]
+            if cfg.quantize != "none":
+                quant = quantize_onnx(tmp / "model.onnx", tmp / "model.int8.onnx", cfg.quantize,
+                                      calibration=data.calibration_batch(256, cfg.seed)[0].numpy())
+                outputs.append("model.int8.onnx")
         with timer.stage("verify"):
             ver = verify_onnx(tmp / "model.onnx", student, data.x_test, data.y_test)
             dense_ver = verify_onnx(tmp / "dense.onnx", prep.dense, data.x_test, data.y_test)
-            lat = benchmark_latency({"dense": tmp / "dense.onnx", "compressed": tmp / "model.onnx"},
-                                    data.input_shape, batches=(1, 32), repeats=cfg.latency_repeats)
+            sessions = {"dense": tmp / "dense.onnx", "compressed": tmp / "model.onnx"}
+            if cfg.quantize != "none":
+                sessions["int8"] = tmp / "model.int8.onnx"
+                quant.update(verify_onnx(tmp / "model.int8.onnx", student, data.x_test, data.y_test))
+            lat = benchmark_latency(sessions, data.input_shape, batches=(1, 32), repeats=cfg.latency_repeats)
         dense_macs, macs = prep.space.dense_macs, count_macs(student, example)
         report = {
             "model": cfg.model,
             "data": cfg.data,
+            "out": str(out),
             "policy": cfg.allocation,
             "target_macs": target if metric == "macs" else None,
             "target_params": target if metric == "params" else None,
@@ -216,12 +262,21 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
             "repair": repair_cfg.to_dict(),
             "seed": cfg.seed,
         }
+        if soup is not None:
+            report["students"] = [{k: v for k, v in st.items() if k != "state_dict"} for st in students]
+            report["soup"] = soup | {"test_accuracy": ver["accuracy"]}
+        if cfg.quantize != "none":
+            report["int8"] = {
+                "mode": quant["mode"], "onnx_bytes": quant["bytes"], "size_ratio": round(quant["size_ratio"], 4),
+                "accuracy": quant["accuracy"], "top1_agreement": quant["top1_agreement"],
+                "latency_ms": {b: lat["int8"][b]["median_ms"] for b in ("b1", "b32")},
+            }
         with timer.stage("save"):
             save_compressed(tmp / "model.pt", student, cfg.model, data.input_shape, data.num_classes,
                             meta={"policy": cfg.allocation, "data": cfg.data})
         report["timings_s"] = timer.timings
         write_json(tmp / "report.json", report)
-        _publish(tmp, out, ["model.onnx", "model.pt", "report.json"])
+        _publish(tmp, out, outputs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not is_builtin(cfg.model) and not cfg.model.startswith("torchvision:"):

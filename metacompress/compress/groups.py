@@ -29,6 +29,7 @@ class Group:
     kind: str                 # one of KINDS
     out_layers: list[str]     # conv/linear layers whose outputs this group prunes
     in_layers: list[str]      # conv/linear layers whose inputs this group prunes
+    norm_layers: list[str] = field(default_factory=list)  # BN / LayerNorm layers pruned with it
     step: int = 1             # rounding step in units
     heads: int = 1            # attention heads (units are per-head dims)
     kernel: int = 1           # kernel area of the root layer
@@ -81,11 +82,13 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
     groups: list[Group] = []
     for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
         root = g[0].dep.target.module
-        outs, ins = [], []
+        outs, ins, norms = [], [], []
         for dep, _ in g:
             mod = dep.target.module
             if _is_layer(mod) and mod in names:
                 (outs if dg.is_out_channel_pruning_fn(dep.handler) else ins).append(names[mod])
+            elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and mod in names:
+                norms.append(names[mod])
         if root in attn:
             proj, heads = attn[root]
             head_dim = root.out_features // 3 // heads
@@ -101,7 +104,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
             channels = root.out_channels
         else:
             kind, kernel, stride, channels = "linear", 1, 1, root.out_features
-        groups.append(Group(names[root], channels, kind, outs, ins, step=_step(channels, round_to),
+        groups.append(Group(names[root], channels, kind, outs, ins, norms, step=_step(channels, round_to),
                             kernel=kernel, stride=stride, residual=len(outs) > 1))
     if not groups:
         raise UserError("the model has no prunable groups (no conv or linear layer besides the classifier)")

@@ -61,6 +61,9 @@ class PruningSpace:
             terms.append((macs, params, out_of.get(name, -1), -1 if depthwise else in_of.get(name, -1), depthwise))
             if mod.bias is not None:
                 terms.append((0, mod.bias.numel(), out_of.get(name, -1), -1, False))
+        for gi, g in enumerate(self.groups):
+            for name in g.norm_layers:
+                terms.append((0, count_params(modules[name]), gi, -1, False))
         # attention score/value matmuls scale with the head dims kept
         for qkv, _, _ in attention_blocks(model):
             name = next(n for n, m in modules.items() if m is qkv)
@@ -88,17 +91,19 @@ class PruningSpace:
         return macs, params
 
     # ----- rounding ---------------------------------------------------------------------
-    def min_keep(self, g: Group) -> int:
+    def min_keep(self, g: Group, fine: bool = False) -> int:
+        step = 1 if fine else g.step
         floor = max(1, math.ceil(g.channels * (1 - MAX_RATIO)))
-        return min(g.channels, g.step * math.ceil(floor / g.step))
+        return min(g.channels, step * math.ceil(floor / step))
 
-    def keep_counts(self, ratios: Sequence[float]) -> list[int]:
-        """Units kept per group for pruning ratios, rounded to each group's step."""
+    def keep_counts(self, ratios: Sequence[float], fine: bool = False) -> list[int]:
+        """Units kept per group for pruning ratios, rounded to each group's step (or to 1: ``fine``)."""
         keep = []
         for r, g in zip(ratios, self.groups):
+            step = 1 if fine else g.step
             r = float(np.clip(r, 0.0, MAX_RATIO))
-            k = g.step * round(g.channels * (1 - r) / g.step)
-            keep.append(int(min(g.channels, max(self.min_keep(g), k))))
+            k = step * round(g.channels * (1 - r) / step)
+            keep.append(int(min(g.channels, max(self.min_keep(g, fine), k))))
         return keep
 
     # ----- budget projection ------------------------------------------------------------
@@ -116,39 +121,42 @@ class PruningSpace:
         idx = 0 if metric == "macs" else 1
         dense = (self.dense_macs, self.dense_params)[idx]
         cost = lambda keep: self.estimate(keep)[idx] / dense  # noqa: E731
-        floor = cost([self.min_keep(g) for g in self.groups])
+        if target >= 1.0:
+            return [g.channels for g in self.groups]
+        # rounded channel counts unless the budget is only reachable with finer ones
+        fine = cost([self.min_keep(g) for g in self.groups]) > target * (1 + tol)
+        floor = cost([self.min_keep(g, fine) for g in self.groups])
         if floor > target * (1 + tol):
             raise UserError(f"target {metric} {target:g} is unreachable without removing whole layers: pruning "
                             f"every group to its limit keeps {floor:.3f} of the {metric}; ask for >= {floor:.2f}")
-        if target >= 1.0:
-            return [g.channels for g in self.groups]
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
-            if cost(self.keep_counts(ratio_fn(mid))) > target:
+            if cost(self.keep_counts(ratio_fn(mid), fine)) > target:
                 lo = mid
             else:
                 hi = mid
-        keep = self.keep_counts(ratio_fn(hi))
+        keep = self.keep_counts(ratio_fn(hi), fine)
         want = [g.channels * (1 - float(np.clip(r, 0, MAX_RATIO))) for r, g in zip(ratio_fn(hi), self.groups)]
-        keep = self._greedy_fix(keep, want, cost, target, tol / 2)
+        keep = self._greedy_fix(keep, want, cost, target, tol, fine)
         if abs(cost(keep) - target) > tol * target:
             # the rounding step is too coarse for this budget: refine with single units
-            keep = self._greedy_fix(keep, want, cost, target, tol / 2, fine=True)
+            keep = self._greedy_fix(keep, want, cost, target, tol, fine=True)
         return keep
 
     def _greedy_fix(self, keep, want, cost, target, tol, fine: bool = False) -> list[int]:
+        """Step single groups towards the target (aiming within tol/2, never overshooting tol)."""
         keep = list(keep)
         for _ in range(10 * len(keep) + 100):
             c = cost(keep)
-            if abs(c - target) <= tol * target:
+            if abs(c - target) <= tol / 2 * target:
                 break
             grow = c < target
             best, best_gap = None, None
             for i, g in enumerate(self.groups):
                 step = 1 if fine else g.step
                 new = keep[i] + (step if grow else -step)
-                new = min(g.channels, new) if grow else max(self.min_keep(g), new)
+                new = min(g.channels, new) if grow else max(self.min_keep(g, fine), new)
                 if new == keep[i]:
                     continue
                 trial = keep[:i] + [new] + keep[i + 1:]

@@ -1,0 +1,143 @@
+"""Command: fuse — merge several trained models of one architecture (``metacompress.meta.fusion``).
+
+Options come from the command line, from a YAML file (``--config``, in the spirit of mergekit),
+or both: an option given on the command line overrides the file's value. Paths in the file are
+relative to the current directory, as on the command line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.table import Table
+from torch import nn
+
+from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
+from metacompress.data import load_dataset
+from metacompress.errors import UserError
+from metacompress.io import load_weights, require_file, save_torch
+from metacompress.meta.fusion import DARE_MERGES, METHODS, FusionData, fuse
+from metacompress.zoo import build_model
+
+# Config-file keys: top level, and inside ``parameters`` (mapped to the command's option names).
+_TOP_KEYS = ("method", "model", "weights", "base", "data", "out", "seed", "parameters")
+_PARAM_KEYS = {"lambda": "lam", "density": "density", "p": "p", "dare_merge": "dare_merge"}
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The config file as option name -> value, validated: a typo fails loudly, not silently."""
+    require_file(path, "config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"cannot parse {path} as YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a mapping of keys ({', '.join(_TOP_KEYS)})")
+    unknown = [str(k) for k in raw if k not in _TOP_KEYS]
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_TOP_KEYS)})")
+    params = raw.pop("parameters", None) or {}
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: 'parameters' must be a mapping ({', '.join(_PARAM_KEYS)})")
+    unknown = [str(k) for k in params if k not in _PARAM_KEYS]
+    if unknown:
+        raise UserError(f"{path}: unknown parameter(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(_PARAM_KEYS)})")
+    cfg: dict[str, Any] = {"model_spec" if k == "model" else k: v for k, v in raw.items()}
+    for key, value in params.items():
+        if key != "dare_merge" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise UserError(f"{path}: parameter '{key}' must be a number, got {value!r}")
+        cfg[_PARAM_KEYS[key]] = value
+    weights = cfg.get("weights")
+    if isinstance(weights, list):
+        if not all(isinstance(w, str) for w in weights):
+            raise UserError(f"{path}: 'weights' must be a list of file paths")
+        cfg["weights"] = ",".join(weights)
+    for key in ("method", "model_spec", "weights", "base", "data", "out", "dare_merge"):
+        if key in cfg and not isinstance(cfg[key], str):
+            raise UserError(f"{path}: '{key}' must be a string, got {cfg[key]!r}")
+    if "seed" in cfg and (isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int)):
+        raise UserError(f"{path}: 'seed' must be an integer, got {cfg['seed']!r}")
+    return cfg
+
+
+def _load_state_dict(path: str, trust_pickle: bool) -> dict:
+    """A state dict from a checkpoint: a plain state dict, ``{"state_dict": ...}`` or a trusted module."""
+    obj = load_weights(path, trust_pickle=trust_pickle)
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+@command("fuse", help="Merge trained models of one architecture: soups, task arithmetic, TIES, DARE, Fisher.")
+def fuse_command(
+    ctx: typer.Context,
+    model_spec: str | None = typer.Argument(
+        None, help="Model the weights belong to (zoo name, torchvision:NAME, file.py:factory); built "
+                   "with --data to recompute BN statistics, estimate Fisher and score the soup."),
+    method: str | None = typer.Option(None, "--method", "-m", help=f"One of: {', '.join(METHODS)}."),
+    weights: str | None = typer.Option(None, "--weights", "-w", help="Comma-separated state-dict files."),
+    base: str | None = typer.Option(None, "--base", help="Base model (task-arithmetic, ties, dare)."),
+    data: str | None = typer.Option(None, "--data", help="Data spec (needed by greedy and fisher)."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Where to write the fused state dict."),
+    lam: float | None = typer.Option(None, "--lambda", help="Task-vector scale (default 1)."),
+    density: float | None = typer.Option(None, "--density", help="TIES: fraction of each task vector kept."),
+    p: float | None = typer.Option(None, "--p", help="DARE: drop probability."),
+    dare_merge: str | None = typer.Option(None, "--dare-merge", help=f"DARE: {' or '.join(DARE_MERGES)}."),
+    config: str | None = typer.Option(None, "--config", help="YAML file with these options."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow pickled whole modules (unsafe)."),
+    seed: int = SEED_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    opts: dict[str, Any] = _read_config(Path(config)) if config is not None else {}
+    given = {"model_spec": model_spec, "method": method, "weights": weights, "base": base, "data": data,
+             "out": out, "lam": lam, "density": density, "p": p, "dare_merge": dare_merge}
+    opts.update({k: v for k, v in given.items() if v is not None})
+    seed_source = ctx.get_parameter_source("seed")  # --seed has a default: was it typed?
+    if "seed" not in opts or (seed_source is not None and seed_source.name != "DEFAULT"):
+        opts["seed"] = seed
+    for key, what in (("model_spec", "a MODEL_SPEC"), ("method", "--method"), ("weights", "--weights"),
+                      ("out", "--out")):
+        if not opts.get(key):
+            raise UserError(f"fuse needs {what} (on the command line or in --config)")
+    if opts["method"] not in METHODS:
+        raise UserError(f"unknown fusion method '{opts['method']}': use one of {', '.join(METHODS)}")
+    paths = [w.strip() for w in opts["weights"].split(",")]
+    if any(not w for w in paths):
+        raise UserError(f"empty file name in weights list '{opts['weights']}'")
+
+    state_dicts = [_load_state_dict(w, trust_pickle) for w in paths]
+    base_sd = _load_state_dict(opts["base"], trust_pickle) if opts.get("base") else None
+    model = fusion_data = None
+    if opts.get("data"):
+        ds = load_dataset(opts["data"])
+        model = build_model(opts["model_spec"], ds.input_shape, ds.num_classes, ds.mean, ds.std)
+        fusion_data = FusionData(ds.x_train, ds.y_train, ds.x_val, ds.y_val)
+    fused, report = fuse(
+        opts["method"], state_dicts, names=paths, base=base_sd, model=model, data=fusion_data,
+        lam=opts.get("lam"), density=opts.get("density"), p=opts.get("p"), dare_merge=opts.get("dare_merge"),
+        seed=opts["seed"],
+    )
+    save_torch(fused, opts["out"])
+    result = {"model": opts["model_spec"], "out": str(opts["out"]), "seed": opts["seed"], **report}
+    emit(result, as_json, _render)
+
+
+def _render(result: dict) -> None:
+    console.print(f"fused {len(result['models'])} models with [bold]{result['method']}[/bold] "
+                  f"(BN statistics: {result['bn_stats']}) -> {result['out']}")
+    if "ingredients" in result:
+        console.print(f"greedy soup ingredients: {', '.join(result['ingredients'])}")
+    if "val_accuracy" in result:
+        table = Table("model", "val accuracy")
+        for name, acc in result["val_accuracy"]["models"].items():
+            table.add_row(name, f"{acc:.4f}")
+        table.add_row("[bold]fused[/bold]", f"[bold]{result['val_accuracy']['fused']:.4f}[/bold]")
+        console.print(table)

@@ -1,0 +1,106 @@
+"""End-to-end compression: budget, ONNX parity, accuracy after repair, model.pt round trip."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
+from metacompress.compress.checkpoint import load_compressed, save_compressed
+from metacompress.compress.distill import RepairConfig, repair
+from metacompress.compress.measure import count_macs
+from metacompress.compress.prune import PruningSpace
+from metacompress.deploy import export_onnx, verify_onnx
+from metacompress.pipeline import CompressConfig, run_compress
+from metacompress.training import accuracy
+from metacompress.zoo import build_model
+
+PARITY_MODELS = ["resnet20", "mlp", "vgg-small", "mobilenet-small", "vit-tiny"]
+
+
+@pytest.mark.parametrize("name", PARITY_MODELS)
+def test_every_allocation_meets_budget_and_onnx_parity(name, digits, tmp_path):
+    """Done-when of the foundation: +-2 % MACs, max abs diff <= 1e-4, top-1 agreement >= 99.5 %."""
+    torch.manual_seed(0)
+    dense = build_model(name, digits.input_shape, 10, digits.mean, digits.std).eval()
+    space = PruningSpace(dense, digits.x_train[:1], 10)
+    calib = digits.calibration_batch(64)
+    for rule in RULES:
+        keep = space.project(rule_allocation(rule, space, dense, calib), 0.5)
+        student = space.apply(copy.deepcopy(dense), keep, CHANNEL_IMPORTANCE[rule], calib=calib)
+        ratio = count_macs(student, digits.x_test[:1]) / space.dense_macs
+        assert abs(ratio - 0.5) <= 0.01, (rule, ratio)
+        path = tmp_path / f"{rule}.onnx"
+        export_onnx(student, digits.x_test[:1], path, dynamo=(rule == "uniform"))
+        ver = verify_onnx(path, student, digits.x_test, digits.y_test)
+        assert ver["max_abs_diff"] <= 1e-4, (rule, ver["max_abs_diff"])
+        assert ver["top1_agreement"] >= 0.995, (rule, ver["top1_agreement"])
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20"])
+def test_default_repair_loses_at_most_three_points(name, digits, trained):
+    dense = trained(name)
+    dense_acc = accuracy(dense, digits.x_test, digits.y_test)
+    assert dense_acc > 0.95
+    space = PruningSpace(dense, digits.x_train[:1], 10)
+    keep = space.project(lambda s: [s * 0.9] * len(space.groups), 0.5)
+    student = space.apply(copy.deepcopy(dense), keep)
+    repair(student, dense, digits, RepairConfig(), seed=0, progress=False)
+    assert accuracy(student, digits.x_test, digits.y_test) >= dense_acc - 0.03
+
+
+def test_repair_beats_no_repair_with_few_labels(digits, trained):
+    dense = trained("mlp")
+    space = PruningSpace(dense, digits.x_train[:1], 10)
+    keep = space.project(lambda s: [s * 0.9] * len(space.groups), 0.15)
+    pruned = space.apply(copy.deepcopy(dense), keep)
+    before = accuracy(pruned, digits.x_val, digits.y_val)
+    repair(pruned, dense, digits, RepairConfig(steps=50, samples_per_class=10), seed=0, progress=False)
+    assert accuracy(pruned, digits.x_val, digits.y_val) > before + 0.02
+
+
+def test_run_compress_writes_report_and_reloadable_model(tmp_path):
+    out = tmp_path / "out"
+    cfg = CompressConfig(model="mlp", data="digits", target_macs=0.5, out=str(out), train_epochs=10,
+                         repair=RepairConfig(steps=30), latency_repeats=3)
+    report = run_compress(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json"]
+    for key in ("dense", "compressed"):
+        assert set(report[key]) >= {"macs", "params", "accuracy", "latency_ms", "onnx_bytes"}
+        assert set(report[key]["latency_ms"]) == {"b1", "b32"}
+    assert abs(report["achieved_macs_ratio"] - 0.5) <= 0.01
+    assert report["onnx"]["max_abs_diff"] <= 1e-4 and report["onnx"]["top1_agreement"] >= 0.995
+    assert set(report["timings_s"]) >= {"load", "allocate", "prune", "repair", "export", "verify"}
+    assert report["compressed"]["onnx_bytes"] < report["dense"]["onnx_bytes"]
+    model, ckpt = load_compressed(out / "model.pt")
+    from metacompress.data import load_dataset
+
+    d = load_dataset("digits")
+    ver = verify_onnx(out / "model.onnx", model, d.x_test, d.y_test)
+    assert ver["max_abs_diff"] <= 1e-5
+    assert ver["accuracy"] == pytest.approx(report["compressed"]["accuracy"])
+
+
+def test_checkpoint_round_trip_for_pruned_attention_and_depthwise(tmp_path, digits):
+    for name in ("vit-tiny", "mobilenet-small"):
+        torch.manual_seed(1)
+        dense = build_model(name, digits.input_shape, 10, digits.mean, digits.std).eval()
+        space = PruningSpace(dense, digits.x_train[:1], 10)
+        student = space.apply(copy.deepcopy(dense), space.project(lambda s: [s * 0.9] * len(space.groups), 0.3))
+        save_compressed(tmp_path / f"{name}.pt", student, name, digits.input_shape, 10)
+        rebuilt, _ = load_compressed(tmp_path / f"{name}.pt")
+        x = digits.x_test[:32]
+        assert torch.equal(rebuilt(x), student(x))
+
+
+def test_compression_is_deterministic_under_a_seed(digits, trained):
+    dense = trained("mlp")
+    outs = []
+    for _ in range(2):
+        space = PruningSpace(dense, digits.x_train[:1], 10)
+        keep = space.project(lambda s: [s * 0.9] * len(space.groups), 0.3)
+        student = space.apply(copy.deepcopy(dense), keep)
+        repair(student, dense, digits, RepairConfig(steps=20), seed=3, progress=False)
+        outs.append(student(digits.x_test[:16]).detach().numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])

@@ -1,0 +1,326 @@
+"""Deployment layer: ONNX export, onnxruntime verification, int8 quantization, simplification, bench.
+
+The models are trained here for a few seconds (seeded) and pruned to about half their MACs with
+torch-pruning, so the accuracy and size floors are checked on the kind of model users deploy.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+from typer.testing import CliRunner
+
+from metacompress.cli.main import app
+from metacompress.data import load_dataset
+from metacompress.deploy import export, export_onnx, load_session, verify_onnx
+from metacompress.deploy.bench import benchmark_latency, speedups
+from metacompress.deploy.quantize import choose_mode, quantize_onnx
+from metacompress.deploy.simplify import simplify_onnx
+from metacompress.errors import UserError
+from metacompress.zoo import build_model
+
+
+def _train(model: nn.Module, data, epochs: int, lr: float, batch_size: int = 64) -> None:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(data.x_train))
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+
+
+def _macs(model: nn.Module, example: torch.Tensor) -> float:
+    return float(tp.utils.count_ops_and_params(model, example)[0])
+
+
+def _prune_to_half(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, float]:
+    """The largest uniform L2 pruning ratio (round_to=8) that keeps at most half the MACs."""
+    base = _macs(model, example)
+
+    def pruned(ratio: float) -> nn.Module:
+        m = copy.deepcopy(model)
+        tp.pruner.BasePruner(m, example, importance=tp.importance.MagnitudeImportance(p=2),
+                             pruning_ratio=ratio, ignored_layers=[m.classifier], round_to=8).step()
+        return m
+
+    lo, hi = 0.0, 0.9
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _macs(pruned(mid), example) / base > 0.5 else (lo, mid)
+    m = pruned(hi)
+    return m, _macs(m, example) / base
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+@pytest.fixture(scope="module")
+def digits32():
+    return load_dataset("digits@32")
+
+
+@pytest.fixture(scope="module")
+def digits8():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def resnet(digits32, tmp_path_factory):
+    """ResNet-20 trained on digits@32, pruned to <= 0.5 MACs, fine-tuned; exported + simplified."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", digits32.input_shape, digits32.num_classes, digits32.mean, digits32.std)
+    _train(model, digits32, epochs=3, lr=3e-3)
+    model, ratio = _prune_to_half(model, digits32.x_train[:1])
+    _train(model, digits32, epochs=2, lr=1e-3)
+    path = tmp_path_factory.mktemp("resnet") / "model.onnx"
+    export_onnx(model, digits32.x_train[:2], path)
+    simplify_onnx(path, path)
+    return model, path, ratio
+
+
+@pytest.fixture(scope="module")
+def mlp(digits8, tmp_path_factory):
+    """MLP trained on digits, pruned to <= 0.5 MACs, fine-tuned; exported + simplified."""
+    torch.manual_seed(0)
+    model = build_model("mlp", digits8.input_shape, digits8.num_classes, digits8.mean, digits8.std)
+    _train(model, digits8, epochs=8, lr=3e-3)
+    model, ratio = _prune_to_half(model, digits8.x_train[:1])
+    _train(model, digits8, epochs=2, lr=1e-3)
+    path = tmp_path_factory.mktemp("mlp") / "model.onnx"
+    export_onnx(model, digits8.x_train[:2], path)
+    simplify_onnx(path, path)
+    return model, path, ratio
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_dynamo_single_file_dynamic_batch_and_parity(tmp_path, digits32):
+    model = build_model("resnet20", digits32.input_shape, 10, digits32.mean, digits32.std)
+    model.train()
+    path = tmp_path / "m.onnx"
+    info = export_onnx(model, digits32.x_train[:1], path)
+    assert info["exporter"] == "dynamo" and info["bytes"] == path.stat().st_size and info["opset"] >= 13
+    assert model.training, "the caller's train/eval mode is restored after the export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], "one self-contained file, no temp left"
+    proto = onnx.load(str(path), load_external_data=False)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    sess = load_session(path, threads=1)
+    assert [i.name for i in sess.get_inputs()] == ["input"] and [o.name for o in sess.get_outputs()] == ["logits"]
+    model.eval()
+    for batch in (1, 7, 32):  # exported from a batch of 1, served at any batch size
+        x = digits32.x_test[:batch]
+        out = sess.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            assert np.abs(out - model(x).numpy()).max() < 1e-4
+
+
+def test_export_falls_back_to_legacy_with_warning(tmp_path, digits8, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator for this test")
+
+    monkeypatch.setattr(export, "_export_dynamo", broken)
+    model = build_model("mlp", digits8.input_shape, 10, digits8.mean, digits8.std).eval()
+    with pytest.warns(RuntimeWarning, match="falling back to the legacy exporter"):
+        info = export_onnx(model, digits8.x_train[:4], tmp_path / "m.onnx")
+    assert info["exporter"] == "legacy"
+    r = verify_onnx(tmp_path / "m.onnx", model, digits8.x_test, digits8.y_test)
+    assert r["max_abs_diff"] < 1e-4 and r["top1_agreement"] == 1.0
+
+
+def test_failed_export_leaves_no_file(tmp_path, digits8):
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(Exception):
+            export_onnx(Broken(), digits8.x_train[:2], tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- verify / simplify
+
+
+def test_verify_matches_pytorch_and_reports_facts(resnet, digits32):
+    model, path, _ = resnet
+    r = verify_onnx(path, model, digits32.x_test, digits32.y_test, batch_size=100)
+    assert r["max_abs_diff"] < 1e-4 and r["top1_agreement"] == 1.0
+    assert r["accuracy"] == pytest.approx(_accuracy(model, digits32.x_test, digits32.y_test), abs=1e-9)
+    assert r["accuracy"] > 0.9
+    assert r["ops"]["Conv"] == 21 and r["bytes"] == path.stat().st_size and r["opset"] >= 13
+    no_ref = verify_onnx(path, None, digits32.x_test, None)
+    assert no_ref["max_abs_diff"] is None and no_ref["top1_agreement"] is None and no_ref["accuracy"] is None
+
+
+def test_verify_bad_inputs(resnet, digits8, tmp_path):
+    model, path, _ = resnet
+    with pytest.raises(UserError, match="model takes 1x32x32"):
+        verify_onnx(path, model, digits8.x_test, None)
+    truncated = tmp_path / "t.onnx"
+    truncated.write_bytes(path.read_bytes()[:4000])
+    with pytest.raises(UserError, match="not a loadable ONNX"):
+        verify_onnx(truncated, None, digits8.x_test, None)
+    text = tmp_path / "x.onnx"
+    text.write_text("hello")
+    with pytest.raises(UserError):
+        load_session(text)
+
+
+def test_simplify_keeps_parity_and_shrinks(tmp_path, digits32):
+    model = build_model("resnet20", digits32.input_shape, 10, digits32.mean, digits32.std).eval()
+    raw, slim = tmp_path / "raw.onnx", tmp_path / "slim.onnx"
+    export_onnx(model, digits32.x_train[:2], raw)
+    info = simplify_onnx(raw, slim)
+    assert info["bytes"] < 0.95 * info["src_bytes"], "dynamo's per-node debug metadata is dropped"
+    r = verify_onnx(slim, model, digits32.x_test[:64], None)
+    assert r["max_abs_diff"] < 1e-4 and r["top1_agreement"] == 1.0
+
+
+# ---------------------------------------------------------------- quantize
+
+
+def test_static_int8_resnet20_accuracy_and_size(resnet, digits32, tmp_path):
+    model, path, ratio = resnet
+    assert 0.4 <= ratio <= 0.5
+    fp32 = verify_onnx(path, model, digits32.x_test, digits32.y_test)
+    cal = digits32.calibration_batch(256, seed=0)[0].numpy()
+    q = quantize_onnx(path, tmp_path / "int8.onnx", "auto", cal)
+    assert q["mode"] == "static" and q["calibration_samples"] == 256
+    assert q["bytes"] <= 0.3 * fp32["bytes"], q
+    assert "QuantizeLinear" in q["ops"] and "ConvInteger" not in q["ops"]
+    int8 = verify_onnx(tmp_path / "int8.onnx", model, digits32.x_test, digits32.y_test)
+    assert int8["accuracy"] >= fp32["accuracy"] - 0.01
+    assert int8["top1_agreement"] >= 0.97
+
+
+def test_dynamic_int8_mlp_accuracy_and_size(mlp, digits8, tmp_path):
+    model, path, ratio = mlp
+    assert 0.4 <= ratio <= 0.5
+    fp32 = verify_onnx(path, model, digits8.x_test, digits8.y_test)
+    q = quantize_onnx(path, tmp_path / "int8.onnx", "auto", None)
+    assert q["mode"] == "dynamic" and q["calibration_samples"] == 0
+    assert q["bytes"] <= 0.3 * fp32["bytes"], q
+    assert q["ops"].get("MatMulInteger", 0) == 3
+    int8 = verify_onnx(tmp_path / "int8.onnx", model, digits8.x_test, digits8.y_test)
+    assert fp32["accuracy"] > 0.9 and int8["accuracy"] >= fp32["accuracy"] - 0.01
+
+
+def test_quantize_deterministic(mlp, tmp_path):
+    _, path, _ = mlp
+    quantize_onnx(path, tmp_path / "a.onnx", "dynamic")
+    quantize_onnx(path, tmp_path / "b.onnx", "dynamic")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_choose_mode_by_op_mix():
+    assert choose_mode({"Conv": 3, "Gemm": 1, "Relu": 3}) == "static"
+    assert choose_mode({"MatMul": 2, "Add": 2}) == "dynamic"
+    with pytest.raises(UserError, match="nothing to quantize"):
+        choose_mode({"Add": 1})
+
+
+def test_quantize_bad_calibration_leaves_no_file(resnet, digits8, tmp_path):
+    _, path, _ = resnet
+    with pytest.raises(UserError, match="needs calibration data"):
+        quantize_onnx(path, tmp_path / "q.onnx", "static", None)
+    with pytest.raises(UserError, match="calibration samples have shape 1x8x8"):
+        quantize_onnx(path, tmp_path / "q.onnx", "static", digits8.x_train[:32].numpy())
+    with pytest.raises(UserError, match="unknown quantization mode"):
+        quantize_onnx(path, tmp_path / "q.onnx", "int4", None)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- bench
+
+
+def test_benchmark_interleaved_stats_and_speedup(resnet, mlp):
+    _, path, _ = resnet
+    r = benchmark_latency({"a": path, "b": load_session(path, threads=1)}, (1, 32, 32), batches=(1, 4),
+                          threads=1, repeats=5, warmup=1)
+    assert set(r) == {"a", "b"} and set(r["a"]) == {"b1", "b4"}
+    for per_batch in r.values():
+        for s in per_batch.values():
+            assert 0 < s["min_ms"] <= s["median_ms"] <= s["max_ms"]
+    ratio = speedups(r, "a")["b"]["b4"]
+    assert ratio == pytest.approx(r["a"]["b4"]["median_ms"] / r["b"]["b4"]["median_ms"])
+    with pytest.raises(UserError, match="model takes 1x32x32"):
+        benchmark_latency({"a": path}, (1, 8, 8), threads=1, repeats=1)
+
+
+# ---------------------------------------------------------------- CLI
+
+runner = CliRunner()
+
+
+def test_cli_verify_truncated_exits_2_with_one_line(resnet, tmp_path):
+    _, path, _ = resnet
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    res = runner.invoke(app, ["verify", str(bad), "--data", "digits@32"])
+    assert res.exit_code == 2
+    assert res.stderr.strip().startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in res.output
+
+
+def test_cli_verify_json_with_compressed_reference(resnet, digits32, tmp_path):
+    from metacompress.compress.checkpoint import save_compressed
+
+    model, path, _ = resnet
+    ckpt = tmp_path / "model.pt"
+    save_compressed(ckpt, model, "resnet20", digits32.input_shape, digits32.num_classes)
+    res = runner.invoke(app, ["verify", str(path), "--data", "digits@32", "--reference", str(ckpt),
+                              "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["max_abs_diff"] < 1e-4 and out["top1_agreement"] == 1.0 and out["accuracy"] > 0.9
+    assert out["opset"] >= 13 and out["bytes"] == path.stat().st_size
+    wrong = runner.invoke(app, ["verify", str(path), "--data", "digits"])
+    assert wrong.exit_code == 2 and "model takes 1x32x32" in wrong.stderr
+
+
+def test_cli_bench_prints_both_medians_and_ratio(resnet, tmp_path):
+    _, path, _ = resnet
+    args = ["bench", str(path), "--baseline", str(path), "--batch", "1,2", "--threads", "1", "--repeats", "3"]
+    res = runner.invoke(app, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    for key in ("model", "baseline"):
+        assert out["latency"][key]["b2"]["median_ms"] > 0
+    assert out["speedup"]["b1"] == pytest.approx(
+        out["latency"]["baseline"]["b1"]["median_ms"] / out["latency"]["model"]["b1"]["median_ms"])
+    text = runner.invoke(app, args)
+    assert text.exit_code == 0
+    assert text.stdout.count(f"{path.name}") >= 2 and "speedup" in text.stdout and "x" in text.stdout
+    assert runner.invoke(app, ["bench", str(path), "--batch", "0"]).exit_code == 2
+
+
+def test_cli_quantize(mlp, resnet, tmp_path):
+    _, mlp_path, _ = mlp
+    out = tmp_path / "q.onnx"
+    res = runner.invoke(app, ["quantize", str(mlp_path), "--data", "digits", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["mode"] == "dynamic" and out.is_file() and r["accuracy"] >= r["accuracy_fp32"] - 0.01
+    _, res_path, _ = resnet
+    bad = runner.invoke(app, ["quantize", str(res_path), "--data", "digits", "--out", str(tmp_path / "b.onnx")])
+    assert bad.exit_code == 2 and "1x8x8" in bad.stderr and not (tmp_path / "b.onnx").exists()
