@@ -37,8 +37,9 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) if text else type(exc).__name__
 
 
-def command(name: str, **kwargs: Any) -> Callable:
-    """Register a function as a CLI command with the toolkit's error and exit-code contract."""
+def command(name: str, target: typer.Typer | None = None, **kwargs: Any) -> Callable:
+    """Register a function as a CLI command (on ``app`` or a sub-app) with the toolkit's
+    error and exit-code contract."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -60,7 +61,7 @@ def command(name: str, **kwargs: Any) -> Callable:
                                   highlight=False, markup=False, soft_wrap=True)
                 raise typer.Exit(1) from None
 
-        return app.command(name, **kwargs)(wrapper)
+        return (target or app).command(name, **kwargs)(wrapper)
 
     return decorate
 

@@ -37,12 +37,15 @@ def compress(
     target_macs: Optional[float] = typer.Option(None, "--target-macs", help="Kept fraction of MACs, in (0, 1]."),
     target_params: Optional[float] = typer.Option(None, "--target-params", help="Kept fraction of parameters."),
     allocation: str = typer.Option(
-        "uniform", "--allocation", help="How much to prune where: uniform, global-magnitude, global-taylor, lamp."),
+        "meta", "--allocation",
+        help="How much to prune where: meta (the meta-learned policy), uniform, global-magnitude, global-taylor, lamp."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Policy folder for --allocation meta (default: shipped)."),
+    adapt_steps: int = typer.Option(0, "--adapt-steps", min=0, help="ES-MAML steps on this task before deciding (0: zero-shot)."),
     round_to: int = typer.Option(8, "--round-to", min=1, help="Keep channel counts multiples of this."),
     repair_steps: int = typer.Option(RepairConfig.steps, "--repair-steps", help="Distillation steps (0: BN recalibration only)."),
-    repair_lr: float = typer.Option(RepairConfig.lr, "--repair-lr", help="Distillation learning rate."),
-    temperature: float = typer.Option(RepairConfig.temperature, "--temperature", help="Distillation temperature."),
-    alpha: float = typer.Option(RepairConfig.alpha, "--alpha", help="Weight of the teacher's soft targets."),
+    repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="Distillation learning rate (default: the policy's)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature (default: the policy's)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the teacher's soft targets (default: the policy's)."),
     samples_per_class: Optional[int] = typer.Option(
         None, "--repair-samples-per-class", help="Repair with only K labelled samples per class."),
     students: int = typer.Option(1, "--students", help="Repair K students and greedy-soup them (model fusion)."),
@@ -56,11 +59,13 @@ def compress(
     """Prune MODEL to a MACs or parameter budget, repair it, export ONNX and verify it."""
     from metacompress.pipeline import CompressConfig, run_compress
 
+    given = {"lr": repair_lr, "temperature": temperature, "alpha": alpha}
+    overrides = {k: v for k, v in given.items() if v is not None}
     cfg = CompressConfig(
         model=model, data=data, weights=weights, target_macs=target_macs, target_params=target_params,
-        allocation=allocation, round_to=round_to,
-        repair=RepairConfig(steps=repair_steps, lr=repair_lr, temperature=temperature, alpha=alpha,
-                            samples_per_class=samples_per_class),
+        allocation=allocation, policy=policy, adapt_steps=adapt_steps, round_to=round_to,
+        repair=RepairConfig(steps=repair_steps, samples_per_class=samples_per_class, **overrides),
+        repair_overrides=tuple(overrides),
         students=students, quantize=quantize, train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,
     )
     emit(run_compress(cfg), as_json, _render_report)

@@ -46,9 +46,12 @@ class CompressConfig:
     weights: str | None = None          # state-dict file, "none" (untrained), or None (train first)
     target_macs: float | None = None
     target_params: float | None = None
-    allocation: str = "uniform"
+    allocation: str = "meta"
+    policy: str | None = None           # policy folder; None = the shipped default
+    adapt_steps: int = 0                # ES-MAML fast adaptation steps on this task
     round_to: int = 8
     repair: RepairConfig = field(default_factory=RepairConfig)
+    repair_overrides: tuple[str, ...] = ()  # repair fields the user set explicitly (beat the policy)
     students: int = 1
     quantize: str = "none"
     train_epochs: int = DEFAULT_TRAIN_EPOCHS
@@ -137,7 +140,42 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
         ratio_fn = rule_allocation(cfg.allocation, prep.space, prep.dense, calib)
         keep = prep.space.project(ratio_fn, target, metric)
         return keep, CHANNEL_IMPORTANCE[cfg.allocation], cfg.repair
-    raise UserError(f"unknown allocation '{cfg.allocation}': use one of {', '.join(RULES)}")
+    if cfg.allocation != "meta":
+        raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
+    from metacompress.policy.features import group_features
+    from metacompress.policy.network import decide, regime_of
+    from metacompress.policy.store import load_policy
+
+    policy = load_policy(cfg.policy)
+    theta = policy.theta
+    if cfg.adapt_steps > 0:
+        theta = _adapt(theta, cfg, prep, target)
+    features = group_features(prep.dense, prep.space, calib)
+    decision = decide(theta, features, target, cfg.repair)
+    keep = prep.space.project(decision.ratio_fn(), target, metric)
+    chosen = decision.repair
+    for name in cfg.repair_overrides:  # explicit flags beat the policy
+        setattr(chosen, name, getattr(cfg.repair, name))
+    status(f"policy ({regime_of(cfg.repair)} regime): repair lr {chosen.lr:.3g}, T {chosen.temperature:.3g}, "
+           f"alpha {chosen.alpha:.2f}, BN samples {chosen.bn_samples}")
+    return keep, "magnitude", chosen
+
+
+def _adapt(theta, cfg: CompressConfig, prep: Prepared, target: float):
+    """ES-MAML: a few ES steps of the policy on this very task (validation split reward)."""
+    from metacompress.policy.features import group_features
+    from metacompress.policy.meta_train import adapt
+    from metacompress.policy.network import regime_of
+    from metacompress.policy.tasks import Context, Task, TaskPool, Teacher
+    from metacompress.training import accuracy as acc
+
+    data = prep.data
+    pool = TaskPool(cfg.repair)
+    teacher = Teacher(cfg.model, cfg.data, (), cfg.seed)
+    feats = group_features(prep.dense, prep.space, data.calibration_batch(128, 0))
+    pool.register(teacher, Context(teacher, data, prep.dense, prep.space, feats,
+                                   acc(prep.dense, data.x_val, data.y_val), prep.dense_accuracy))
+    return adapt(theta, pool, Task(teacher, target, regime_of(cfg.repair), cfg.seed), cfg.adapt_steps, seed=cfg.seed)
 
 
 def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) -> nn.Module:

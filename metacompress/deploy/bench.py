@@ -1,0 +1,74 @@
+"""Latency of ONNX models in onnxruntime, measured so that comparisons between models hold.
+
+On a shared or throttling machine the noise is large and drifts over seconds, so measuring model A
+then model B can show a "speedup" that is only the machine. Here every repeat runs each model
+once, round-robin (starting with a different model each repeat), so drift hits all models alike,
+and the median over repeats is reported with the min and max so the spread is visible.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from metacompress.deploy.verify import check_input, load_session
+from metacompress.errors import UserError
+
+
+def _session(ref: Any, threads: int | None) -> ort.InferenceSession:
+    return ref if isinstance(ref, ort.InferenceSession) else load_session(ref, threads)
+
+
+def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
+                      threads: int | None = None, repeats: int = 20, warmup: int = 3,
+                      seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """Time one forward pass of each model per batch size, interleaved across models.
+
+    ``models`` maps a name to an ONNX path or an open session (a session keeps its own thread
+    setting; paths are opened with ``threads``). ``input_shape`` is one sample's shape. Returns
+    ``{name: {"b1": {"median_ms", "min_ms", "max_ms"}, "b32": {...}}}``.
+    """
+    if not models:
+        raise UserError("no models to benchmark")
+    if repeats < 1 or warmup < 0:
+        raise UserError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if not batches or any(int(b) < 1 for b in batches):
+        raise UserError(f"batch sizes must be positive integers, got {list(batches)}")
+    shape = tuple(int(d) for d in input_shape)
+    sessions = {name: _session(ref, threads) for name, ref in models.items()}
+    for name, sess in sessions.items():
+        check_input(sess, shape, what=f"benchmark input for '{name}'")
+    names = list(sessions)
+    rng = np.random.default_rng(seed)
+    result: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
+    for batch in batches:
+        x = rng.standard_normal((int(batch), *shape)).astype(np.float32)
+        feeds = {name: {sess.get_inputs()[0].name: x} for name, sess in sessions.items()}
+        for _ in range(warmup):
+            for name in names:
+                sessions[name].run(None, feeds[name])
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(repeats):
+            for k in range(len(names)):
+                name = names[(r + k) % len(names)]
+                start = time.perf_counter()
+                sessions[name].run(None, feeds[name])
+                times[name].append((time.perf_counter() - start) * 1e3)
+        for name in names:
+            ts = times[name]
+            result[name][f"b{batch}"] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts)}
+    return result
+
+
+def speedups(result: dict[str, dict[str, dict[str, float]]], baseline: str) -> dict[str, dict[str, float]]:
+    """``baseline`` median / model median for every other model and batch size (> 1: faster)."""
+    if baseline not in result:
+        raise UserError(f"no benchmark result named '{baseline}'")
+    base = result[baseline]
+    return {name: {b: base[b]["median_ms"] / stats["median_ms"] for b, stats in per_batch.items()}
+            for name, per_batch in result.items() if name != baseline}

@@ -1,0 +1,132 @@
+"""Check an exported ONNX model in onnxruntime: does it answer like the PyTorch model it came from?
+
+Export, simplification and quantization all rewrite the graph; the only proof that the deployed
+file still does the job is to run it in the runtime users deploy with and compare, on real data,
+against the reference network: largest logit difference, top-1 agreement and accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from metacompress.errors import UserError
+from metacompress.io import require_file
+
+
+def load_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+    """Open ``path`` in onnxruntime on the CPU; a missing, truncated or non-ONNX file is a UserError.
+
+    ``threads`` fixes the intra-op thread count (None: onnxruntime's default, all cores); inter-op
+    parallelism stays at 1 so that ``threads`` is the whole budget and latencies are comparable.
+    """
+    p = require_file(path, "ONNX model")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.inter_op_num_threads = 1
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"threads must be at least 1, got {threads}")
+        opts.intra_op_num_threads = int(threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types for bad files
+        first = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UserError(f"{p} is not a loadable ONNX model (truncated or not ONNX?): {first}") from None
+
+
+def model_facts(path: str | os.PathLike) -> dict[str, Any]:
+    """Opset, file size and operator counts of an ONNX file (subgraphs and functions included)."""
+    p = require_file(path, "ONNX model")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:
+        raise UserError(f"cannot parse {p} as ONNX: {' '.join(str(exc).split())[:200]}") from None
+    ops: Counter[str] = Counter()
+
+    def count(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            ops[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    count(attr.g)
+                for g in attr.graphs:
+                    count(g)
+
+    count(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            ops[node.op_type] += 1
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return {"opset": int(opset), "bytes": int(p.stat().st_size), "ops": dict(sorted(ops.items()))}
+
+
+def check_input(session: ort.InferenceSession, sample_shape: tuple[int, ...], what: str = "data") -> None:
+    """Raise a UserError when samples of ``sample_shape`` do not fit the model's (first) input."""
+    declared = session.get_inputs()[0].shape[1:]
+    fits = len(declared) == len(sample_shape) and all(
+        not isinstance(d, int) or d <= 0 or d == s for d, s in zip(declared, sample_shape))
+    if not fits:
+        shown = "x".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in declared)
+        raise UserError(f"{what} samples have shape {'x'.join(map(str, sample_shape)) or 'scalar'}; "
+                        f"the model takes {shown or 'scalar'}")
+
+
+def run_batched(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits of ``x`` from ``session``, ``batch_size`` samples per call (bounded memory)."""
+    name = session.get_inputs()[0].name
+    outs = [session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0)
+
+
+@torch.no_grad()
+def _reference_logits(reference: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    modes = {m: m.training for m in reference.modules()}
+    reference.eval()
+    try:
+        outs = [reference(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return torch.cat(outs).numpy()
+
+
+def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: torch.Tensor,
+                y: torch.Tensor | None, batch_size: int = 256, threads: int | None = None) -> dict[str, Any]:
+    """Run ``path`` on ``x`` in onnxruntime and compare it with ``reference`` (a PyTorch module).
+
+    Returns ``accuracy`` (None without labels), ``max_abs_diff`` and ``top1_agreement`` (None
+    without a reference), ``opset``, ``bytes`` and ``ops`` ({op_type: count}).
+    """
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    session = load_session(path, threads)
+    x = torch.as_tensor(x).detach().float()
+    if len(x) == 0:
+        raise UserError("no samples to verify on")
+    check_input(session, tuple(x.shape[1:]))
+    if y is not None and len(y) != len(x):
+        raise UserError(f"{len(y)} labels for {len(x)} samples")
+    logits = run_batched(session, x.numpy(), batch_size)
+    pred = logits.argmax(axis=1)
+    result: dict[str, Any] = {"accuracy": None, "max_abs_diff": None, "top1_agreement": None}
+    if y is not None:
+        result["accuracy"] = float((pred == torch.as_tensor(y).numpy()).mean())
+    if reference is not None:
+        ref = _reference_logits(reference, x, batch_size)
+        if ref.shape != logits.shape:
+            raise UserError(f"the reference gives outputs of shape {ref.shape}, the ONNX model {logits.shape}")
+        result["max_abs_diff"] = float(np.abs(ref - logits).max())
+        result["top1_agreement"] = float((ref.argmax(axis=1) == pred).mean())
+    result.update(model_facts(Path(path)))
+    result["samples"] = len(x)
+    return result

@@ -1,0 +1,233 @@
+"""The baselines the source calls SGD / transfer learning, and the runner that compares them.
+
+- ``joint``: pre-train one network on all meta-train data pooled together (every class at
+  once, or points of many sinusoids), then fine-tune it on the new task's support set with the
+  same SGD steps and learning rate the meta-learner gets at test time. For classification the
+  pre-trained head (one output per meta-train class) is replaced by a zero-initialised N-way
+  head; one SGD step on a zero head is a prototype-like classifier on the pre-trained features.
+- ``no-adapt``: the meta-learned initialisation used as is (0 inner steps). For N-way tasks
+  with shuffled labels this sits at chance, which is what adaptation must beat.
+
+The runner (``ALGORITHMS``, ``build_learner``, ``meta_train``, ``compare``) lives here because it
+is what puts a meta-learner and its baselines on the same tasks, seeds and step budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import replace_all_batch_norm_modules_
+
+from metacompress.errors import UserError
+from metacompress.meta.maml import ANIL, FOMAML, MAML, MetaLearner, MetaSGD, head_names
+from metacompress.meta.reptile import Reptile
+from metacompress.meta.tasks import (
+    Task,
+    TaskDistribution,
+    TaskSpec,
+    TaskType,
+    build_distribution,
+    default_model,
+)
+
+ALGORITHMS: dict[str, type[MetaLearner]] = {
+    "maml": MAML, "fomaml": FOMAML, "metasgd": MetaSGD, "anil": ANIL, "reptile": Reptile,
+}
+
+
+def build_learner(algo: str, model: nn.Module, task_type: TaskType, **hp: Any) -> MetaLearner:
+    """A meta-learner by name (``maml``, ``fomaml``, ``metasgd``, ``anil``, ``reptile``)."""
+    if algo not in ALGORITHMS:
+        raise UserError(f"unknown algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[algo](model, task_type, **hp)
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and half-width of its normal 95 % confidence interval (1.96 standard errors)."""
+    v = values.double().flatten()
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(1.96 * v.std(unbiased=True) / math.sqrt(len(v)))
+
+
+def meta_train(learner: MetaLearner, dist: TaskDistribution, meta_steps: int, meta_batch: int,
+               seed: int, progress: Callable[[Iterable[int]], Iterable[int]] = iter) -> list[float]:
+    """``meta_steps`` outer updates on meta-batches drawn from ``dist``; returns the query losses."""
+    if meta_steps <= 0 or meta_batch <= 0:
+        raise UserError(f"meta-steps and meta-batch must be positive, got {meta_steps} and {meta_batch}")
+    g = torch.Generator().manual_seed(seed)
+    return [learner.meta_step(dist.sample(meta_batch, g))["query_loss"] for _ in progress(range(meta_steps))]
+
+
+def _replace_head(model: nn.Module, n_out: int) -> nn.Module:
+    """A copy of ``model`` whose last linear layer is a fresh zero-initialised ``n_out`` head."""
+    model = copy.deepcopy(model)
+    path = head_names(model)[0].rsplit(".", 1)[0]
+    old = model.get_submodule(path)
+    if not isinstance(old, nn.Linear):
+        raise UserError(f"the model's last parametrised module {path!r} must be nn.Linear to swap heads")
+    new = nn.Linear(old.in_features, n_out)
+    nn.init.zeros_(new.weight)
+    nn.init.zeros_(new.bias)
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    return model
+
+
+class JointPretrain:
+    """Transfer-learning baseline: one network trained on the pooled meta-train data.
+
+    BatchNorm uses batch statistics (as the meta-learners do), so fine-tuning and evaluation see
+    the same per-task normalisation.
+    """
+
+    def __init__(self, model: nn.Module, task_type: TaskType, lr: float = 1e-3) -> None:
+        self.model = replace_all_batch_norm_modules_(model)
+        self.task_type: TaskType = task_type
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+
+    def fit(self, dist: TaskDistribution, steps: int, batch_size: int, seed: int) -> list[float]:
+        """``steps`` Adam steps on pooled batches; returns the training losses."""
+        if steps <= 0:
+            raise UserError(f"joint pre-training steps must be positive, got {steps}")
+        g = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(steps):
+            x, y = dist.joint_batch(batch_size, g)
+            out = self.model(x)
+            loss = F.mse_loss(out, y) if self.task_type == "regression" else F.cross_entropy(out, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            losses.append(float(loss.detach()))
+        return losses
+
+    def evaluate(self, tasks: list[Task], steps: int, lr: float, n_out: int) -> dict[str, torch.Tensor]:
+        """Per-task query loss (and accuracy) after fine-tuning on each support set."""
+        return finetune_evaluate(self.model, self.task_type, tasks, steps, lr, n_out)
+
+
+def finetune_evaluate(model: nn.Module, task_type: TaskType, tasks: list[Task], steps: int, lr: float,
+                      n_out: int) -> dict[str, torch.Tensor]:
+    """Fine-tune all of ``model`` with ``steps`` SGD steps per task, score on the query set.
+
+    A classifier whose output size is not ``n_out`` gets a new zero-initialised head first.
+    """
+    head = head_names(model)[0].rsplit(".", 1)[0]
+    if task_type == "classification" and getattr(model.get_submodule(head), "out_features", n_out) != n_out:
+        model = _replace_head(model, n_out)
+    # A MetaLearner is only used for its (vmapped) SGD inner loop here; nothing is meta-trained.
+    learner = MetaLearner(copy.deepcopy(model), task_type, inner_lr=lr)
+    return learner.evaluate(tasks, steps)
+
+
+def compare(learner: MetaLearner, joint: JointPretrain, dist: TaskDistribution, episodes: int,
+            steps: int, seed: int, batch: int = 50) -> dict[str, dict[str, float]]:
+    """Mean metric and 95 % CI of the learner, ``joint`` and ``no-adapt`` on the same episodes."""
+    if episodes <= 1:
+        raise UserError(f"episodes must be at least 2 for a confidence interval, got {episodes}")
+    if steps <= 0:
+        raise UserError(f"adaptation steps must be positive, got {steps}")
+    g = torch.Generator().manual_seed(seed)
+    metric = "mse" if learner.task_type == "regression" else "accuracy"
+    key = "loss" if metric == "mse" else "accuracy"
+    runs: dict[str, list[torch.Tensor]] = {learner.name: [], "joint": [], "no-adapt": []}
+    for start in range(0, episodes, batch):
+        tasks = dist.sample(min(batch, episodes - start), g)
+        runs[learner.name].append(learner.evaluate(tasks, steps)[key])
+        runs["joint"].append(joint.evaluate(tasks, steps, learner.inner_lr, dist.n_out)[key])
+        runs["no-adapt"].append(learner.evaluate(tasks, 0)[key])
+    results = {}
+    for name, parts in runs.items():
+        m, c = mean_ci95(torch.cat(parts))
+        results[name] = {metric: m, "ci95": c}
+    return results
+
+
+# ----- checkpointed runs (what ``metacompress meta-train`` / ``meta-eval`` do) ------------------
+FORMAT = "metacompress-meta/1"
+DEFAULTS = {  # per task family: inner lr, outer lr, inner steps, meta-batch (MAML paper settings)
+    "sinusoid": {"inner_lr": 0.01, "outer_lr": 1e-3, "inner_steps": 1, "meta_batch": 25},
+    "classification": {"inner_lr": 0.4, "outer_lr": 1e-3, "inner_steps": 1, "meta_batch": 16},
+}
+REPTILE_OUTER_LR = 0.1  # Reptile's outer lr is an interpolation factor, not an Adam step size
+
+
+def defaults_for(family: str) -> dict[str, float]:
+    """Default hyperparameters of a task family (any labelled-data family is 'classification')."""
+    return dict(DEFAULTS["sinusoid" if family == "sinusoid" else "classification"])
+
+
+def _input_shape(dist: TaskDistribution) -> tuple[int, ...]:
+    return tuple(dist.sample(1, torch.Generator().manual_seed(0))[0].x_support.shape[1:])
+
+
+def train_checkpoint(spec: TaskSpec, algo: str, meta_steps: int, seed: int, inner_lr: float | None = None,
+                     outer_lr: float | None = None, inner_steps: int | None = None,
+                     meta_batch: int | None = None, joint_steps: int | None = None,
+                     progress: Callable[[Iterable[int]], Iterable[int]] = iter) -> dict[str, Any]:
+    """Meta-train ``algo`` on the meta-train split of ``spec`` *and* the joint baseline.
+
+    The joint model is trained here (``joint_steps`` Adam steps, default ``meta_steps``, batches of
+    ``meta_batch`` x the task size) so that a checkpoint alone reproduces every row of
+    ``meta-eval``. The result holds only tensors, numbers and strings (``weights_only`` safe).
+    """
+    if algo not in ALGORITHMS:
+        raise UserError(f"unknown algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
+    hp = defaults_for(spec.family)
+    given = {"inner_lr": inner_lr, "outer_lr": outer_lr, "inner_steps": inner_steps, "meta_batch": meta_batch}
+    hp.update({k: v for k, v in given.items() if v is not None})
+    if algo == "reptile" and outer_lr is None:
+        hp["outer_lr"] = REPTILE_OUTER_LR
+    if hp["inner_steps"] <= 0 or meta_steps <= 0 or hp["meta_batch"] <= 0:
+        raise UserError(f"steps must be positive: meta-steps {meta_steps}, inner steps {hp['inner_steps']}, "
+                        f"meta-batch {hp['meta_batch']}")
+    dist = build_distribution(spec, "train")
+    shape = _input_shape(dist)
+    torch.manual_seed(seed)
+    learner = build_learner(algo, default_model(spec.family, shape, dist.n_out), dist.task_type,
+                            inner_lr=hp["inner_lr"], outer_lr=hp["outer_lr"], inner_steps=int(hp["inner_steps"]))
+    history = meta_train(learner, dist, meta_steps, int(hp["meta_batch"]), seed, progress)
+    torch.manual_seed(seed + 1)
+    joint = JointPretrain(default_model(spec.family, shape, dist.joint_outputs), dist.task_type)
+    task_size = len(dist.sample(1, torch.Generator().manual_seed(0))[0].y_support)
+    joint_hist = joint.fit(dist, joint_steps or meta_steps, int(hp["meta_batch"]) * max(task_size, 10), seed)
+    return {"format": FORMAT, "tasks": spec.text, "family": spec.family, "n_way": spec.n_way,
+            "input_shape": list(shape), "n_out": dist.n_out, "joint_outputs": dist.joint_outputs,
+            "seed": seed, "meta_batch": int(hp["meta_batch"]), "config": learner.config(),
+            "state": learner.state_dict(), "joint": joint.model.state_dict(),
+            "history": {"query_loss": history, "joint_loss": joint_hist}}
+
+
+def load_checkpoint(ckpt: dict[str, Any]) -> tuple[MetaLearner, JointPretrain]:
+    """Rebuild the meta-learner and the joint baseline from ``train_checkpoint``'s dict."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"not a meta-learning checkpoint (expected format {FORMAT})")
+    cfg, shape = ckpt["config"], tuple(ckpt["input_shape"])
+    learner = build_learner(cfg["algo"], default_model(ckpt["family"], shape, ckpt["n_out"]), cfg["task_type"],
+                            inner_lr=cfg["inner_lr"], outer_lr=cfg["outer_lr"], inner_steps=cfg["inner_steps"])
+    learner.load_state_dict(ckpt["state"])
+    joint = JointPretrain(default_model(ckpt["family"], shape, ckpt["joint_outputs"]), cfg["task_type"])
+    joint.model.load_state_dict(ckpt["joint"])
+    return learner, joint
+
+
+def evaluate_checkpoint(ckpt: dict[str, Any], spec: TaskSpec, episodes: int, steps: int | None,
+                        seed: int) -> dict[str, Any]:
+    """``meta-eval``: the learner and both baselines on ``episodes`` meta-test tasks of ``spec``.
+
+    ``spec`` may change the shots but not the family or the number of ways the model was built for.
+    """
+    learner, joint = load_checkpoint(ckpt)
+    if spec.family != ckpt["family"] or (spec.family != "sinusoid" and spec.n_way != ckpt["n_way"]):
+        raise UserError(f"tasks {spec.text} do not match the checkpoint's {ckpt['tasks']} "
+                        "(same family and number of ways needed)")
+    steps = learner.inner_steps if steps is None else steps
+    results = compare(learner, joint, build_distribution(spec, "test"), episodes, steps, seed)
+    return {"tasks": spec.text, "algo": learner.name, "episodes": episodes, "steps": steps, "results": results}

@@ -1,0 +1,55 @@
+"""Reptile (Nichol et al., 2018): move the init towards each task's adapted weights.
+
+No second derivatives and no query loss in the outer update: the meta-gradient is the mean of
+``theta - phi_task`` where ``phi_task`` is ``inner_steps`` SGD steps on the task's support set.
+That makes it the cheapest learner per step and the easiest to scale; ``vmap`` runs all the
+tasks' inner loops at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from metacompress.meta import distributed
+from metacompress.meta.maml import MetaLearner, Params, Vectorize
+from metacompress.meta.tasks import Task, TaskType
+
+
+class Reptile(MetaLearner):
+    """Reptile with SGD inner steps; the outer update is plain SGD with step size ``outer_lr``.
+
+    ``outer_lr`` is Reptile's epsilon (interpolation towards the adapted weights), so values
+    around 0.1-1 are usual, unlike MAML's Adam learning rate.
+    """
+
+    name = "reptile"
+
+    def __init__(self, model: nn.Module, task_type: TaskType, inner_lr: float = 0.01,
+                 outer_lr: float = 0.1, inner_steps: int = 5, vectorize: Vectorize = "auto") -> None:
+        super().__init__(model, task_type, inner_lr, outer_lr, inner_steps, vectorize)
+        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=self.outer_lr)
+
+    def meta_step(self, tasks: list[Task]) -> dict[str, float]:
+        """Set ``.grad = theta - mean(phi)`` and take one SGD step (averaged across ranks)."""
+        steps = self.inner_steps
+        params = {k: v.detach() for k, v in self.params.items()}
+
+        def fn(p: Params, lr: dict[str, Any], xs, ys, xq, yq):
+            fast = self.inner_loop(p, xs, ys, steps, False, lr)
+            out = self._forward(fast, xq)
+            return (self._loss(out, yq), self._accuracy(out, yq),
+                    *(p[k] - fast[k] for k in self.adapt_names))
+
+        with torch.no_grad():
+            loss, acc, *deltas = self._map_tasks(fn, tasks, (params, self.inner_lrs))
+        for name, d in zip(self.adapt_names, deltas):
+            self.params[name].grad = d.mean(0)
+        distributed.average_gradients(self.optimizer)
+        self.optimizer.step()
+        metrics = {"query_loss": float(loss.mean())}
+        if self.task_type == "classification":
+            metrics["query_accuracy"] = float(acc.mean())
+        return metrics

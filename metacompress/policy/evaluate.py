@@ -1,0 +1,151 @@
+"""Judge a policy against the built-in allocations on held-out tasks.
+
+Columns per task: ``meta`` (zero-shot policy: allocation + repair settings), ``meta-alloc``
+(the policy's allocation with the default repair settings), the four built-ins with the
+default repair settings, ``oracle`` (per task, the built-in with the best *validation*
+accuracy), and optionally ``es-search`` (a per-task ES search over the same allocation +
+repair parameterisation from the uniform start, with a fixed number of evaluations, scored
+on validation). Every choice uses the validation split; the table reports test accuracy.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from metacompress.compress.baselines import RULES
+from metacompress.compress.distill import RepairConfig
+from metacompress.policy.meta_train import adapt
+from metacompress.policy.network import REGIMES, init_params
+from metacompress.policy.tasks import Task, TaskPool, teachers_from
+from metacompress.progress import track
+
+COLUMNS = ("meta", "meta-alloc", *RULES, "oracle")
+
+
+@dataclass
+class EvalConfig:
+    teachers: list[dict[str, Any]]
+    budgets: tuple[float, ...] = (0.5, 0.3, 0.15)
+    regimes: tuple[str, ...] = REGIMES
+    seeds: int = 3
+    es_search_evals: int = 0          # 0: no per-task search column
+    es_search_budgets: tuple[float, ...] = (0.3, 0.15)
+    es_search_regimes: tuple[str, ...] = ("bn", "short", "few")
+    workers: int = 2
+    repair_defaults: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalConfig":
+        from metacompress.errors import UserError
+
+        known = {k: (tuple(v) if isinstance(v, list) and k != "teachers" else v)
+                 for k, v in d.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise UserError(f"unknown policy-eval option(s): {', '.join(unknown)}")
+        return cls(**known)
+
+
+_POOL: TaskPool | None = None
+_THETA: np.ndarray | None = None
+
+
+def _init(defaults: dict, theta: np.ndarray) -> None:
+    global _POOL, _THETA
+    torch.set_num_threads(1)
+    _POOL, _THETA = TaskPool(RepairConfig(**defaults)), theta
+
+
+def _row(args: tuple[Task, int]) -> dict[str, Any]:
+    task, es_evals = args
+    res: dict[str, tuple[float, float]] = {"meta": _POOL.policy(_THETA, task),
+                                           "meta-alloc": _POOL.policy(_THETA, task, learned_repair=False)}
+    for rule in RULES:
+        res[rule] = _POOL.rule(task, rule)
+    best = max(RULES, key=lambda r: res[r][0])
+    res["oracle"] = res[best]
+    if es_evals:
+        pop = 8
+        theta = adapt(init_params(task.seed), _POOL, task, steps=max(1, es_evals // pop), population=pop,
+                      sigma=0.1, lr=0.05, seed=task.seed)
+        res["es-search"] = _POOL.policy(theta, task)
+    ctx = _POOL.context(task.teacher)
+    return {"teacher": task.teacher.label(), "budget": task.budget, "regime": task.regime, "seed": task.seed,
+            "dense_test": ctx.dense_test, "oracle_rule": best,
+            "val": {k: v[0] for k, v in res.items()}, "test": {k: v[1] for k, v in res.items()}}
+
+
+def evaluate(cfg: EvalConfig, theta: np.ndarray) -> list[dict[str, Any]]:
+    """One row per (teacher, budget, regime, seed) with every column's val and test accuracy."""
+    teachers = teachers_from(cfg.teachers)
+    jobs = []
+    for t in teachers:
+        for b in cfg.budgets:
+            for r in cfg.regimes:
+                for s in range(cfg.seeds):
+                    search = cfg.es_search_evals if (b in cfg.es_search_budgets and r in cfg.es_search_regimes
+                                                     and s == 0) else 0
+                    jobs.append((Task(t, b, r, s), search))
+    if cfg.workers > 1:
+        with mp.get_context("fork").Pool(cfg.workers, _init, (cfg.repair_defaults, theta)) as pool:
+            rows = list(track(pool.imap(_row, jobs), "evaluating policy", total=len(jobs)))
+    else:
+        _init(cfg.repair_defaults, theta)
+        rows = [_row(j) for j in track(jobs, "evaluating policy", total=len(jobs))]
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean test accuracy per regime and column, and the issue's target checks."""
+    regimes = sorted({r["regime"] for r in rows}, key=lambda x: REGIMES.index(x))
+    cols = [c for c in (*COLUMNS, "es-search") if any(c in r["test"] for r in rows)]
+    table: dict[str, dict[str, float]] = {}
+    for reg in regimes:
+        sel = [r for r in rows if r["regime"] == reg]
+        table[reg] = {c: 100 * float(np.mean([r["test"][c] for r in sel if c in r["test"]])) for c in cols}
+    short = [r for r in rows if r["regime"] in ("bn", "short", "few")]
+    rule_means = {rule: np.mean([r["test"][rule] for r in rows]) for rule in RULES}
+    best_rule = max(rule_means, key=rule_means.get)
+    summary: dict[str, Any] = {"table": table, "best_single_rule": best_rule}
+    if short:
+        summary["short_regimes"] = {
+            "meta_minus_best_rule": 100 * float(np.mean([r["test"]["meta"] - r["test"][best_rule] for r in short])),
+            "meta_minus_oracle": 100 * float(np.mean([r["test"]["meta"] - r["test"]["oracle"] for r in short])),
+            "meta_alloc_minus_best_rule": 100 * float(np.mean([r["test"]["meta-alloc"] - r["test"][best_rule]
+                                                               for r in short])),
+        }
+    gen = [r for r in rows if r["regime"] == "generous"]
+    if gen:
+        summary["generous_meta_minus_best_rule"] = 100 * float(np.mean([r["test"]["meta"] - r["test"][best_rule]
+                                                                         for r in gen]))
+    worst = min(rows, key=lambda r: r["test"]["meta"] - r["test"]["uniform"])
+    summary["worst_vs_uniform"] = {"points": 100 * (worst["test"]["meta"] - worst["test"]["uniform"]),
+                                   "teacher": worst["teacher"], "budget": worst["budget"], "regime": worst["regime"],
+                                   "seed": worst["seed"]}
+    searched = [r for r in rows if "es-search" in r["test"]]
+    if searched:
+        summary["meta_minus_es_search"] = 100 * float(np.mean([r["test"]["meta"] - r["test"]["es-search"]
+                                                                for r in searched]))
+    # worst (teacher, budget, regime) cell, averaged over seeds
+    cells: dict[tuple, list[float]] = {}
+    for r in rows:
+        cells.setdefault((r["teacher"], r["budget"], r["regime"]), []).append(r["test"]["meta"] - r["test"]["uniform"])
+    key, vals = min(cells.items(), key=lambda kv: np.mean(kv[1]))
+    summary["worst_cell_vs_uniform"] = {"points": 100 * float(np.mean(vals)), "teacher": key[0], "budget": key[1],
+                                        "regime": key[2]}
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    table = summary["table"]
+    cols = list(next(iter(table.values())).keys())
+    lines = ["| regime | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for reg, row in table.items():
+        best = max(v for k, v in row.items() if k != "es-search")
+        lines.append(f"| {reg} | " + " | ".join((f"**{v:.2f}**" if v == best else f"{v:.2f}") for v in row.values()) + " |")
+    return "\n".join(lines)

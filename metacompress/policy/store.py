@@ -1,0 +1,72 @@
+"""Policy files: weights as safetensors, everything else as JSON; nothing is unpickled.
+
+A policy is a folder (or a ``.safetensors`` path with a ``.json`` beside it) holding the flat
+weight vector, the format version, the default repair settings it was trained with, and its
+provenance (tasks, iterations, reward curve).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from metacompress.compress.distill import RepairConfig
+from metacompress.errors import UserError
+from metacompress.io import atomic_path, write_json
+from metacompress.policy.features import FEATURE_NAMES
+from metacompress.policy.network import HIDDEN, Shapes
+
+VERSION = 1
+DEFAULT_DIR = Path(__file__).parent / "default"
+
+
+@dataclass
+class Policy:
+    theta: np.ndarray
+    defaults: RepairConfig = field(default_factory=RepairConfig)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        return p, p.with_suffix(".json")
+    return p / "policy.safetensors", p / "policy.json"
+
+
+def save_policy(policy: Policy, path: str | Path) -> None:
+    weights, meta = _paths(path)
+    with atomic_path(weights) as tmp:
+        save_file({"theta": torch.as_tensor(policy.theta, dtype=torch.float64)}, str(tmp))
+    write_json(meta, {
+        "format": "metacompress.policy", "version": VERSION, "parameters": int(policy.theta.size),
+        "hidden": HIDDEN, "features": list(FEATURE_NAMES),
+        "repair_defaults": policy.defaults.to_dict(), "provenance": policy.provenance,
+    })
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """Load a policy (the shipped default when ``path`` is None); UserError if it does not fit."""
+    weights, meta_path = _paths(path or DEFAULT_DIR)
+    if not weights.is_file() or not meta_path.is_file():
+        raise UserError(f"policy not found: need {weights} and {meta_path}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        theta = load_file(str(weights))["theta"].double().numpy()
+    except Exception as exc:
+        raise UserError(f"cannot read policy {weights}: {type(exc).__name__}: {exc}") from None
+    if meta.get("format") != "metacompress.policy" or meta.get("version") != VERSION:
+        raise UserError(f"{meta_path}: policy format/version {meta.get('format')}/{meta.get('version')} is not "
+                        f"supported (this metacompress reads version {VERSION})")
+    if theta.shape != (Shapes.size(),) or meta.get("features") != list(FEATURE_NAMES):
+        raise UserError(f"{weights}: policy has {theta.size} weights for features {meta.get('features')}; "
+                        f"this version expects {Shapes.size()} weights and features {list(FEATURE_NAMES)}")
+    defaults = RepairConfig(**{k: v for k, v in meta.get("repair_defaults", {}).items()
+                               if k in RepairConfig.__dataclass_fields__})
+    return Policy(theta, defaults, meta.get("provenance", {}))

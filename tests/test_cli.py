@@ -1,0 +1,122 @@
+"""The command line: exit codes, one-line errors, no half-written outputs, JSON on stdout."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metacompress.zoo import build_model
+
+MC = [sys.executable, "-m", "metacompress.cli.main"]
+ENV = {**os.environ, "METACOMPRESS_PROGRESS": "0"}
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*MC, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
+
+
+def assert_user_error(res, *fragments):
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip() and "Warning" not in ln]
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def mlp_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "mlp.pt"
+    res = run("train", "mlp", "--data", "digits", "--epochs", "8", "--out", path, "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["accuracy"] > 0.9
+    return path
+
+
+def test_compress_json_report_and_outputs(tmp_path, mlp_weights):
+    out = tmp_path / "out"
+    res = run("compress", "mlp", "--data", "digits", "--weights", mlp_weights, "--target-macs", "0.5",
+              "--allocation", "lamp", "--repair-steps", "40", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report == json.loads((out / "report.json").read_text())
+    assert abs(report["achieved_macs_ratio"] - 0.5) <= 0.01
+    assert report["onnx"]["top1_agreement"] >= 0.995
+    assert report["compressed"]["accuracy"] >= report["dense"]["accuracy"] - 0.03
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json"]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["compress", "nosuch", "--target-macs", "0.5"], ["unknown model 'nosuch'"]),
+    (["compress", "mlp", "--data", "nosuch", "--target-macs", "0.5"], ["unknown data spec"]),
+    (["compress", "mlp", "--weights", "/no/such.pt", "--target-macs", "0.5"], ["not found", "/no/such.pt"]),
+    (["compress", "mlp", "--weights", "none", "--target-macs", "1.5"], ["(0, 1]"]),
+    (["compress", "mlp", "--weights", "none", "--target-macs", "0"], ["(0, 1]"]),
+    (["compress", "resnet20", "--weights", "none", "--target-macs", "0.001", "--allocation", "uniform"],
+     ["unreachable without removing whole layers"]),
+    (["compress", "resnet20", "--data", "synthetic:20", "--weights", "none", "--target-macs", "0.5"],
+     ["needs image input"]),
+    (["compress", "mlp", "--weights", "none", "--target-macs", "0.5", "--allocation", "best"],
+     ["unknown allocation 'best'"]),
+])
+def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, args, fragments):
+    out = tmp_path / "out"
+    res = run(*args, "--out", out)
+    assert_user_error(res, *fragments)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_state_dict_that_does_not_fit(tmp_path, mlp_weights):
+    res = run("compress", "resnet20", "--weights", mlp_weights, "--target-macs", "0.5", "--out", tmp_path / "o")
+    assert_user_error(res, "does not fit model 'resnet20'")
+
+
+def test_nan_weights_rejected(tmp_path, digits):
+    model = build_model("mlp", digits.input_shape, 10, digits.mean, digits.std)
+    sd = model.state_dict()
+    sd["features.1.weight"][0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    res = run("compress", "mlp", "--weights", tmp_path / "nan.pt", "--target-macs", "0.5", "--out", tmp_path / "o")
+    assert_user_error(res, "NaN", "features.1.weight")
+
+
+def test_pickled_module_needs_trust_flag(tmp_path, digits):
+    model = build_model("mlp", digits.input_shape, 10, digits.mean, digits.std)
+    torch.save(model, tmp_path / "whole.pt")
+    res = run("compress", "mlp", "--weights", tmp_path / "whole.pt", "--target-macs", "0.5", "--out", tmp_path / "o")
+    assert_user_error(res, "cannot load weights")
+
+
+def test_user_model_factory_whose_forward_fails(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n"
+        "def build(num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))\n")
+    res = run("compress", f"{tmp_path / 'net.py'}:build", "--weights", "none", "--target-macs", "0.5",
+              "--out", tmp_path / "o")
+    assert_user_error(res, "cannot run on inputs of shape (1, 8, 8)")
+
+
+def test_user_model_factory_compresses(tmp_path):
+    (tmp_path / "net.py").write_text(
+        "import torch.nn as nn\n"
+        "def build(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, num_classes))\n")
+    res = run("compress", f"{tmp_path / 'net.py'}:build", "--weights", "none", "--target-params", "0.5",
+              "--allocation", "uniform", "--repair-steps", "0", "--out", tmp_path / "o", "--json")
+    assert res.returncode == 0, res.stderr
+    assert abs(json.loads(res.stdout)["achieved_params_ratio"] - 0.5) <= 0.01
+
+
+def test_inspect_lists_groups(tmp_path):
+    res = run("inspect", "resnet20", "--data", "digits", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert len(info["groups"]) == 12
+    assert sum(g["residual"] for g in info["groups"]) == 3  # one coupled group per stage
+    assert sum(layer["macs"] for layer in info["layers"]) == info["macs"]
