@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 import typer
-from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
 from rich.table import Table
 
+from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
 from metacompress.errors import UserError
 
 SPLITS = ("test", "val", "train")

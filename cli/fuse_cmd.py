@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 from rich.table import Table
 from torch import nn
 
 from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
 from metacompress.data import load_dataset
 from metacompress.errors import UserError
-from metacompress.io import load_weights, require_file, save_torch
+from metacompress.io import load_weights, save_torch
 from metacompress.meta.fusion import DARE_MERGES, METHODS, FusionData, fuse
+from metacompress.recipes import load_recipe
 from metacompress.zoo import build_model
 
 # Config-file keys: top level, and inside ``parameters`` (mapped to the command's option names).
@@ -29,13 +29,7 @@ _PARAM_KEYS = {"lambda": "lam", "density": "density", "p": "p", "dare_merge": "d
 
 def _read_config(path: Path) -> dict[str, Any]:
     """The config file as option name -> value, validated: a typo fails loudly, not silently."""
-    require_file(path, "config file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"cannot parse {path} as YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} must hold a mapping of keys ({', '.join(_TOP_KEYS)})")
+    raw = load_recipe(path)
     unknown = [str(k) for k in raw if k not in _TOP_KEYS]
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_TOP_KEYS)})")

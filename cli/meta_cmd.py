@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
 from rich.table import Table
 
+from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
 from metacompress.errors import UserError
 from metacompress.io import load_weights, save_torch
 from metacompress.meta import ALGORITHMS, parse_task_spec

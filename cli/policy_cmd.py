@@ -67,7 +67,8 @@ def evaluate(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Compare the policy with the built-in allocations (and an oracle, and an ES search) on held-out tasks."""
-    from metacompress.policy.evaluate import EvalConfig, evaluate as run_eval, markdown, summarise
+    from metacompress.policy.evaluate import EvalConfig, markdown, summarise
+    from metacompress.policy.evaluate import evaluate as run_eval
     from metacompress.policy.store import load_policy
     from metacompress.recipes import load_recipe
 

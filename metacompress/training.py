@@ -30,16 +30,28 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x).argmax(1) == y).float().mean())
 
 
+def cosine_adam(params, lr: float, total_steps: int, weight_decay: float = 0.0):
+    """Adam with a cosine decay to zero over ``total_steps``: the schedule for training and repair."""
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    total = max(1, total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return opt, sched
+
+
+def sgd_step(opt, sched, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def train_dense(model: nn.Module, data: Dataset, epochs: int = 30, lr: float = 3e-3, batch_size: int = 64,
                 seed: int = 0, progress: bool = True) -> nn.Module:
     """Adam with cosine decay on the training split; deterministic under ``seed``."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     n = len(data.x_train)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    opt, sched = cosine_adam(model.parameters(), lr, epochs * math.ceil(n / batch_size), weight_decay=1e-4)
     model.train()
     epochs_iter = track(range(epochs), "training dense model", total=epochs) if progress else range(epochs)
     for _ in epochs_iter:
@@ -48,10 +60,6 @@ def train_dense(model: nn.Module, data: Dataset, epochs: int = 30, lr: float = 3
             idx = perm[i:i + batch_size]
             if len(idx) < 2:
                 continue
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            sgd_step(opt, sched, F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]))
     model.eval()
     return model

@@ -87,7 +87,7 @@ def test_checkpoint_round_trip_for_pruned_attention_and_depthwise(tmp_path, digi
         torch.manual_seed(1)
         dense = build_model(name, digits.input_shape, 10, digits.mean, digits.std).eval()
         space = PruningSpace(dense, digits.x_train[:1], 10)
-        student = space.apply(copy.deepcopy(dense), space.project(lambda s: [s * 0.9] * len(space.groups), 0.3))
+        student = space.apply(copy.deepcopy(dense), space.project(lambda s, n=len(space.groups): [s * 0.9] * n, 0.3))
         save_compressed(tmp_path / f"{name}.pt", student, name, digits.input_shape, 10)
         rebuilt, _ = load_compressed(tmp_path / f"{name}.pt")
         x = digits.x_test[:32]
@@ -99,7 +99,7 @@ def test_compression_is_deterministic_under_a_seed(digits, trained):
     outs = []
     for _ in range(2):
         space = PruningSpace(dense, digits.x_train[:1], 10)
-        keep = space.project(lambda s: [s * 0.9] * len(space.groups), 0.3)
+        keep = space.project(lambda s, n=len(space.groups): [s * 0.9] * n, 0.3)
         student = space.apply(copy.deepcopy(dense), keep)
         repair(student, dense, digits, RepairConfig(steps=20), seed=3, progress=False)
         outs.append(student(digits.x_test[:16]).detach().numpy())

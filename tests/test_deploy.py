@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from metacompress.cli.main import app
 from torch import nn
 from typer.testing import CliRunner
 
+from metacompress.cli.main import app
 from metacompress.data import load_dataset
 from metacompress.deploy import export, export_onnx, load_session, verify_onnx
 from metacompress.deploy.bench import benchmark_latency, speedups

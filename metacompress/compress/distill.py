@@ -9,7 +9,6 @@ policy predicts them; these defaults are the best single setting on average.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,17 +18,19 @@ from torch import nn
 from metacompress.data import Dataset, subsample_per_class
 from metacompress.errors import UserError
 from metacompress.progress import track
-from metacompress.training import predict
+from metacompress.training import cosine_adam, predict, sgd_step
 
 
 @dataclass
 class RepairConfig:
     """How a pruned student is repaired. ``steps=0`` means BN recalibration only."""
 
+    # lr, temperature and alpha: the best single setting on average over the policy's
+    # meta-training tasks (benchmarks/repair_defaults.py, BENCHMARKS.md)
     steps: int = 150
-    lr: float = 5e-3
-    temperature: float = 2.0
-    alpha: float = 0.7
+    lr: float = 1e-2
+    temperature: float = 4.0
+    alpha: float = 0.5
     batch_size: int = 64
     bn_samples: int = 512
     samples_per_class: int | None = None
@@ -103,8 +104,7 @@ def repair(student: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairCon
     teacher_logits = predict(teacher, x)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    opt, sched = cosine_adam(student.parameters(), cfg.lr, cfg.steps)
     student.train()
     bs = min(cfg.batch_size, len(x))
     steps = track(range(cfg.steps), "repairing", total=cfg.steps) if progress else range(cfg.steps)
@@ -112,10 +112,6 @@ def repair(student: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairCon
         idx = torch.randint(len(x), (bs,), generator=g)
         if _has_bn(student) and bs < 2:
             break
-        loss = distill_loss(student(x[idx]), teacher_logits[idx], y[idx], cfg.temperature, cfg.alpha)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        sgd_step(opt, sched, distill_loss(student(x[idx]), teacher_logits[idx], y[idx], cfg.temperature, cfg.alpha))
     student.eval()
     return student

@@ -106,6 +106,12 @@ class PruningSpace:
             keep.append(int(min(g.channels, max(self.min_keep(g, fine), k))))
         return keep
 
+    def floor(self, metric: str = "macs") -> float:
+        """The smallest kept fraction of MACs (or params) reachable without removing whole layers."""
+        idx = 0 if metric == "macs" else 1
+        return self.estimate([self.min_keep(g, fine=True) for g in self.groups])[idx] / (
+            self.dense_macs, self.dense_params)[idx]
+
     # ----- budget projection ------------------------------------------------------------
     def project(self, ratio_fn: Callable[[float], Sequence[float]], target: float, metric: str = "macs",
                 tol: float = 0.02) -> list[int]:

@@ -129,12 +129,16 @@ class TaskPool:
         repair(student, ctx.model, ctx.data, cfg, seed=task.seed, progress=False)
         return accuracy(student, ctx.data.x_val, ctx.data.y_val), accuracy(student, ctx.data.x_test, ctx.data.y_test)
 
+    def budget(self, task: Task) -> float:
+        """The task's budget, raised to what its teacher can reach (sampled budgets may be below)."""
+        return max(task.budget, round(self.context(task.teacher).space.floor() * 1.02 + 0.005, 3))
+
     def rule(self, task: Task, rule: str, cfg: RepairConfig | None = None) -> tuple[float, float]:
         """A built-in allocation with the default repair settings of the task's regime."""
         ctx = self.context(task.teacher)
         cfg = cfg or regime_config(task.regime, self.defaults)
         calib = ctx.data.calibration_batch(128, task.seed)
-        keep = ctx.space.project(rule_allocation(rule, ctx.space, ctx.model, calib), task.budget)
+        keep = ctx.space.project(rule_allocation(rule, ctx.space, ctx.model, calib), self.budget(task))
         return self.run(task, keep, CHANNEL_IMPORTANCE[rule], cfg)
 
     def baseline(self, task: Task) -> tuple[float, float]:
@@ -149,8 +153,9 @@ class TaskPool:
         """The policy's allocation (and, unless ``learned_repair`` is off, repair settings) on ``task``."""
         ctx = self.context(task.teacher)
         base = regime_config(task.regime, self.defaults)
-        decision = decide(theta, ctx.features, task.budget, base)
-        keep = ctx.space.project(decision.ratio_fn(), task.budget)
+        budget = self.budget(task)
+        decision = decide(theta, ctx.features, budget, base)
+        keep = ctx.space.project(decision.ratio_fn(), budget)
         return self.run(task, keep, "magnitude", decision.repair if learned_repair else base)
 
     def reward(self, theta: np.ndarray, task: Task) -> float:

@@ -1,0 +1,108 @@
+"""torchvision models through the toolkit: prune to 0.5 MACs, export, check parity in onnxruntime.
+
+The zoo tests cover our own small models; users bring torchvision ones, whose graphs (ResNet's
+downsample shortcuts, MobileNetV2's depthwise inverted residuals) exercise other torch-pruning
+dependency paths and exporter ops. Weights are random (no downloads) and the input is synthetic
+224x224, so the test checks mechanics and numbers, not accuracy.
+
+Why BN recalibration: a randomly initialised torchvision MobileNetV2 in eval mode (running mean 0,
+var 1) gives logits of ~1e-9, against which "max abs diff <= 1e-4" and top-1 agreement mean
+nothing. Re-estimating the BN statistics on training samples (the toolkit's own repair step, done
+on the pruned model as the pipeline does) brings logits to O(0.1-1) like a trained net; the test
+then asserts that the logit scale and the top-1/top-2 margins are large enough for the parity
+thresholds to bite (see ``_check_conditioning``).
+
+The legacy exporter (``dynamo=False``) is used: same parity as dynamo here (both ~1e-6), but
+measured 1.4 s vs 2.7 s on resnet18 and 0.65 s vs 5.9 s on mobilenet_v2 (2 shared cores).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torchvision")
+
+from metacompress.compress.baselines import rule_allocation  # noqa: E402
+from metacompress.compress.distill import recalibrate_bn  # noqa: E402
+from metacompress.compress.measure import count_macs  # noqa: E402
+from metacompress.compress.prune import PruningSpace  # noqa: E402
+from metacompress.data import Dataset, load_dataset  # noqa: E402
+from metacompress.deploy import export_onnx, verify_onnx  # noqa: E402
+from metacompress.zoo import build_model  # noqa: E402
+
+TARGET_MACS = 0.5
+MACS_TOL = 0.02          # relative: achieved / dense MACs within 0.49-0.51
+MAX_ABS_DIFF = 1e-4
+MIN_TOP1_AGREEMENT = 0.995
+BN_SAMPLES = 32
+# n=120, not 60: with 10 classes the stratified validation split needs >= 10 samples, i.e. n >= 114
+# (n=60 passes load_dataset's own check but sklearn then raises a ValueError). Test split: 24 samples.
+DATA_SPEC = "synthetic:3x224x224:n=120"
+# seed 2: the smallest top-1/top-2 logit gap over the 24 test samples is 4600x (resnet18) and 18000x
+# (mobilenet_v2) the ONNX error; seed 0 gives mobilenet_v2 a gap of only 166x the error (3.8e-4 vs
+# 2.3e-6), passing but with little headroom on another CPU's kernels (seeds 0-4 measured).
+SEED = 2
+
+
+@pytest.fixture(scope="module")
+def data224() -> Dataset:
+    return load_dataset(DATA_SPEC)
+
+
+def _compress(spec: str, data: Dataset, seed: int = 0) -> tuple[nn.Module, float]:
+    """Build ``spec`` with seeded random weights, prune to TARGET_MACS (uniform, round_to=8), recalibrate BN.
+
+    Returns the pruned model (eval mode) and its achieved MACs as a fraction of the dense model's.
+    """
+    torch.manual_seed(seed)
+    model = build_model(spec, data.input_shape, data.num_classes, data.mean, data.std).eval()
+    example = data.x_train[:1]
+    space = PruningSpace(model, example, data.num_classes, round_to=8)
+    keep = space.project(rule_allocation("uniform", space, model, calib=None), TARGET_MACS, "macs")
+    space.apply(model, keep)
+    recalibrate_bn(model, data.x_train, BN_SAMPLES, batch_size=BN_SAMPLES, seed=seed)
+    model.eval()
+    return model, count_macs(model, example) / space.dense_macs
+
+
+def _check_conditioning(model: nn.Module, x: torch.Tensor, max_abs_diff: float) -> None:
+    """Fail when the parity thresholds could not detect a problem on these logits.
+
+    The logits must be large against MAX_ABS_DIFF (else any file passes), and every sample's
+    top-1/top-2 gap must dwarf the measured ONNX error (else top-1 agreement is luck on near-ties).
+    """
+    with torch.no_grad():
+        logits = model(x)
+    top2 = logits.topk(2, dim=1).values
+    min_margin = float((top2[:, 0] - top2[:, 1]).min())
+    assert float(logits.std()) >= 1000 * MAX_ABS_DIFF, f"logit std {float(logits.std()):.3g} too small"
+    assert min_margin >= 100 * max(max_abs_diff, 1e-7), \
+        f"near-tied logits: min top-1 margin {min_margin:.3g} vs ONNX error {max_abs_diff:.3g}"
+
+
+@pytest.mark.parametrize("spec", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
+def test_torchvision_compress_export_parity(spec: str, data224: Dataset, tmp_path: Path) -> None:
+    model, macs_ratio = _compress(spec, data224, SEED)
+    assert abs(macs_ratio - TARGET_MACS) <= MACS_TOL * TARGET_MACS, f"achieved MACs {macs_ratio:.4f}"
+
+    path = tmp_path / "model.onnx"
+    info = export_onnx(model, data224.x_test[:2], path, dynamo=False)
+    assert info["exporter"] == "legacy"
+    res = verify_onnx(path, model, data224.x_test, data224.y_test, threads=2)
+    assert res["samples"] == len(data224.x_test) == 24
+    assert res["max_abs_diff"] <= MAX_ABS_DIFF, res["max_abs_diff"]
+    assert res["top1_agreement"] >= MIN_TOP1_AGREEMENT, res["top1_agreement"]
+    _check_conditioning(model, data224.x_test, res["max_abs_diff"])
+
+    # negative control: the same file against a reference whose classifier is 1 % off must fail parity,
+    # so the threshold above is discriminative at this logit scale
+    off = copy.deepcopy(model)
+    head = [m for m in off.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.mul_(1.01)
+    assert verify_onnx(path, off, data224.x_test, None, threads=2)["max_abs_diff"] > MAX_ABS_DIFF
