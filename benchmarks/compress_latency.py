@@ -21,7 +21,8 @@ Where the pruned models come from (no pruning code here, only reuse):
   the real pipeline stages (``prepare`` -> ``allocate`` -> ``prune_to`` with ``--weights none``,
   ``--allocation uniform``); resnet20 is also pruned with ``round_to=1`` for comparison;
 - torchvision resnet18 / mobilenet_v2 and ViT-Ti/16 (the zoo's vit-tiny at 3x224x224, dim 192,
-  12 blocks) are ``benchmarks/deploy.py``'s cases, pruned by its ``compress`` helper.
+  12 blocks, 1000 classes) are ``benchmarks/deploy.py``'s cases, pruned the same way (its
+  ``compress`` with ``round_to`` as a parameter); resnet18 is also pruned with ``round_to=16``.
 
     .venv/bin/python benchmarks/compress_latency.py [--quick] [--threads 2] [--only resnet20,resnet18]
         [--exporter dynamo|legacy] [--out FILE.json]
@@ -46,7 +47,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.measure import count_macs
+from metacompress.compress.prune import PruningSpace
 from metacompress.deploy import export_onnx, load_session, verify_onnx
 from metacompress.deploy.bench import benchmark_latency
 from metacompress.deploy.simplify import simplify_onnx
@@ -99,19 +102,30 @@ def pipeline_models(spec: str, data: str, round_tos: tuple[int, ...]) -> tuple[n
     return dense.eval(), out
 
 
-def deploy_models(name: str) -> tuple[nn.Module, dict[int, nn.Module]]:
-    """Dense and 0.5-MACs models of one ``benchmarks/deploy.py`` case (round_to=8), built the same way."""
+def compress(model: nn.Module, example: torch.Tensor, num_classes: int, round_to: int) -> nn.Module:
+    """``benchmarks/deploy.py``'s ``compress`` (uniform allocation, exact TARGET budget) with ``round_to`` open.
+
+    deploy.py fixes ``round_to=8``; the comparison rows here need 16 as well (this CPU has AVX-512,
+    whose convolution kernels work on blocks of 16 channels).
+    """
+    space = PruningSpace(model, example, num_classes, round_to=round_to)
+    keep = space.project(rule_allocation("uniform", space, model, calib=None), TARGET)
+    return space.apply(model, keep)
+
+
+def deploy_models(name: str, round_tos: tuple[int, ...] = (8,)) -> tuple[nn.Module, dict[int, nn.Module]]:
+    """Dense and 0.5-MACs models of one ``benchmarks/deploy.py`` case, built as that benchmark does."""
     _, spec, shape, classes, kwargs = next(c for c in DEPLOY.CASES if c[0] == name)
     torch.manual_seed(0)
     dense = build_model(spec, shape, classes, **kwargs).eval()
-    pruned = DEPLOY.compress(copy.deepcopy(dense), torch.randn(1, *shape), classes).eval()
-    return dense, {8: pruned}
+    example = torch.randn(1, *shape)
+    return dense, {r: compress(copy.deepcopy(dense), example, classes, r).eval() for r in round_tos}
 
 
 CASES: list[Case] = [
     Case("resnet20", "digits@32, 1x32x32", (1, 32, 32), True,
          lambda: pipeline_models("resnet20", "digits@32", (8, 1))),
-    Case("resnet18", "torchvision, 3x224x224", (3, 224, 224), True, lambda: deploy_models("resnet18")),
+    Case("resnet18", "torchvision, 3x224x224", (3, 224, 224), True, lambda: deploy_models("resnet18", (8, 16))),
     Case("mobilenet_v2", "torchvision, 3x224x224", (3, 224, 224), True, lambda: deploy_models("mobilenet_v2")),
     Case("vit-tiny-32", "zoo default (dim 64, 4 blocks), 3x32x32", (3, 32, 32), False,
          lambda: pipeline_models("vit-tiny", "synthetic:3x32x32", (8,))),

@@ -142,8 +142,8 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
         return keep, CHANNEL_IMPORTANCE[cfg.allocation], cfg.repair
     if cfg.allocation != "meta":
         raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
-    from metacompress.policy.features import group_features
-    from metacompress.policy.network import decide, regime_of
+    from metacompress.policy.features import ExpertAllocations, group_features
+    from metacompress.policy.network import EXPERT_RULES, decide, regime_of
     from metacompress.policy.store import load_policy
 
     policy = load_policy(cfg.policy)
@@ -151,7 +151,8 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
     if cfg.adapt_steps > 0:
         theta = _adapt(theta, cfg, prep, target)
     features = group_features(prep.dense, prep.space, calib)
-    decision = decide(theta, features, target, cfg.repair)
+    experts = ExpertAllocations(prep.dense, prep.space, calib, EXPERT_RULES).ratios(target, metric)
+    decision = decide(theta, features, target, cfg.repair, experts)
     keep = prep.space.project(decision.ratio_fn(), target, metric)
     chosen = decision.repair
     for name in cfg.repair_overrides:  # explicit flags beat the policy
@@ -163,18 +164,20 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
 
 def _adapt(theta, cfg: CompressConfig, prep: Prepared, target: float):
     """ES-MAML: a few ES steps of the policy on this very task (validation split reward)."""
-    from metacompress.policy.features import group_features
+    from metacompress.policy.features import ExpertAllocations, group_features
     from metacompress.policy.meta_train import adapt
-    from metacompress.policy.network import regime_of
+    from metacompress.policy.network import EXPERT_RULES, regime_of
     from metacompress.policy.tasks import Context, Task, TaskPool, Teacher
     from metacompress.training import accuracy as acc
 
     data = prep.data
     pool = TaskPool(cfg.repair)
     teacher = Teacher(cfg.model, cfg.data, (), cfg.seed)
-    feats = group_features(prep.dense, prep.space, data.calibration_batch(128, 0))
+    calib = data.calibration_batch(128, 0)
+    feats = group_features(prep.dense, prep.space, calib)
     pool.register(teacher, Context(teacher, data, prep.dense, prep.space, feats,
-                                   acc(prep.dense, data.x_val, data.y_val), prep.dense_accuracy))
+                                   acc(prep.dense, data.x_val, data.y_val), prep.dense_accuracy,
+                                   ExpertAllocations(prep.dense, prep.space, calib, EXPERT_RULES)))
     return adapt(theta, pool, Task(teacher, target, regime_of(cfg.repair), cfg.seed), cfg.adapt_steps, seed=cfg.seed)
 
 

@@ -119,3 +119,18 @@ def test_inspect_lists_groups(tmp_path):
     assert len(info["groups"]) == 12
     assert sum(g["residual"] for g in info["groups"]) == 3  # one coupled group per stage
     assert sum(layer["macs"] for layer in info["layers"]) == info["macs"]
+
+
+def test_policy_commands_bad_input(tmp_path):
+    assert_user_error(run("policy", "train", "--config", tmp_path / "none.yaml"), "recipe not found")
+    (tmp_path / "r.yaml").write_text("teachers: []\nbogus: 1\n")
+    assert_user_error(run("policy", "train", "--config", tmp_path / "r.yaml"), "unknown policy-training option")
+    assert_user_error(run("policy", "info", tmp_path), "policy not found")
+
+
+def test_policy_info_shows_provenance():
+    res = run("policy", "info", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["provenance"]["iterations"] >= 10 and info["parameters"] > 100
+    assert set(info["repair_defaults"]) >= {"lr", "temperature", "alpha", "bn_samples"}

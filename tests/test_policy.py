@@ -97,3 +97,35 @@ def test_shipped_policy_beats_uniform_in_the_short_regime(tmp_path, monkeypatch)
             task = Task(teacher, budget, "short", seed)
             gains.append(pool.policy(pol.theta, task)[1] - pool.rule(task, "uniform")[1])
     assert np.mean(gains) > 0.0, gains
+
+
+def test_policy_train_smoke_and_resume(tmp_path, monkeypatch):
+    """A CI-sized meta-training run: writes a loadable policy, checkpoints, and a reward curve."""
+    from metacompress.policy.meta_train import MetaTrainConfig, meta_train
+
+    monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path / "cache"))
+    cfg = MetaTrainConfig(teachers=[{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 32, "depth": 1}]}],
+                          iterations=2, tasks_per_iteration=1, population=4, workers=1,
+                          regime_weights=(1, 1, 0, 0), out=str(tmp_path / "pol"))
+    result = meta_train(cfg)
+    assert len(result["history"]) == 2
+    pol = load_policy(tmp_path / "pol")
+    assert pol.provenance["iterations"] == 2 and pol.theta.shape == (Shapes.size(),)
+    assert (tmp_path / "pol" / "reward_curve.png").stat().st_size > 1000
+    cfg.iterations = 3  # resumes from the checkpoint: only one more iteration runs
+    assert len(meta_train(cfg)["history"]) == 3
+
+
+def test_recipe_overrides_and_errors(tmp_path):
+    from metacompress.recipes import load_recipe
+
+    (tmp_path / "r.yaml").write_text("iterations: 5\nnested: {a: 1}\n")
+    d = load_recipe(tmp_path / "r.yaml", ["iterations=7", "nested.b=[1, 2]", "name=x"])
+    assert d == {"iterations": 7, "nested": {"a": 1, "b": [1, 2]}, "name": "x"}
+    with pytest.raises(UserError, match="malformed override"):
+        load_recipe(tmp_path / "r.yaml", ["iterations"])
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(UserError, match="malformed recipe"):
+        load_recipe(tmp_path / "bad.yaml")
+    with pytest.raises(UserError, match="not found"):
+        load_recipe(tmp_path / "none.yaml")

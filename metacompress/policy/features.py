@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.groups import KINDS, Group
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import PruningSpace
@@ -132,3 +133,18 @@ def group_features(model: nn.Module, space: PruningSpace, calib: tuple[torch.Ten
                      g.kernel / 9, float(g.stride > 1), float(g.residual), *kind,
                      *probe_log[i], probe_rank[i], conc[i]])
     return np.asarray(rows, dtype=np.float32)
+
+
+class ExpertAllocations:
+    """The fixed rules' allocations for one model, at any budget (scores computed once)."""
+
+    def __init__(self, model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
+                 rules: tuple[str, ...]):
+        self.space = space
+        self._fns = [rule_allocation(rule, space, model, calib) for rule in rules]
+
+    def ratios(self, budget: float, metric: str = "macs") -> np.ndarray:
+        """(groups x rules) pruning ratios each rule gives at ``budget``."""
+        channels = np.array([g.channels for g in self.space.groups], dtype=float)
+        cols = [1 - np.asarray(self.space.project(fn, budget, metric)) / channels for fn in self._fns]
+        return np.stack(cols, axis=1)

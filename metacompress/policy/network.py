@@ -25,6 +25,7 @@ from metacompress.errors import UserError
 from metacompress.policy.features import NUM_FEATURES
 
 REGIMES = ("bn", "short", "few", "generous")
+EXPERT_RULES = ("global-magnitude", "global-taylor", "lamp")  # allocations the policy can lean on
 HIDDEN = 8
 N_CONTEXT = 1 + len(REGIMES)  # budget + regime one-hot
 N_REPAIR = 4                  # log lr, log temperature, alpha logit, log2 BN-recalibration size
@@ -50,6 +51,7 @@ class Shapes:
             ("w1", (d_in, HIDDEN)), ("b1", (HIDDEN,)),
             ("w2", (2 * HIDDEN, 1)), ("b2", (1,)),
             ("wr", (HIDDEN + N_CONTEXT, N_REPAIR)), ("br", (N_REPAIR,)),
+            ("wm", (N_CONTEXT, len(EXPERT_RULES))),
         ]
 
     @staticmethod
@@ -98,8 +100,15 @@ class Decision:
         return ratios
 
 
-def decide(theta: np.ndarray, features: np.ndarray, budget: float, base: RepairConfig) -> Decision:
-    """Run the policy on one model's group features for a budget and a base repair config."""
+def decide(theta: np.ndarray, features: np.ndarray, budget: float, base: RepairConfig,
+           expert_ratios: np.ndarray | None = None) -> Decision:
+    """Run the policy on one model's group features for a budget and a base repair config.
+
+    ``expert_ratios`` (groups x EXPERT_RULES) are the fixed rules' allocations at this budget.
+    The policy may lean on them, with weights that depend on the budget and the regime: which
+    rule wins changes from regime to regime, and learning that is cheap for ES (a few weights
+    with large effects), while the per-group network corrects what no rule gets right.
+    """
     p = _unpack(np.asarray(theta, dtype=np.float64))
     regime = regime_of(base)
     ctx = np.array([budget] + [1.0 if r == regime else 0.0 for r in REGIMES])
@@ -107,6 +116,9 @@ def decide(theta: np.ndarray, features: np.ndarray, budget: float, base: RepairC
     h = np.tanh(x @ p["w1"] + p["b1"])
     pooled = h.mean(0)
     scores = (np.concatenate([h, np.repeat(pooled[None], len(h), 0)], axis=1) @ p["w2"] + p["b2"]).ravel()
+    if expert_ratios is not None:
+        q = np.clip(np.asarray(expert_ratios, dtype=np.float64) / MAX_RATIO, 0.02, 0.98)
+        scores = scores + (np.log(q / (1 - q)) @ (ctx @ p["wm"])).ravel()
     r = np.concatenate([pooled, ctx]) @ p["wr"] + p["br"]
     r = np.clip(r, -3.0, 3.0)
     alpha_logit = math.log(base.alpha / (1 - base.alpha)) if 0 < base.alpha < 1 else 0.0

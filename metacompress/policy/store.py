@@ -22,7 +22,7 @@ from metacompress.io import atomic_path, write_json
 from metacompress.policy.features import FEATURE_NAMES
 from metacompress.policy.network import HIDDEN, Shapes
 
-VERSION = 1
+VERSION = 2  # 2: expert-rule mixture weights
 DEFAULT_DIR = Path(__file__).parent / "default"
 
 

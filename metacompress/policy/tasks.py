@@ -27,8 +27,8 @@ from metacompress.compress.distill import RepairConfig, repair
 from metacompress.compress.prune import PruningSpace
 from metacompress.data import Dataset, load_dataset
 from metacompress.io import load_weights, save_torch
-from metacompress.policy.features import group_features
-from metacompress.policy.network import REGIMES, decide
+from metacompress.policy.features import ExpertAllocations, group_features
+from metacompress.policy.network import EXPERT_RULES, REGIMES, decide
 from metacompress.training import accuracy, train_dense
 from metacompress.zoo import build_model
 
@@ -94,6 +94,7 @@ class Context:
     features: np.ndarray
     dense_val: float
     dense_test: float
+    experts: ExpertAllocations
     baseline: dict = field(default_factory=dict)
 
 
@@ -112,9 +113,11 @@ class TaskPool:
             data = self._data[t.data]
             model = load_teacher(t, data)
             space = PruningSpace(model, data.x_train[:1], data.num_classes)
-            feats = group_features(model, space, data.calibration_batch(128, 0))
+            calib = data.calibration_batch(128, 0)
+            feats = group_features(model, space, calib)
             self._contexts[t] = Context(t, data, model, space, feats, accuracy(model, data.x_val, data.y_val),
-                                        accuracy(model, data.x_test, data.y_test))
+                                        accuracy(model, data.x_test, data.y_test),
+                                        ExpertAllocations(model, space, calib, EXPERT_RULES))
         return self._contexts[t]
 
     def register(self, teacher: Teacher, ctx: Context) -> None:
@@ -154,7 +157,7 @@ class TaskPool:
         ctx = self.context(task.teacher)
         base = regime_config(task.regime, self.defaults)
         budget = self.budget(task)
-        decision = decide(theta, ctx.features, budget, base)
+        decision = decide(theta, ctx.features, budget, base, ctx.experts.ratios(budget))
         keep = ctx.space.project(decision.ratio_fn(), budget)
         return self.run(task, keep, "magnitude", decision.repair if learned_repair else base)
 
