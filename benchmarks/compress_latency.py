@@ -25,7 +25,7 @@ Where the pruned models come from (no pruning code here, only reuse):
   ``compress`` with ``round_to`` as a parameter); resnet18 is also pruned with ``round_to=16``.
 
     .venv/bin/python benchmarks/compress_latency.py [--quick] [--threads 2] [--only resnet20,resnet18]
-        [--exporter dynamo|legacy] [--out FILE.json]
+        [--no-spin] [--exporter dynamo|legacy] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -44,6 +45,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -142,6 +144,69 @@ def export_checked(model: nn.Module, shape: tuple[int, ...], path: Path, dynamo:
     return {"exporter": info["exporter"], "bytes": check["bytes"], "max_abs_diff": check["max_abs_diff"]}
 
 
+def open_session(path: Path, threads: int, spin: bool) -> ort.InferenceSession:
+    """``load_session`` (CPU, ``threads`` intra-op threads, full graph optimisation), optionally without spinning.
+
+    By default onnxruntime's worker threads spin-wait between and after ops. On a machine whose
+    cores are shared with another job, that spinning fights the other job (and, in an interleaved
+    benchmark, the next session's run): measured here, resnet18 at batch 1 took 44-47 ms on 2
+    spinning threads, 16 ms on 1 thread and 16 ms on 2 non-spinning threads. ``load_session`` has
+    no switch for it, so the non-spinning session is built here with the same options.
+    """
+    if spin:
+        return load_session(path, threads)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = int(threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def nchwc_block() -> int | None:
+    """Channel block of onnxruntime's (MLAS) NCHWc convolutions on this CPU: 16 with AVX-512, 8 with AVX2.
+
+    Read from /proc/cpuinfo (Linux x86); None where unknown. onnxruntime rounds a convolution's
+    output channels up to this block, so channels kept between multiples of it cost as if kept.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+
+
+def padded_conv_macs(model: nn.Module, shape: tuple[int, ...], block: int) -> int:
+    """Convolution MACs at batch 1 with every channel count rounded up to ``block`` (as NCHWc computes them).
+
+    Inputs of fewer than ``block`` channels (the image) are not padded; depthwise convs cost per
+    padded channel. Linear layers are left out: this is the CNNs' compute as the runtime sees it.
+    """
+    def up(c: int) -> int:
+        return block * math.ceil(c / block)
+
+    total = 0
+
+    def hook(m: nn.Conv2d, _inp: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        per_pixel = m.kernel_size[0] * m.kernel_size[1] * out.shape[2] * out.shape[3]
+        if m.groups > 1:
+            total += up(m.out_channels) * (m.in_channels // m.groups) * per_pixel
+        else:
+            cin = m.in_channels if m.in_channels < block else up(m.in_channels)
+            total += cin * up(m.out_channels) * per_pixel
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
 def _round_repeats(sessions: dict[str, Any], shape: tuple[int, ...], batch: int, round_s: float,
                    min_repeats: int) -> int:
     """Repeats per round so that one interleaved round lasts about ``round_s`` (small models get more)."""
@@ -150,10 +215,10 @@ def _round_repeats(sessions: dict[str, Any], shape: tuple[int, ...], batch: int,
     return max(min_repeats, min(500, round(round_s / max(per_repeat_s, 1e-6))))
 
 
-def time_case(paths: dict[str, Path], shape: tuple[int, ...], threads: int, rounds: int, round_s: float,
-              min_repeats: int) -> dict[str, Any]:
+def time_case(paths: dict[str, Path], shape: tuple[int, ...], threads: int, spin: bool, rounds: int,
+              round_s: float, min_repeats: int) -> dict[str, Any]:
     """Interleaved latency per round for every model, and per-round speedups against ``dense``."""
-    sessions = {k: load_session(p, threads) for k, p in paths.items()}
+    sessions = {k: open_session(p, threads, spin) for k, p in paths.items()}
     reps = {b: _round_repeats(sessions, shape, b, round_s, min_repeats) for b in BATCHES}
     per_round: dict[str, dict[str, list[float]]] = {k: {f"b{b}": [] for b in BATCHES} for k in sessions}
     for i in range(rounds):
@@ -188,7 +253,9 @@ def run_case(case: Case, work: Path, args: argparse.Namespace, rounds: int, roun
     files = {k: export_checked(m, case.shape, paths[k], args.exporter == "dynamo", args.threads)
              for k, m in models.items()}
     build_s = time.perf_counter() - t0
-    timing = time_case(paths, case.shape, args.threads, rounds, round_s, min_repeats)
+    timing = time_case(paths, case.shape, args.threads, not args.no_spin, rounds, round_s, min_repeats)
+    block = nchwc_block()
+    dense_padded = padded_conv_macs(dense, case.shape, block) if case.cnn and block else None
     rows = []
     for k in models:
         if k == "dense":
@@ -202,6 +269,9 @@ def run_case(case: Case, work: Path, args: argparse.Namespace, rounds: int, roun
                "compressed_ms": {b: t[b]["median_ms"] for b in ("b1", "b32")},
                "speedup": {b: t[b]["speedup"] for b in ("b1", "b32")},
                "measured_over_expected": {b: t[b]["speedup"]["median"] / expected for b in ("b1", "b32")}}
+        if dense_padded:
+            row["padded_conv_macs_ratio"] = padded_conv_macs(models[k], case.shape, block) / dense_padded
+            row["nchwc_block"] = block
         row["target_met_b32"] = (row["measured_over_expected"]["b32"] >= TARGET_FRACTION_OF_IDEAL) if case.cnn else None
         rows.append(row)
     return {"case": case.name, "dense_macs": dense_macs, "files": files,
@@ -212,18 +282,20 @@ def run_case(case: Case, work: Path, args: argparse.Namespace, rounds: int, roun
 def markdown_table(results: list[dict[str, Any]]) -> str:
     lines = ["| model | input | round_to | MACs ratio | expected speedup (1/ratio) | dense b1 / b32 ms | "
              "speedup b1: median [min-max] | speedup b32: median [min-max] | measured/expected b1 / b32 | "
-             "target met (b32 >= 0.8x expected, CNNs) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "target met (b32 >= 0.8x expected, CNNs) | conv MACs ratio, channels padded to the NCHWc block |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         for r in res["rows"]:
             s1, s32 = r["speedup"]["b1"], r["speedup"]["b32"]
+            padded = (f"{r['padded_conv_macs_ratio']:.3f} (block {r['nchwc_block']})"
+                      if "padded_conv_macs_ratio" in r else "n/a")
             met = "n/a (ViT)" if r["target_met_b32"] is None else ("**yes**" if r["target_met_b32"] else "**no**")
             lines.append(
                 f"| {r['model']} | {r['input']} | {r['variant'].split('=')[1]} | {r['macs_ratio']:.3f} | "
                 f"{r['expected_speedup']:.2f}x | {r['dense_ms']['b1']:.2f} / {r['dense_ms']['b32']:.1f} | "
                 f"{s1['median']:.2f}x [{s1['min']:.2f}-{s1['max']:.2f}] | "
                 f"{s32['median']:.2f}x [{s32['min']:.2f}-{s32['max']:.2f}] | "
-                f"{r['measured_over_expected']['b1']:.2f} / {r['measured_over_expected']['b32']:.2f} | {met} |")
+                f"{r['measured_over_expected']['b1']:.2f} / {r['measured_over_expected']['b32']:.2f} | {met} | {padded} |")
     return "\n".join(lines)
 
 
@@ -232,6 +304,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="3 rounds of ~0.5 s per batch size (default: 9 of ~3 s)")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     ap.add_argument("--only", default=None, help="comma-separated case names: " + ",".join(c.name for c in CASES))
+    ap.add_argument("--no-spin", action="store_true",
+                    help="onnxruntime worker threads sleep instead of spin-waiting (see open_session)")
     ap.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -249,11 +323,12 @@ def main() -> None:
                   file=sys.stderr)
     load["end"] = os.getloadavg()
     print(markdown_table(results))
-    print(f"\nthreads {args.threads}, rounds {rounds}, ~{round_s} s per round and batch size, exporter {args.exporter}, "
-          f"load average (1/5/15 min) at start {load['start']}, at end {load['end']}")
+    spin = "no spinning" if args.no_spin else "spinning: onnxruntime default"
+    print(f"\nthreads {args.threads} ({spin}), rounds {rounds}, ~{round_s} s per round and batch size, "
+          f"exporter {args.exporter}, load average (1/5/15 min) at start {load['start']}, at end {load['end']}")
     if args.out is not None:
-        write_json(args.out, {"threads": args.threads, "rounds": rounds, "round_s": round_s, "exporter": args.exporter,
-                              "loadavg": load, "results": results})
+        write_json(args.out, {"threads": args.threads, "spin": not args.no_spin, "rounds": rounds, "round_s": round_s,
+                              "exporter": args.exporter, "loadavg": load, "results": results})
 
 
 if __name__ == "__main__":

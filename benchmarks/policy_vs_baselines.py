@@ -52,14 +52,19 @@ def main() -> None:
     ap.add_argument("--config", default="recipes/policy-eval.yaml")
     ap.add_argument("--policy", default=None)
     ap.add_argument("--quick", action="store_true", help="1 seed, no ES search, two budgets")
+    ap.add_argument("--smoke", action="store_true", help="one held-out teacher, one task: checks the script runs")
     ap.add_argument("--out", default=None, help="write the markdown section here")
     ap.add_argument("--rows", default=None, help="write every row as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pol = load_policy(args.policy)
     d = load_recipe(args.config)
-    if args.quick:
+    if args.quick or args.smoke:
         d.update(seeds=1, es_search_evals=0, budgets=[0.3, 0.15])
+    if args.smoke:
+        first = d["teachers"][0]
+        d.update(teachers=[{**first, "data": "digits"}], budgets=[0.3], regimes=["short"], workers=1,
+                 es_search_evals=8, es_search_budgets=[0.3], es_search_regimes=["short"])
     cfg = EvalConfig.from_dict(d)
     cfg.repair_defaults = pol.defaults.to_dict()
     t0 = time.perf_counter()
@@ -68,11 +73,12 @@ def main() -> None:
     summary = summarise(rows)
     torch.set_num_threads(2)
     timing = {"resnet20@digits": allocation_seconds("resnet20", "digits", pol.theta)}
-    try:
-        timing["torchvision:resnet18@224"] = allocation_seconds("torchvision:resnet18", "synthetic:3x224x224:n=200",
-                                                                pol.theta, repeats=1)
-    except Exception as exc:  # torchvision is an optional extra
-        timing["torchvision:resnet18@224"] = f"skipped ({exc})"
+    if not args.smoke:
+        try:
+            timing["torchvision:resnet18@224"] = allocation_seconds(
+                "torchvision:resnet18", "synthetic:3x224x224:n=200", pol.theta, repeats=1)
+        except ImportError as exc:  # torchvision is an optional extra
+            timing["torchvision:resnet18@224"] = f"skipped ({exc})"
     hist = pol.provenance.get("history", [])
     per_teacher: dict[str, dict[str, list[float]]] = {}
     for r in rows:

@@ -104,3 +104,19 @@ def test_compression_is_deterministic_under_a_seed(digits, trained):
         repair(student, dense, digits, RepairConfig(steps=20), seed=3, progress=False)
         outs.append(student(digits.x_test[:16]).detach().numpy())
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_students_soup_and_int8_in_the_report(tmp_path):
+    out = tmp_path / "out"
+    cfg = CompressConfig(model="mlp", data="digits", target_macs=0.3, allocation="uniform", out=str(out),
+                         train_epochs=10, repair=RepairConfig(steps=20), students=3, quantize="auto",
+                         latency_repeats=3)
+    report = run_compress(cfg)
+    assert len(report["students"]) == 3 and all(0.5 < s["test_accuracy"] <= 1 for s in report["students"])
+    assert 1 <= len(report["soup"]["ingredients"]) <= 3
+    # greedy soup never scores below its best ingredient on the split it was chosen on
+    assert report["soup"]["val_accuracy"] >= max(s["val_accuracy"] for s in report["students"]) - 1e-9
+    assert report["int8"]["mode"] == "dynamic"
+    assert report["int8"]["size_ratio"] <= 0.35
+    assert report["int8"]["accuracy"] >= report["compressed"]["accuracy"] - 0.01
+    assert (out / "model.int8.onnx").is_file()
