@@ -14,9 +14,11 @@ Measurement (the machine is 2 shared cores, so noise is large and drifts): ``rou
 round times every model of a case interleaved round-robin (``benchmark_latency``) for
 ``repeats`` runs at batch 1, then at batch 32, and takes each model's median. A round's speedup is
 dense median / compressed median of that same round; the table gives the median over rounds and
-the min-max over rounds. ``repeats`` is sized per case so that a round lasts about ``--round-s``.
+the min-max over rounds. ``repeats`` is sized per case so that a round lasts about 3 s (0.5 s with
+``--quick``; ``--smoke`` runs one short round of resnet20 only, to check the script runs).
 
-Where the pruned models come from (no pruning code here, only reuse):
+Where the pruned models come from (the toolkit's own pruning; only deploy.py's 3-line helper is
+generalised here):
 - resnet20 on digits@32 (1x32x32) and the zoo's default vit-tiny on synthetic 3x32x32 go through
   the real pipeline stages (``prepare`` -> ``allocate`` -> ``prune_to`` with ``--weights none``,
   ``--allocation uniform``); resnet20 is also pruned with ``round_to=1`` for comparison;
@@ -24,7 +26,7 @@ Where the pruned models come from (no pruning code here, only reuse):
   12 blocks, 1000 classes) are ``benchmarks/deploy.py``'s cases, pruned the same way (its
   ``compress`` with ``round_to`` as a parameter); resnet18 is also pruned with ``round_to=16``.
 
-    .venv/bin/python benchmarks/compress_latency.py [--quick] [--threads 2] [--only resnet20,resnet18]
+    .venv/bin/python benchmarks/compress_latency.py [--quick | --smoke] [--threads 2] [--only resnet20,resnet18]
         [--no-spin] [--exporter dynamo|legacy] [--out FILE.json]
 """
 
@@ -45,7 +47,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -144,31 +145,11 @@ def export_checked(model: nn.Module, shape: tuple[int, ...], path: Path, dynamo:
     return {"exporter": info["exporter"], "bytes": check["bytes"], "max_abs_diff": check["max_abs_diff"]}
 
 
-def open_session(path: Path, threads: int, spin: bool) -> ort.InferenceSession:
-    """``load_session`` (CPU, ``threads`` intra-op threads, full graph optimisation), optionally without spinning.
-
-    By default onnxruntime's worker threads spin-wait between and after ops. On a machine whose
-    cores are shared with another job, that spinning fights the other job (and, in an interleaved
-    benchmark, the next session's run): measured here, resnet18 at batch 1 took 44-47 ms on 2
-    spinning threads, 16 ms on 1 thread and 16 ms on 2 non-spinning threads. ``load_session`` has
-    no switch for it, so the non-spinning session is built here with the same options.
-    """
-    if spin:
-        return load_session(path, threads)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = int(threads)
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def nchwc_block() -> int | None:
     """Channel block of onnxruntime's (MLAS) NCHWc convolutions on this CPU: 16 with AVX-512, 8 with AVX2.
 
     Read from /proc/cpuinfo (Linux x86); None where unknown. onnxruntime rounds a convolution's
-    output channels up to this block, so channels kept between multiples of it cost as if kept.
+    output channels up to this block: a layer that keeps 88 channels costs what 96 cost (block 16).
     """
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
@@ -218,7 +199,7 @@ def _round_repeats(sessions: dict[str, Any], shape: tuple[int, ...], batch: int,
 def time_case(paths: dict[str, Path], shape: tuple[int, ...], threads: int, spin: bool, rounds: int,
               round_s: float, min_repeats: int) -> dict[str, Any]:
     """Interleaved latency per round for every model, and per-round speedups against ``dense``."""
-    sessions = {k: open_session(p, threads, spin) for k, p in paths.items()}
+    sessions = {k: load_session(p, threads, spin) for k, p in paths.items()}
     reps = {b: _round_repeats(sessions, shape, b, round_s, min_repeats) for b in BATCHES}
     per_round: dict[str, dict[str, list[float]]] = {k: {f"b{b}": [] for b in BATCHES} for k in sessions}
     for i in range(rounds):
@@ -243,6 +224,7 @@ def time_case(paths: dict[str, Path], shape: tuple[int, ...], threads: int, spin
 
 def run_case(case: Case, work: Path, args: argparse.Namespace, rounds: int, round_s: float,
              min_repeats: int) -> dict[str, Any]:
+    """Build, export and time one case; one table row per compressed variant, each against the same dense run."""
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     dense, variants = case.build()
@@ -302,6 +284,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds of ~0.5 s per batch size (default: 9 of ~3 s)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="resnet20 only, 1 round of ~0.1 s: checks the script runs (tests), measures nothing")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     ap.add_argument("--only", default=None, help="comma-separated case names: " + ",".join(c.name for c in CASES))
     ap.add_argument("--no-spin", action="store_true",
@@ -310,8 +294,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
-    rounds, round_s, min_repeats = (3, 0.5, 3) if args.quick else (9, 3.0, 5)
-    chosen = [c for c in CASES if args.only is None or c.name in args.only.split(",")]
+    rounds, round_s, min_repeats = (1, 0.1, 2) if args.smoke else (3, 0.5, 3) if args.quick else (9, 3.0, 5)
+    only = "resnet20" if args.smoke and args.only is None else args.only
+    chosen = [c for c in CASES if only is None or c.name in only.split(",")]
     load = {"start": os.getloadavg()}
     results = []
     with tempfile.TemporaryDirectory(prefix="mc-compress-latency-") as work:

@@ -126,9 +126,11 @@ def _synthetic(arg: str) -> Dataset:
                         "e.g. synthetic:3x32x32 or synthetic:20") from None
     if opts:
         raise UserError(f"unknown synthetic option(s): {', '.join(opts)} (known: classes, n, seed)")
-    if len(shape) not in (1, 3) or min(shape) <= 0 or classes < 2 or n < 4 * classes:
+    # every split (test 20 %, validation 10 % of the rest) must hold each class at least once
+    min_n = int(np.ceil(classes / (VAL_FRACTION * (1 - TEST_FRACTION)))) + classes
+    if len(shape) not in (1, 3) or min(shape) <= 0 or classes < 2 or n < min_n:
         raise UserError(f"synthetic data needs a shape CxHxW or F with positive sizes, >= 2 classes and "
-                        f"n >= 4 x classes; got shape {shape}, classes {classes}, n {n}")
+                        f"n >= {min_n} for {classes} classes; got shape {shape}, classes {classes}, n {n}")
     g = torch.Generator().manual_seed(seed)
     protos = torch.randn((classes, *shape), generator=g)
     y = torch.arange(n) % classes

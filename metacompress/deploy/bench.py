@@ -20,18 +20,20 @@ from metacompress.deploy.verify import check_input, load_session
 from metacompress.errors import UserError
 
 
-def _session(ref: Any, threads: int | None) -> ort.InferenceSession:
-    return ref if isinstance(ref, ort.InferenceSession) else load_session(ref, threads)
+def _session(ref: Any, threads: int | None, spin: bool) -> ort.InferenceSession:
+    return ref if isinstance(ref, ort.InferenceSession) else load_session(ref, threads, spin)
 
 
 def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
                       threads: int | None = None, repeats: int = 20, warmup: int = 3,
-                      seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+                      seed: int = 0, spin: bool = False) -> dict[str, dict[str, dict[str, float]]]:
     """Time one forward pass of each model per batch size, interleaved across models.
 
     ``models`` maps a name to an ONNX path or an open session (a session keeps its own thread
-    setting; paths are opened with ``threads``). ``input_shape`` is one sample's shape. Returns
-    ``{name: {"b1": {"median_ms", "min_ms", "max_ms"}, "b32": {...}}}``.
+    setting; paths are opened with ``threads`` and, unless ``spin``, with worker threads that
+    sleep rather than spin-wait, so that sessions timed in turn do not steal each other's cores).
+    ``input_shape`` is one sample's shape. Returns ``{name: {"b1": {"median_ms", "min_ms",
+    "max_ms"}, "b32": {...}}}``.
     """
     if not models:
         raise UserError("no models to benchmark")
@@ -40,7 +42,7 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     if not batches or any(int(b) < 1 for b in batches):
         raise UserError(f"batch sizes must be positive integers, got {list(batches)}")
     shape = tuple(int(d) for d in input_shape)
-    sessions = {name: _session(ref, threads) for name, ref in models.items()}
+    sessions = {name: _session(ref, threads, spin) for name, ref in models.items()}
     for name, sess in sessions.items():
         check_input(sess, shape, what=f"benchmark input for '{name}'")
     names = list(sessions)

@@ -22,11 +22,14 @@ from metacompress.errors import UserError
 from metacompress.io import require_file
 
 
-def load_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
+def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
     """Open ``path`` in onnxruntime on the CPU; a missing, truncated or non-ONNX file is a UserError.
 
     ``threads`` fixes the intra-op thread count (None: onnxruntime's default, all cores); inter-op
     parallelism stays at 1 so that ``threads`` is the whole budget and latencies are comparable.
+    ``spin=False`` makes worker threads sleep instead of spin-waiting between ops: on cores shared
+    with other work (or with the next session of an interleaved benchmark) spinning threads fight
+    over the cores; resnet18 at batch 1 measured 44-47 ms spinning vs 16 ms not, on 2 threads here.
     """
     p = require_file(path, "ONNX model")
     opts = ort.SessionOptions()
@@ -37,6 +40,8 @@ def load_session(path: str | os.PathLike, threads: int | None = None) -> ort.Inf
             raise UserError(f"threads must be at least 1, got {threads}")
         opts.intra_op_num_threads = int(threads)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types for bad files
