@@ -24,8 +24,8 @@ import torch
 from metacompress.compress.distill import RepairConfig
 from metacompress.io import load_weights, save_torch
 from metacompress.meta.es import ES
-from metacompress.policy.network import init_params
-from metacompress.policy.store import Policy, save_policy
+from metacompress.policy.network import Shapes, init_params
+from metacompress.policy.store import Policy, load_policy, save_policy
 from metacompress.policy.tasks import Task, TaskDistribution, TaskPool, Teacher, teachers_from
 from metacompress.progress import track
 
@@ -43,6 +43,8 @@ class MetaTrainConfig:
     workers: int = 2
     seed: int = 0
     repair_defaults: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None                 # warm start from this policy (a previous stage)
+    train_only: tuple[str, ...] = ()        # weight blocks ES moves (network.Shapes names); () = all
     out: str = "out/policy"
 
     @classmethod
@@ -53,7 +55,7 @@ class MetaTrainConfig:
             from metacompress.errors import UserError
 
             raise UserError(f"unknown policy-training option(s): {', '.join(unknown)}")
-        for key in ("budgets", "regime_weights"):
+        for key in ("budgets", "regime_weights", "train_only"):
             if key in known:
                 known[key] = tuple(known[key])
         return cls(**known)
@@ -107,7 +109,15 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
     defaults = RepairConfig(**cfg.repair_defaults)
     teachers = teachers_from(cfg.teachers)
     dist = TaskDistribution(teachers, budgets=cfg.budgets, regime_weights=cfg.regime_weights)
-    es = ES(init_params(cfg.seed), sigma=cfg.sigma, lr=cfg.lr, population=cfg.population, seed=cfg.seed)
+    theta0 = load_policy(cfg.init).theta if cfg.init else init_params(cfg.seed)
+    mask = block_mask(cfg.train_only)
+    es = ES(theta0[mask], sigma=cfg.sigma, lr=cfg.lr, population=cfg.population, seed=cfg.seed)
+
+    def full(v: np.ndarray) -> np.ndarray:
+        theta = theta0.copy()
+        theta[mask] = v
+        return theta
+
     history: list[dict[str, float]] = []
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "checkpoint.pt"
@@ -126,7 +136,7 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
                         total=cfg.iterations - len(history)):
             tasks = dist.sample(rng, cfg.tasks_per_iteration)
             candidates = es.ask()
-            jobs = [(np.asarray(c), t) for c in candidates for t in tasks]
+            jobs = [(full(np.asarray(c)), t) for c in candidates for t in tasks]
             rewards = np.asarray(ev.map(_reward, jobs)).reshape(len(candidates), len(tasks))
             fitness = rewards.mean(1)
             metrics = es.tell(fitness)
@@ -136,11 +146,14 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
             save_torch({"es": es.state_dict(), "history": history, "rng": rng.bit_generator.state}, ckpt)
     finally:
         ev.close()
-    theta = np.asarray(es.theta, dtype=np.float64)
+    theta = full(np.asarray(es.theta, dtype=np.float64))
     provenance = {
         "teachers": [t.label() for t in teachers], "iterations": cfg.iterations, "population": cfg.population,
         "tasks_per_iteration": cfg.tasks_per_iteration, "budgets": list(cfg.budgets),
-        "regime_weights": list(cfg.regime_weights), "seed": cfg.seed,
+        "regime_weights": list(cfg.regime_weights), "seed": cfg.seed, "sigma": cfg.sigma, "lr": cfg.lr,
+        "init": cfg.init, "init_provenance": ({k: v for k, v in load_policy(cfg.init).provenance.items() if k != "history"}
+                                              if cfg.init else None),
+        "train_only": list(cfg.train_only),
         "final_mean_reward_last10": float(np.mean([h["mean_reward"] for h in history[-10:]])) if history else 0.0,
         "history": history,
     }
@@ -148,6 +161,20 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
     plot_curve(history, out / "reward_curve.png")
     return {"out": str(out), "iterations": cfg.iterations, "history": history,
             "final_mean_reward_last10": provenance["final_mean_reward_last10"]}
+
+
+def block_mask(blocks: tuple[str, ...]) -> np.ndarray:
+    """Boolean mask over the flat weights selecting the named blocks (all when none are named)."""
+    layout = Shapes.layout()
+    unknown = set(blocks) - {name for name, _ in layout}
+    if unknown:
+        from metacompress.errors import UserError
+
+        raise UserError(f"unknown weight block(s) {', '.join(sorted(unknown))}; known: {', '.join(n for n, _ in layout)}")
+    mask = []
+    for name, shape in layout:
+        mask += [not blocks or name in blocks] * int(np.prod(shape))
+    return np.array(mask)
 
 
 def plot_curve(history: list[dict[str, float]], path: Path) -> None:
