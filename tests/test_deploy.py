@@ -16,11 +16,13 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import nn
 from typer.testing import CliRunner
 
 from metacompress.cli.main import app
+from metacompress.compress.baselines import rule_allocation
+from metacompress.compress.measure import count_macs
+from metacompress.compress.prune import PruningSpace
 from metacompress.data import load_dataset
 from metacompress.deploy import export, export_onnx, load_session, verify_onnx
 from metacompress.deploy.bench import benchmark_latency, speedups
@@ -55,26 +57,12 @@ def _epochs(model: nn.Module, data, epochs: int, lr: float, batch_size: int) -> 
     model.eval()
 
 
-def _macs(model: nn.Module, example: torch.Tensor) -> float:
-    return float(tp.utils.count_ops_and_params(model, example)[0])
-
-
 def _prune_to_half(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, float]:
-    """The largest uniform L2 pruning ratio (round_to=8) that keeps at most half the MACs."""
-    base = _macs(model, example)
-
-    def pruned(ratio: float) -> nn.Module:
-        m = copy.deepcopy(model)
-        tp.pruner.BasePruner(m, example, importance=tp.importance.MagnitudeImportance(p=2),
-                             pruning_ratio=ratio, ignored_layers=[m.classifier], round_to=8).step()
-        return m
-
-    lo, hi = 0.0, 0.9
-    for _ in range(8):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _macs(pruned(mid), example) / base > 0.5 else (lo, mid)
-    m = pruned(hi)
-    return m, _macs(m, example) / base
+    """Uniform allocation projected onto exactly half the MACs (the toolkit's own budget search)."""
+    space = PruningSpace(model, example, 10)
+    keep = space.project(rule_allocation("uniform", space, model, None), 0.5)
+    pruned = space.apply(copy.deepcopy(model), keep)
+    return pruned, count_macs(pruned, example) / space.dense_macs
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -211,7 +199,7 @@ def test_simplify_keeps_parity_and_shrinks(tmp_path, digits32):
 
 def test_static_int8_resnet20_accuracy_and_size(resnet, digits32, tmp_path):
     model, path, ratio = resnet
-    assert 0.4 <= ratio <= 0.5
+    assert abs(ratio - 0.5) <= 0.01
     fp32 = verify_onnx(path, model, digits32.x_test, digits32.y_test)
     cal = digits32.calibration_batch(256, seed=0)[0].numpy()
     q = quantize_onnx(path, tmp_path / "int8.onnx", "auto", cal)
@@ -225,7 +213,7 @@ def test_static_int8_resnet20_accuracy_and_size(resnet, digits32, tmp_path):
 
 def test_dynamic_int8_mlp_accuracy_and_size(mlp, digits8, tmp_path):
     model, path, ratio = mlp
-    assert 0.4 <= ratio <= 0.5
+    assert abs(ratio - 0.5) <= 0.01
     fp32 = verify_onnx(path, model, digits8.x_test, digits8.y_test)
     q = quantize_onnx(path, tmp_path / "int8.onnx", "auto", None)
     assert q["mode"] == "dynamic" and q["calibration_samples"] == 0
