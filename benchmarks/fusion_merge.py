@@ -1,6 +1,6 @@
 """Two-task merge on digits: average, task arithmetic, TIES, DARE and Fisher merging compared.
 
-Design (see benchmarks/fusion.md):
+Design (see BENCHMARKS.md, "Model fusion"):
 - one base mlp is trained briefly on all ten digits (a generic, imperfect starting point);
 - model A is fine-tuned from it on digits 0-4 only, model B on digits 5-9 only (same 10-way head,
   same steps, same optimiser): each becomes good at its own task and forgets the other;

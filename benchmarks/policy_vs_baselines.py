@@ -1,6 +1,6 @@
 """The meta-learned policy against the built-in allocations on held-out tasks, in one run.
 
-    python benchmarks/policy_vs_baselines.py [--quick] [--policy DIR] [--out benchmarks/policy.md]
+    python benchmarks/policy_vs_baselines.py [--quick] [--policy DIR] [--out FILE.md]
 
 Held-out tasks come from recipes/policy-eval.yaml (architecture families and a dataset variant
 never used in meta-training). Columns: meta (zero-shot), meta-alloc (its allocation with the
