@@ -41,6 +41,8 @@ def compress(
         help="How much to prune where: meta (the meta-learned policy), uniform, global-magnitude, global-taylor, lamp."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Policy folder for --allocation meta (default: shipped)."),
     adapt_steps: int = typer.Option(0, "--adapt-steps", min=0, help="ES-MAML steps on this task before deciding (0: zero-shot)."),
+    guard: bool = typer.Option(True, "--guard/--no-guard",
+                               help="meta: also repair with the default settings and keep the better on validation."),
     round_to: int = typer.Option(8, "--round-to", min=1, help="Keep channel counts multiples of this."),
     repair_steps: int = typer.Option(RepairConfig.steps, "--repair-steps", help="Distillation steps (0: BN recalibration only)."),
     repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="Distillation learning rate (default: the policy's)."),
@@ -63,7 +65,7 @@ def compress(
     overrides = {k: v for k, v in given.items() if v is not None}
     cfg = CompressConfig(
         model=model, data=data, weights=weights, target_macs=target_macs, target_params=target_params,
-        allocation=allocation, policy=policy, adapt_steps=adapt_steps, round_to=round_to,
+        allocation=allocation, policy=policy, adapt_steps=adapt_steps, guard=guard, round_to=round_to,
         repair=RepairConfig(steps=repair_steps, samples_per_class=samples_per_class, **overrides),
         repair_overrides=tuple(overrides),
         students=students, quantize=quantize, train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,

@@ -85,7 +85,7 @@ def evaluate(
         for c in cols:
             t.add_column(c, justify="right")
         for reg, row in r["summary"]["table"].items():
-            t.add_row(reg, *[f"{row[c]:.2f}" for c in cols])
+            t.add_row(reg, *["-" if row[c] is None else f"{row[c]:.2f}" for c in cols])
         console.print(t)
         console.print({k: v for k, v in r["summary"].items() if k != "table"})
 

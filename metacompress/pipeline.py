@@ -52,6 +52,7 @@ class CompressConfig:
     round_to: int = 8
     repair: RepairConfig = field(default_factory=RepairConfig)
     repair_overrides: tuple[str, ...] = ()  # repair fields the user set explicitly (beat the policy)
+    guard: bool = True                  # meta: keep the policy's repair only if it wins on validation
     students: int = 1
     quantize: str = "none"
     train_epochs: int = DEFAULT_TRAIN_EPOCHS
@@ -186,6 +187,25 @@ def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) ->
     return prep.space.apply(student, keep, importance, calib=prep.data.calibration_batch(128, seed))
 
 
+def guard_repair(pruned: nn.Module, teacher: nn.Module, data: Dataset, learned: RepairConfig, default: RepairConfig,
+                 seed: int = 0) -> tuple[RepairConfig, dict[str, Any]]:
+    """Repair once with the policy's settings and once with the defaults; keep the better on validation.
+
+    The policy's repair settings win on average but can diverge on a family it has not seen
+    (BENCHMARKS.md): this costs one extra repair and bounds that risk.
+    """
+    scores = []
+    for cfg in (learned, default):
+        s = copy.deepcopy(pruned)
+        repair(s, teacher, data, cfg, seed=seed)
+        scores.append(accuracy(s, data.x_val, data.y_val))
+    chosen = "policy" if scores[0] >= scores[1] else "default"
+    status(f"guard: validation accuracy {scores[0]:.4f} with the policy's repair, {scores[1]:.4f} with the default "
+           f"-> {chosen}")
+    return (learned if chosen == "policy" else default), {
+        "policy_repair_val": scores[0], "default_repair_val": scores[1], "chosen": chosen}
+
+
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,
                     seed: int = 0) -> list[dict[str, Any]]:
     """Repair ``k`` students from the same pruned weights, each with its own seed and data order."""
@@ -243,7 +263,10 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     with timer.stage("prune"):
         student = prune_to(prep, keep, importance, cfg.seed)
         pruned_acc = accuracy(student, data.x_test, data.y_test)
+    guard = None
     with timer.stage("repair"):
+        if cfg.allocation == "meta" and cfg.guard and repair_cfg != cfg.repair:
+            repair_cfg, guard = guard_repair(student, prep.dense, data, repair_cfg, cfg.repair, cfg.seed)
         students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed)
     soup = None
     if cfg.students > 1:
@@ -303,6 +326,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
             "repair": repair_cfg.to_dict(),
             "seed": cfg.seed,
         }
+        if guard is not None:
+            report["guard"] = guard
         if soup is not None:
             report["students"] = [{k: v for k, v in st.items() if k != "state_dict"} for st in students]
             report["soup"] = soup | {"test_accuracy": ver["accuracy"]}

@@ -120,3 +120,17 @@ def test_students_soup_and_int8_in_the_report(tmp_path):
     assert report["int8"]["size_ratio"] <= 0.35
     assert report["int8"]["accuracy"] >= report["compressed"]["accuracy"] - 0.01
     assert (out / "model.int8.onnx").is_file()
+
+
+def test_meta_policy_with_guard(tmp_path):
+    """The default path: the shipped policy decides, the guard keeps the better repair on validation."""
+    cfg = CompressConfig(model="mlp", data="digits", target_macs=0.3, out=str(tmp_path / "o"), train_epochs=8,
+                         repair=RepairConfig(steps=20), latency_repeats=2)
+    assert cfg.allocation == "meta" and cfg.guard
+    report = run_compress(cfg)
+    g = report["guard"]
+    assert g["chosen"] in ("policy", "default")
+    assert max(g["policy_repair_val"], g["default_repair_val"]) == (
+        g["policy_repair_val"] if g["chosen"] == "policy" else g["default_repair_val"])
+    assert abs(report["achieved_macs_ratio"] - 0.3) <= 0.006
+    assert report["compressed"]["accuracy"] > 0.8

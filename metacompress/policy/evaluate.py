@@ -24,7 +24,7 @@ from metacompress.policy.network import REGIMES, init_params
 from metacompress.policy.tasks import Task, TaskPool, teachers_from
 from metacompress.progress import track
 
-COLUMNS = ("meta", "meta-alloc", *RULES, "oracle")
+COLUMNS = ("meta", "meta+guard", "meta-alloc", *RULES, "oracle")
 
 
 @dataclass
@@ -65,6 +65,8 @@ def _row(args: tuple[Task, int]) -> dict[str, Any]:
     task, es_evals = args
     res: dict[str, tuple[float, float]] = {"meta": _POOL.policy(_THETA, task),
                                            "meta-alloc": _POOL.policy(_THETA, task, learned_repair=False)}
+    # the guard keeps the policy's repair settings only where they beat the default ones on validation
+    res["meta+guard"] = max(res["meta"], res["meta-alloc"], key=lambda v: v[0])
     for rule in RULES:
         res[rule] = _POOL.rule(task, rule)
     best = max(RULES, key=lambda r: res[r][0])
@@ -107,12 +109,17 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     table: dict[str, dict[str, float]] = {}
     for reg in regimes:
         sel = [r for r in rows if r["regime"] == reg]
-        table[reg] = {c: 100 * float(np.mean([r["test"][c] for r in sel if c in r["test"]])) for c in cols}
+        table[reg] = {c: 100 * float(np.mean(vals)) if (vals := [r["test"][c] for r in sel if c in r["test"]]) else None
+                      for c in cols}
     short = [r for r in rows if r["regime"] in ("bn", "short", "few")]
     rule_means = {rule: np.mean([r["test"][rule] for r in rows]) for rule in RULES}
     best_rule = max(rule_means, key=rule_means.get)
     summary: dict[str, Any] = {"table": table, "best_single_rule": best_rule}
     if short:
+        summary["short_regimes_guarded"] = {
+            "meta_guard_minus_best_rule": 100 * float(np.mean([r["test"]["meta+guard"] - r["test"][best_rule] for r in short])),
+            "meta_guard_minus_oracle": 100 * float(np.mean([r["test"]["meta+guard"] - r["test"]["oracle"] for r in short])),
+        }
         summary["short_regimes"] = {
             "meta_minus_best_rule": 100 * float(np.mean([r["test"]["meta"] - r["test"][best_rule] for r in short])),
             "meta_minus_oracle": 100 * float(np.mean([r["test"]["meta"] - r["test"]["oracle"] for r in short])),
@@ -146,6 +153,7 @@ def markdown(summary: dict[str, Any]) -> str:
     cols = list(next(iter(table.values())).keys())
     lines = ["| regime | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for reg, row in table.items():
-        best = max(v for k, v in row.items() if k != "es-search")
-        lines.append(f"| {reg} | " + " | ".join((f"**{v:.2f}**" if v == best else f"{v:.2f}") for v in row.values()) + " |")
+        best = max(v for k, v in row.items() if k != "es-search" and v is not None)
+        cells = ("-" if v is None else f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in row.values())
+        lines.append(f"| {reg} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
