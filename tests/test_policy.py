@@ -148,3 +148,17 @@ def test_warm_start_moves_only_the_named_blocks(tmp_path, monkeypatch):
     assert np.abs(after[mask] - base.theta[mask]).max() > 0
     with pytest.raises(UserError, match="unknown weight block"):
         block_mask(("nope",))
+
+
+def test_fast_adaptation_is_seeded_and_moves_the_policy(tmp_path, monkeypatch):
+    from metacompress.policy.meta_train import adapt
+
+    monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path))
+    pol = load_policy()
+    pool = TaskPool(pol.defaults)
+    task = Task(Teacher("mlp", "digits", (("depth", 1), ("hidden", 32))), 0.3, "short", 0)
+    a = adapt(pol.theta, pool, task, steps=2, population=4, seed=0)
+    b = adapt(pol.theta, pool, task, steps=2, population=4, seed=0)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - pol.theta).max() > 0
+    assert -1.0 <= pool.reward(a, task) <= 1.0
