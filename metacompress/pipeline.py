@@ -187,36 +187,39 @@ def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) ->
     return prep.space.apply(student, keep, importance, calib=prep.data.calibration_batch(128, seed))
 
 
+def _repaired(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int) -> dict[str, Any]:
+    """One student repaired from ``pruned`` (left untouched), with its scores and weights."""
+    s = copy.deepcopy(pruned)
+    repair(s, teacher, data, cfg, seed=seed)
+    return {"seed": seed, "val_accuracy": accuracy(s, data.x_val, data.y_val),
+            "test_accuracy": accuracy(s, data.x_test, data.y_test),
+            "state_dict": {n: t.detach().clone() for n, t in s.state_dict().items()}}
+
+
 def guard_repair(pruned: nn.Module, teacher: nn.Module, data: Dataset, learned: RepairConfig, default: RepairConfig,
-                 seed: int = 0) -> tuple[RepairConfig, dict[str, Any]]:
+                 seed: int = 0) -> tuple[RepairConfig, dict[str, Any], dict[str, Any]]:
     """Repair once with the policy's settings and once with the defaults; keep the better on validation.
 
     The policy's repair settings win on average but can diverge on a family it has not seen
-    (BENCHMARKS.md): this costs one extra repair and bounds that risk.
+    (BENCHMARKS.md): this costs one extra repair and bounds that risk. Returns the chosen
+    settings, what was compared, and the chosen student (reused as the first student).
     """
-    scores = []
-    for cfg in (learned, default):
-        s = copy.deepcopy(pruned)
-        repair(s, teacher, data, cfg, seed=seed)
-        scores.append(accuracy(s, data.x_val, data.y_val))
-    chosen = "policy" if scores[0] >= scores[1] else "default"
+    tried = [_repaired(pruned, teacher, data, cfg, seed) for cfg in (learned, default)]
+    scores = [t["val_accuracy"] for t in tried]
+    win = 0 if scores[0] >= scores[1] else 1
+    chosen = ("policy", "default")[win]
     status(f"guard: validation accuracy {scores[0]:.4f} with the policy's repair, {scores[1]:.4f} with the default "
            f"-> {chosen}")
-    return (learned if chosen == "policy" else default), {
-        "policy_repair_val": scores[0], "default_repair_val": scores[1], "chosen": chosen}
+    info = {"policy_repair_val": scores[0], "default_repair_val": scores[1], "chosen": chosen}
+    return (learned, default)[win], info, tried[win]
 
 
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,
-                    seed: int = 0) -> list[dict[str, Any]]:
-    """Repair ``k`` students from the same pruned weights, each with its own seed and data order."""
-    students = []
-    for i in range(k):
-        s = copy.deepcopy(pruned)
-        repair(s, teacher, data, cfg, seed=seed + i)
-        students.append({"seed": seed + i, "val_accuracy": accuracy(s, data.x_val, data.y_val),
-                         "test_accuracy": accuracy(s, data.x_test, data.y_test),
-                         "state_dict": {n: t.detach().clone() for n, t in s.state_dict().items()}})
-    return students
+                    seed: int = 0, first: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Repair ``k`` students from the same pruned weights, each with its own seed and data order
+    (``first``: an already repaired student with seed ``seed``, reused)."""
+    students = [first] if first is not None else []
+    return students + [_repaired(pruned, teacher, data, cfg, seed + i) for i in range(len(students), k)]
 
 
 def soup_students(model: nn.Module, students: list[dict[str, Any]], data: Dataset) -> dict[str, Any]:
@@ -263,11 +266,11 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     with timer.stage("prune"):
         student = prune_to(prep, keep, importance, cfg.seed)
         pruned_acc = accuracy(student, data.x_test, data.y_test)
-    guard = None
+    guard = first = None
     with timer.stage("repair"):
         if cfg.allocation == "meta" and cfg.guard and repair_cfg != cfg.repair:
-            repair_cfg, guard = guard_repair(student, prep.dense, data, repair_cfg, cfg.repair, cfg.seed)
-        students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed)
+            repair_cfg, guard, first = guard_repair(student, prep.dense, data, repair_cfg, cfg.repair, cfg.seed)
+        students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed, first)
     soup = None
     if cfg.students > 1:
         with timer.stage("fuse"):
