@@ -6,7 +6,8 @@ Held-out tasks come from recipes/policy-eval.yaml (architecture families and a d
 never used in meta-training). Columns: meta (zero-shot), meta-alloc (its allocation with the
 default repair), the four built-ins with the default repair, the per-task oracle among them
 (chosen on validation), and a per-task ES search with 64 evaluations (a subset of tasks).
-Also times the allocation step (features + policy + budget projection).
+Also times the allocation stage of ``compress`` (pruning space, features, the rules' allocations
+the policy mixes, policy, budget projection).
 """
 
 from __future__ import annotations
@@ -24,25 +25,24 @@ os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 from metacompress.compress.distill import RepairConfig  # noqa: E402
 from metacompress.compress.prune import PruningSpace  # noqa: E402
 from metacompress.data import load_dataset  # noqa: E402
+from metacompress.pipeline import CompressConfig, Prepared, allocate  # noqa: E402
 from metacompress.policy.evaluate import EvalConfig, evaluate, markdown, summarise  # noqa: E402
-from metacompress.policy.features import group_features  # noqa: E402
-from metacompress.policy.network import decide  # noqa: E402
 from metacompress.policy.store import load_policy  # noqa: E402
 from metacompress.recipes import load_recipe  # noqa: E402
 from metacompress.zoo import build_model  # noqa: E402
 
 
-def allocation_seconds(spec: str, data_spec: str, theta: np.ndarray, repeats: int = 3) -> float:
-    """Median wall time of features + policy + budget projection (the whole allocation step)."""
+def allocation_seconds(spec: str, data_spec: str, policy: str | None, repeats: int = 3) -> float:
+    """Median wall time of the whole allocation stage of ``compress`` (pruning space, features,
+    the rules' allocations the policy mixes, policy, budget projection), at 0.5 kept MACs."""
     data = load_dataset(data_spec)
     model = build_model(spec, data.input_shape, data.num_classes, data.mean, data.std).eval()
+    cfg = CompressConfig(model=spec, data=data_spec, target_macs=0.5, policy=policy, repair=RepairConfig(steps=20))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        space = PruningSpace(model, data.x_train[:1], data.num_classes)
-        feats = group_features(model, space, data.calibration_batch(128))
-        d = decide(theta, feats, 0.5, RepairConfig(steps=20))
-        space.project(d.ratio_fn(), 0.5)
+        prep = Prepared(data, model, PruningSpace(model, data.x_train[:1], data.num_classes), float("nan"))
+        allocate(cfg, prep)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
@@ -68,15 +68,15 @@ def main() -> None:
     cfg = EvalConfig.from_dict(d)
     cfg.repair_defaults = pol.defaults.to_dict()
     t0 = time.perf_counter()
-    rows = evaluate(cfg, pol.theta)
+    rows = evaluate(cfg, pol.theta, pol.kinds_seen)
     wall = time.perf_counter() - t0
     summary = summarise(rows)
     torch.set_num_threads(2)
-    timing = {"resnet20@digits": allocation_seconds("resnet20", "digits", pol.theta)}
+    timing = {"resnet20@digits": allocation_seconds("resnet20", "digits", args.policy)}
     if not args.smoke:
         try:
             timing["torchvision:resnet18@224"] = allocation_seconds(
-                "torchvision:resnet18", "synthetic:3x224x224:n=200", pol.theta, repeats=1)
+                "torchvision:resnet18", "synthetic:3x224x224:n=200", args.policy, repeats=1)
         except ImportError as exc:  # torchvision is an optional extra
             timing["torchvision:resnet18@224"] = f"skipped ({exc})"
     hist = pol.provenance.get("history", [])

@@ -42,7 +42,7 @@ def compress(
     policy: Optional[str] = typer.Option(None, "--policy", help="Policy folder for --allocation meta (default: shipped)."),
     adapt_steps: int = typer.Option(0, "--adapt-steps", min=0, help="ES-MAML steps on this task before deciding (0: zero-shot)."),
     guard: bool = typer.Option(True, "--guard/--no-guard",
-                               help="meta: also repair with the default settings and keep the better on validation."),
+                               help="meta: also try the default repair and the uniform allocation; keep the best on validation."),
     round_to: int = typer.Option(8, "--round-to", min=1, help="Keep channel counts multiples of this."),
     repair_steps: int = typer.Option(RepairConfig.steps, "--repair-steps", help="Distillation steps (0: BN recalibration only)."),
     repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="Distillation learning rate (default: the policy's)."),

@@ -75,7 +75,7 @@ def evaluate(
     pol = load_policy(policy)
     cfg = EvalConfig.from_dict(load_recipe(config, overrides or []))
     cfg.repair_defaults = cfg.repair_defaults or pol.defaults.to_dict()
-    rows = run_eval(cfg, pol.theta)
+    rows = run_eval(cfg, pol.theta, pol.kinds_seen)
     summary = summarise(rows)
 
     def render(r: dict) -> None:

@@ -2,6 +2,9 @@
 
 load -> measure -> allocate -> prune -> repair -> (fuse) -> export -> verify -> report
 
+(with the meta policy, the guard stands in for prune: it prunes and repairs three candidates
+and keeps the best on validation).
+
 Every stage is a plain function call into the library; the CLI and recipes only fill in a
 ``CompressConfig``. Outputs are staged in a temporary folder and moved into place only when
 every stage has succeeded, so a failed run leaves no half-written file.
@@ -19,22 +22,24 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.compress.checkpoint import save_compressed
-from metacompress.compress.distill import RepairConfig, repair
+from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.measure import count_macs, count_params
 from metacompress.compress.prune import PruningSpace
 from metacompress.data import Dataset, load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, write_json
 from metacompress.progress import status
-from metacompress.training import accuracy, train_dense
+from metacompress.training import accuracy, predict, train_dense
 from metacompress.zoo import build_model, check_forward, is_builtin
 
 DEFAULT_TRAIN_EPOCHS = 30
 QUANTIZE_MODES = ("none", "auto", "static", "dynamic")
+STUDENTS_SHARED = 0.5  # students share this fraction of the repair before they fork (benchmarks/students_soup.py)
 
 
 @dataclass
@@ -149,11 +154,11 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
 
     policy = load_policy(cfg.policy)
     theta = policy.theta
-    if cfg.adapt_steps > 0:
-        theta = _adapt(theta, cfg, prep, target)
     features = group_features(prep.dense, prep.space, calib)
-    experts = ExpertAllocations(prep.dense, prep.space, calib, EXPERT_RULES).ratios(target, metric)
-    decision = decide(theta, features, target, cfg.repair, experts)
+    experts = ExpertAllocations(prep.dense, prep.space, calib, EXPERT_RULES)
+    if cfg.adapt_steps > 0:
+        theta = _adapt(theta, cfg, prep, target, features, experts, policy.kinds_seen)
+    decision = decide(theta, features, target, cfg.repair, experts.ratios(target, metric), policy.kinds_seen)
     keep = prep.space.project(decision.ratio_fn(), target, metric)
     chosen = decision.repair
     for name in cfg.repair_overrides:  # explicit flags beat the policy
@@ -163,22 +168,17 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
     return keep, "magnitude", chosen
 
 
-def _adapt(theta, cfg: CompressConfig, prep: Prepared, target: float):
+def _adapt(theta, cfg: CompressConfig, prep: Prepared, target: float, features, experts, kinds_seen):
     """ES-MAML: a few ES steps of the policy on this very task (validation split reward)."""
-    from metacompress.policy.features import ExpertAllocations, group_features
     from metacompress.policy.meta_train import adapt
-    from metacompress.policy.network import EXPERT_RULES, regime_of
+    from metacompress.policy.network import regime_of
     from metacompress.policy.tasks import Context, Task, TaskPool, Teacher
-    from metacompress.training import accuracy as acc
 
     data = prep.data
-    pool = TaskPool(cfg.repair)
+    pool = TaskPool(cfg.repair, kinds_seen)
     teacher = Teacher(cfg.model, cfg.data, (), cfg.seed)
-    calib = data.calibration_batch(128, 0)
-    feats = group_features(prep.dense, prep.space, calib)
-    pool.register(teacher, Context(teacher, data, prep.dense, prep.space, feats,
-                                   acc(prep.dense, data.x_val, data.y_val), prep.dense_accuracy,
-                                   ExpertAllocations(prep.dense, prep.space, calib, EXPERT_RULES)))
+    pool.register(teacher, Context(teacher, data, prep.dense, prep.space, features,
+                                   accuracy(prep.dense, data.x_val, data.y_val), prep.dense_accuracy, experts))
     return adapt(theta, pool, Task(teacher, target, regime_of(cfg.repair), cfg.seed), cfg.adapt_steps, seed=cfg.seed)
 
 
@@ -187,39 +187,63 @@ def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) ->
     return prep.space.apply(student, keep, importance, calib=prep.data.calibration_batch(128, seed))
 
 
-def _repaired(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int) -> dict[str, Any]:
+def _scored(student: nn.Module, data: Dataset, seed: int) -> dict[str, Any]:
+    return {"seed": seed, "val_accuracy": accuracy(student, data.x_val, data.y_val),
+            "val_loss": float(F.cross_entropy(predict(student, data.x_val), data.y_val)),
+            "test_accuracy": accuracy(student, data.x_test, data.y_test),
+            "state_dict": {n: t.detach().clone() for n, t in student.state_dict().items()}}
+
+
+def repair_one(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int) -> dict[str, Any]:
     """One student repaired from ``pruned`` (left untouched), with its scores and weights."""
     s = copy.deepcopy(pruned)
     repair(s, teacher, data, cfg, seed=seed)
-    return {"seed": seed, "val_accuracy": accuracy(s, data.x_val, data.y_val),
-            "test_accuracy": accuracy(s, data.x_test, data.y_test),
-            "state_dict": {n: t.detach().clone() for n, t in s.state_dict().items()}}
+    return _scored(s, data, seed)
 
 
-def guard_repair(pruned: nn.Module, teacher: nn.Module, data: Dataset, learned: RepairConfig, default: RepairConfig,
-                 seed: int = 0) -> tuple[RepairConfig, dict[str, Any], dict[str, Any]]:
-    """Repair once with the policy's settings and once with the defaults; keep the better on validation.
+def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: RepairConfig
+                 ) -> tuple[list[int], RepairConfig, nn.Module, dict[str, Any], dict[str, Any]]:
+    """Repair the policy's proposal and two safe alternatives; keep the best on validation.
 
-    The policy's repair settings win on average but can diverge on a family it has not seen
-    (BENCHMARKS.md): this costs one extra repair and bounds that risk. Returns the chosen
-    settings, what was compared, and the chosen student (reused as the first student).
+    Candidates, in order of preference on ties: the policy's allocation with its repair
+    settings; its allocation with the default settings; the uniform allocation with the
+    default settings. The policy wins on average, but on a family it has not seen its repair
+    settings can diverge or its allocation can trail uniform (BENCHMARKS.md): three repairs
+    bound that risk, still over 20x cheaper than a per-task search of 64 repairs.
+    Returns the chosen keep counts, repair settings, pruned (unrepaired) model, what was
+    compared, and the chosen repaired student (reused as the first student).
     """
-    tried = [_repaired(pruned, teacher, data, cfg, seed) for cfg in (learned, default)]
-    scores = [t["val_accuracy"] for t in tried]
-    win = 0 if scores[0] >= scores[1] else 1
-    chosen = ("policy", "default")[win]
-    status(f"guard: validation accuracy {scores[0]:.4f} with the policy's repair, {scores[1]:.4f} with the default "
-           f"-> {chosen}")
-    info = {"policy_repair_val": scores[0], "default_repair_val": scores[1], "chosen": chosen}
-    return (learned, default)[win], info, tried[win]
+    metric, target = cfg.budget()
+    calib = prep.data.calibration_batch(128, cfg.seed)
+    uniform = prep.space.project(rule_allocation("uniform", prep.space, prep.dense, calib), target, metric)
+    options = {"policy": (keep, learned), "policy-allocation": (keep, cfg.repair), "uniform": (uniform, cfg.repair)}
+    pruned: dict[str, nn.Module] = {}
+    tried: dict[str, dict[str, Any]] = {}
+    for name, (k, rc) in options.items():
+        if any(options[n] == (k, rc) for n in tried):  # e.g. all repair settings given explicitly
+            continue
+        pruned[name] = prune_to(prep, k, "magnitude", cfg.seed)
+        tried[name] = repair_one(pruned[name], prep.dense, prep.data, rc, cfg.seed)
+    chosen = max(tried, key=lambda n: tried[n]["val_accuracy"])  # the first of equals: the policy's
+    scores = ", ".join(f"{n} {t['val_accuracy']:.4f}" for n, t in tried.items())
+    status(f"guard: validation accuracy {scores} -> {chosen}")
+    info = {"val_accuracy": {n: t["val_accuracy"] for n, t in tried.items()}, "chosen": chosen}
+    k, rc = options[chosen]
+    return k, rc, pruned[chosen], info, tried[chosen]
 
 
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,
                     seed: int = 0, first: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Repair ``k`` students from the same pruned weights, each with its own seed and data order
-    (``first``: an already repaired student with seed ``seed``, reused)."""
-    students = [first] if first is not None else []
-    return students + [_repaired(pruned, teacher, data, cfg, seed + i) for i in range(len(students), k)]
+    """Repair ``k`` students of ``pruned`` (left untouched), with their scores and weights.
+
+    One student: ``first`` if given (already repaired with ``seed``), else one repair. Several:
+    forked from a shared first half of the repair (``repair_forked``: soups of independently
+    repaired students lose accuracy).
+    """
+    if k == 1:
+        return [first if first is not None else repair_one(pruned, teacher, data, cfg, seed)]
+    students = repair_forked(pruned, teacher, data, cfg, k, seed, shared=STUDENTS_SHARED)
+    return [_scored(s, data, seed + i) for i, s in enumerate(students)]
 
 
 def soup_students(model: nn.Module, students: list[dict[str, Any]], data: Dataset) -> dict[str, Any]:
@@ -263,13 +287,15 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     data = prep.data
     with timer.stage("allocate"):
         keep, importance, repair_cfg = allocate(cfg, prep)
-    with timer.stage("prune"):
-        student = prune_to(prep, keep, importance, cfg.seed)
-        pruned_acc = accuracy(student, data.x_test, data.y_test)
     guard = first = None
+    if cfg.allocation == "meta" and cfg.guard:
+        with timer.stage("guard"):
+            keep, repair_cfg, student, guard, first = guard_repair(cfg, prep, keep, repair_cfg)
+    else:
+        with timer.stage("prune"):
+            student = prune_to(prep, keep, importance, cfg.seed)
+    pruned_acc = accuracy(student, data.x_test, data.y_test)
     with timer.stage("repair"):
-        if cfg.allocation == "meta" and cfg.guard and repair_cfg != cfg.repair:
-            repair_cfg, guard, first = guard_repair(student, prep.dense, data, repair_cfg, cfg.repair, cfg.seed)
         students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed, first)
     soup = None
     if cfg.students > 1:

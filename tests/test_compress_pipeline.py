@@ -8,9 +8,10 @@ import torch
 
 from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.compress.checkpoint import load_compressed, save_compressed
-from metacompress.compress.distill import RepairConfig, repair
+from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.measure import count_macs
 from metacompress.compress.prune import PruningSpace
+from metacompress.data import load_dataset
 from metacompress.deploy import export_onnx, verify_onnx
 from metacompress.pipeline import CompressConfig, run_compress
 from metacompress.training import accuracy
@@ -106,6 +107,30 @@ def test_compression_is_deterministic_under_a_seed(digits, trained):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def _flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_forked_students_share_a_trunk(digits, trained):
+    """Student 0 is exactly the plain repair; forked students stay closer together than
+    independently repaired ones (why their soup works: BENCHMARKS.md, soup of students)."""
+    dense = trained("resnet20")
+    space = PruningSpace(dense, digits.x_train[:1], 10)
+    keep = space.project(lambda s: [s * 0.9] * len(space.groups), 0.3)
+    pruned = space.apply(copy.deepcopy(dense), keep)
+    cfg = RepairConfig(steps=30)
+    forked = repair_forked(pruned, dense, digits, cfg, 3, seed=5, shared=0.5, progress=False)
+    alone = [repair(copy.deepcopy(pruned), dense, digits, cfg, seed=s, progress=False) for s in (5, 6, 7)]
+    for a, b in zip(forked[0].state_dict().values(), alone[0].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    d_forked = [(_flat(forked[0]) - _flat(m)).norm() for m in forked[1:]]
+    d_alone = [(_flat(alone[0]) - _flat(m)).norm() for m in alone[1:]]
+    assert min(d_forked) > 0  # they did fork
+    assert max(d_forked) < 0.8 * min(d_alone), (d_forked, d_alone)
+    same = repair_forked(pruned, dense, digits, cfg, 2, seed=5, shared=1.0, progress=False)
+    torch.testing.assert_close(_flat(same[0]), _flat(same[1]), rtol=0, atol=0)
+
+
 def test_students_soup_and_int8_in_the_report(tmp_path):
     out = tmp_path / "out"
     cfg = CompressConfig(model="mlp", data="digits", target_macs=0.3, allocation="uniform", out=str(out),
@@ -129,8 +154,41 @@ def test_meta_policy_with_guard(tmp_path):
     assert cfg.allocation == "meta" and cfg.guard
     report = run_compress(cfg)
     g = report["guard"]
-    assert g["chosen"] in ("policy", "default")
-    assert max(g["policy_repair_val"], g["default_repair_val"]) == (
-        g["policy_repair_val"] if g["chosen"] == "policy" else g["default_repair_val"])
+    scores = g["val_accuracy"]
+    assert set(scores) <= {"policy", "policy-allocation", "uniform"} and "policy" in scores
+    # the chosen candidate is the first of the best on validation (the policy's proposal first)
+    assert g["chosen"] == next(n for n, v in scores.items() if v == max(scores.values()))
+    # a candidate is skipped only when it would repeat an earlier one: here, uniform = the policy's allocation
+    digits = load_dataset("digits")
+    space = PruningSpace(build_model("mlp", digits.input_shape, 10), digits.x_train[:1], 10)
+    uniform = space.project(rule_allocation("uniform", space, None, None), 0.3)
+    kept = [grp["kept"] for grp in report["groups"]]
+    assert ("uniform" in scores) == (kept != uniform or g["chosen"] == "uniform")
     assert abs(report["achieved_macs_ratio"] - 0.3) <= 0.006
     assert report["compressed"]["accuracy"] > 0.8
+
+
+def test_adapt_steps_run_es_on_the_task_and_still_meet_the_budget(tmp_path, monkeypatch):
+    """--adapt-steps: the policy takes ES steps on this task before deciding; features are computed once."""
+    import metacompress.policy.features as features
+    import metacompress.policy.meta_train as meta_train
+
+    calls = {"features": 0, "adapt": []}
+    real_features, real_adapt = features.group_features, meta_train.adapt
+
+    def counted_features(*a, **k):
+        calls["features"] += 1
+        return real_features(*a, **k)
+
+    def recorded_adapt(theta, pool, task, steps, **k):
+        calls["adapt"].append((task.regime, task.budget, steps))
+        return real_adapt(theta, pool, task, steps, **k)
+
+    monkeypatch.setattr(features, "group_features", counted_features)
+    monkeypatch.setattr(meta_train, "adapt", recorded_adapt)
+    report = run_compress(CompressConfig(model="mlp", data="digits", target_macs=0.3, train_epochs=5,
+                                         repair=RepairConfig(steps=5), latency_repeats=2, guard=False,
+                                         adapt_steps=1, out=str(tmp_path / "adapted")))
+    assert calls == {"features": 1, "adapt": [("short", 0.3, 1)]}
+    assert abs(report["achieved_macs_ratio"] - 0.3) <= 0.006
+    assert report["compressed"]["accuracy"] > 0.5

@@ -139,6 +139,34 @@ def test_greedy_soup_adds_only_what_does_not_hurt():
     assert calls == [10.0, 0.0, 1.0, 0.5, torch.tensor(11.0 / 3.0).item()]
 
 
+def test_greedy_soup_breaks_accuracy_ties_by_the_second_score():
+    """fuse scores (accuracy, -loss): a model that ties on accuracy joins only if the loss does not rise."""
+    sds = [{"w": torch.tensor([v])} for v in (0.0, 1.0, 3.0)]
+
+    def evaluate(sd):  # the same "accuracy" everywhere; loss grows with w
+        return (0.9, -sd["w"].item())
+
+    soup, ingredients = greedy_soup(sds, evaluate)
+    assert ingredients == [0] and soup["w"].item() == 0.0  # every average has a higher loss than w=0
+    sds = [{"w": torch.tensor([v])} for v in (0.0, 2.0, 5.0)]
+    soup, ingredients = greedy_soup(sds, lambda sd: (0.9, -abs(sd["w"].item() - 1.0)))
+    assert ingredients == [0, 1] and soup["w"].item() == 1.0  # the pair's average has the lowest loss
+
+
+def test_fuse_greedy_on_a_model_prefers_lower_validation_loss_on_ties():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] > 0).long()
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    good["weight"] = torch.tensor([[-1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    good["bias"] = torch.zeros(2)
+    sharp = {k: v * 10 for k, v in good.items()}  # same predictions, lower loss
+    fused, report = fuse("greedy", [good, sharp], model=model, data=FusionData(x, y, x, y))
+    assert report["ingredients"] == ["model 1"]  # equal accuracy; the sharper model wins on loss alone
+    assert torch.equal(fused["weight"], sharp["weight"])
+
+
 def test_greedy_soup_never_scores_below_the_best_single_model():
     sds = [_sd(s) for s in range(5)]
     target = _sd(2)["w"] * 0.8

@@ -12,7 +12,7 @@ from torch import nn
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.prune import PruningSpace
 from metacompress.errors import UserError
-from metacompress.policy.features import NUM_FEATURES, group_features
+from metacompress.policy.features import FEATURE_NAMES, NUM_FEATURES, fold_unseen_kinds, group_features
 from metacompress.policy.network import Shapes, decide, init_params
 from metacompress.policy.store import Policy, load_policy, save_policy
 from metacompress.policy.tasks import Task, TaskPool, Teacher
@@ -52,14 +52,47 @@ def test_repair_head_reacts_to_the_regime():
     assert b.samples_per_class == 10 and b.steps == 50  # the regime itself is the user's
 
 
+def test_kinds_unseen_in_meta_training_are_shown_as_the_closest_seen_kind(digits):
+    """ES random-walks the input weights of a one-hot that is always 0 in meta-training; with
+    the fold, a policy's decision on depthwise / attention groups cannot depend on them."""
+    rng = np.random.default_rng(0)
+    theta = rng.normal(0, 0.5, Shapes.size())
+    seen = ("conv", "linear")
+    for name in ("mobilenet-small", "vit-tiny"):
+        torch.manual_seed(0)
+        model = build_model(name, digits.input_shape, 10, digits.mean, digits.std).eval()
+        space = PruningSpace(model, digits.x_train[:1], 10)
+        feats = group_features(model, space, digits.calibration_batch(64))
+        unseen = [FEATURE_NAMES.index(f"kind_{k}") for k in ("depthwise", "attention")]
+        assert feats[:, unseen].sum() > 0  # the family has groups of a kind the policy did not meet
+        folded = fold_unseen_kinds(feats, seen)
+        assert folded[:, unseen].sum() == 0
+        np.testing.assert_allclose(folded.sum(1), feats.sum(1), rtol=1e-6)  # moved, not dropped
+        noisy = theta.copy()
+        w1 = dict(Shapes.layout())["w1"]
+        start = 0  # w1 is the first block: rows are input features
+        for col in unseen:
+            noisy[start + col * w1[1]:start + (col + 1) * w1[1]] += rng.normal(0, 3, w1[1])
+        a = decide(theta, feats, 0.3, RepairConfig(steps=20), kinds_seen=seen)
+        b = decide(noisy, feats, 0.3, RepairConfig(steps=20), kinds_seen=seen)
+        np.testing.assert_allclose(a.scores, b.scores)
+        c = decide(noisy, feats, 0.3, RepairConfig(steps=20))  # without the fold the noise leaks through
+        assert not np.allclose(a.scores, c.scores)
+    assert fold_unseen_kinds(feats, None) is feats
+
+
 def test_save_load_round_trip_and_bad_files(tmp_path):
     theta = np.random.default_rng(0).normal(size=Shapes.size())
-    pol = Policy(theta, RepairConfig(lr=0.01), {"iterations": 3})
+    pol = Policy(theta, RepairConfig(lr=0.01), {"iterations": 3}, ("conv", "linear"))
     save_policy(pol, tmp_path)
     back = load_policy(tmp_path)
     np.testing.assert_array_equal(back.theta, theta)
     assert back.defaults.lr == 0.01 and back.provenance["iterations"] == 3
+    assert back.kinds_seen == ("conv", "linear")
     meta = json.loads((tmp_path / "policy.json").read_text())
+    (tmp_path / "policy.json").write_text(json.dumps({**meta, "kinds_seen": ["conv", "pooling"]}))
+    with pytest.raises(UserError, match="kinds_seen"):
+        load_policy(tmp_path)
     meta["version"] = 99
     (tmp_path / "policy.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="version"):

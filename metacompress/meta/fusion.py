@@ -138,9 +138,12 @@ def uniform_soup(state_dicts: Sequence[StateDict]) -> dict[str, Tensor]:
             for k, v in first.items()}
 
 
+Score = float | tuple[float, ...]
+
+
 def greedy_soup(
     state_dicts: Sequence[StateDict],
-    evaluate: Callable[[dict[str, Tensor]], float],
+    evaluate: Callable[[dict[str, Tensor]], Score],
     *,
     prepare: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> tuple[dict[str, Tensor], list[int]]:
@@ -150,22 +153,28 @@ def greedy_soup(
     given order); starting from the best, each next model joins only if the uniform soup with it
     scores at least as well as the soup without it. So the soup never scores below the best
     single model on the held-out data, and models that would hurt (e.g. from another basin) stay
-    out. ``prepare`` transforms every candidate before it is scored, and the returned soup too;
-    typically it recomputes BatchNorm statistics, which averaging leaves stale.
+    out. A score may be a tuple, compared in order: ``fuse`` uses (accuracy, -loss), so that on a
+    small held-out set, where accuracies tie often, a tie admits a model only if the loss does
+    not get worse. ``prepare`` transforms every candidate before it is scored, and the returned
+    soup too; typically it recomputes BatchNorm statistics, which averaging leaves stale.
     """
     check_compatible(state_dicts)
 
     def prepared(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         return prepare(sd) if prepare is not None else sd
 
+    def scored(sd: dict[str, Tensor]) -> Score:
+        v = evaluate(sd)
+        return tuple(float(x) for x in v) if isinstance(v, tuple) else float(v)
+
     candidates = [prepared(dict(sd)) for sd in state_dicts]
-    scores = [float(evaluate(c)) for c in candidates]
-    order = sorted(range(len(state_dicts)), key=lambda i: -scores[i])
+    scores = [scored(c) for c in candidates]
+    order = sorted(range(len(state_dicts)), key=lambda i: scores[i], reverse=True)  # stable: ties keep order
     ingredients = [order[0]]
     soup, best = candidates[order[0]], scores[order[0]]
     for i in order[1:]:
         trial = prepared(uniform_soup([state_dicts[j] for j in [*ingredients, i]]))
-        score = float(evaluate(trial))
+        score = scored(trial)
         if score >= best:
             ingredients.append(i)
             soup, best = trial, score
@@ -454,20 +463,28 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
+def _logits(model: nn.Module, state_dict: StateDict, x: Tensor, batch_size: int = 256) -> Tensor:
+    """Outputs of the model with these weights on ``x``, in eval mode; the model is untouched."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return torch.cat([functional_call(model, dict(state_dict), (x[start:start + batch_size],))
+                              for start in range(0, len(x), batch_size)])
+    finally:
+        model.train(was_training)
+
+
 def accuracy(model: nn.Module, state_dict: StateDict, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of the model with these weights, in eval mode; the model is untouched."""
     _check_data(x, y)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                out = functional_call(model, dict(state_dict), (x[start:start + batch_size],))
-                correct += int((out.argmax(1) == y[start:start + batch_size]).sum())
-    finally:
-        model.train(was_training)
-    return correct / len(x)
+    return int((_logits(model, state_dict, x, batch_size).argmax(1) == y).sum()) / len(x)
+
+
+def mean_loss(model: nn.Module, state_dict: StateDict, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
+    """Mean cross-entropy of the model with these weights, in eval mode; the model is untouched."""
+    _check_data(x, y)
+    return float(F.cross_entropy(_logits(model, state_dict, x, batch_size), y))
 
 
 # --------------------------------------------------------------------------- one entry point
@@ -554,7 +571,8 @@ def fuse(
         fused = uniform_soup(state_dicts)
     elif method == "greedy":
         fused, ingredients = greedy_soup(
-            state_dicts, lambda sd: accuracy(model, sd, data.x_val, data.y_val), prepare=prepare)
+            state_dicts, lambda sd: (accuracy(model, sd, data.x_val, data.y_val), -mean_loss(model, sd, data.x_val, data.y_val)),
+            prepare=prepare)
         report["ingredients"] = [labels[i] for i in ingredients]
     elif method == "task-arithmetic":
         fused = task_arithmetic(base, state_dicts, lam_)

@@ -135,6 +135,39 @@ def group_features(model: nn.Module, space: PruningSpace, calib: tuple[torch.Ten
     return np.asarray(rows, dtype=np.float32)
 
 
+# what an unseen kind is shown as: the closest kinds, in order (a depthwise conv is a conv; an
+# attention head dimension is a linear layer's output unit)
+KIND_FALLBACK = {"depthwise": ("conv", "linear"), "attention": ("linear", "conv"),
+                 "conv": ("linear",), "linear": ("conv",)}
+
+
+def fold_unseen_kinds(features: np.ndarray, seen: tuple[str, ...] | None) -> np.ndarray:
+    """Show groups of a kind the policy never met in meta-training as the closest kind it met.
+
+    Why: a one-hot column that is always 0 during meta-training has no effect on the reward,
+    so evolution strategies random-walk its input weights; left in place, that noise would
+    shift every such group's ratio arbitrarily on a new family (mobilenet's depthwise groups,
+    a ViT's attention groups). ``seen`` None: fold nothing (the policy met every kind).
+    """
+    if seen is None:
+        return features
+    out = np.array(features, copy=True)
+    for kind in KINDS:
+        if kind in seen:
+            continue
+        target = next((k for k in KIND_FALLBACK[kind] if k in seen), None)
+        if target is None:
+            continue
+        col, dst = FEATURE_NAMES.index(f"kind_{kind}"), FEATURE_NAMES.index(f"kind_{target}")
+        out[:, dst] += out[:, col]
+        out[:, col] = 0.0
+    return out
+
+
+def kinds_of(space: PruningSpace) -> set[str]:
+    return {g.kind for g in space.groups}
+
+
 class ExpertAllocations:
     """The fixed rules' allocations for one model, at any budget (scores computed once)."""
 

@@ -26,7 +26,7 @@ from metacompress.io import load_weights, save_torch
 from metacompress.meta.es import ES
 from metacompress.policy.network import Shapes, init_params
 from metacompress.policy.store import Policy, load_policy, save_policy
-from metacompress.policy.tasks import Task, TaskDistribution, TaskPool, Teacher, teachers_from
+from metacompress.policy.tasks import Task, TaskDistribution, TaskPool, Teacher, kinds_seen, teachers_from
 from metacompress.progress import track
 
 
@@ -157,7 +157,7 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
         "final_mean_reward_last10": float(np.mean([h["mean_reward"] for h in history[-10:]])) if history else 0.0,
         "history": history,
     }
-    save_policy(Policy(theta, defaults, provenance), out)
+    save_policy(Policy(theta, defaults, provenance, kinds_seen(teachers)), out)
     plot_curve(history, out / "reward_curve.png")
     return {"out": str(out), "iterations": cfg.iterations, "history": history,
             "final_mean_reward_last10": provenance["final_mean_reward_last10"]}

@@ -22,7 +22,7 @@ import numpy as np
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.prune import MAX_RATIO
 from metacompress.errors import UserError
-from metacompress.policy.features import NUM_FEATURES
+from metacompress.policy.features import NUM_FEATURES, fold_unseen_kinds
 
 REGIMES = ("bn", "short", "few", "generous")
 EXPERT_RULES = ("global-magnitude", "global-taylor", "lamp")  # allocations the policy can lean on
@@ -101,15 +101,18 @@ class Decision:
 
 
 def decide(theta: np.ndarray, features: np.ndarray, budget: float, base: RepairConfig,
-           expert_ratios: np.ndarray | None = None) -> Decision:
+           expert_ratios: np.ndarray | None = None, kinds_seen: tuple[str, ...] | None = None) -> Decision:
     """Run the policy on one model's group features for a budget and a base repair config.
 
     ``expert_ratios`` (groups x EXPERT_RULES) are the fixed rules' allocations at this budget.
     The policy may lean on them, with weights that depend on the budget and the regime: which
     rule wins changes from regime to regime, and learning that is cheap for ES (a few weights
     with large effects), while the per-group network corrects what no rule gets right.
+    ``kinds_seen``: the group kinds the policy met in meta-training; others are shown as the
+    closest kind it met (``fold_unseen_kinds``).
     """
     p = _unpack(np.asarray(theta, dtype=np.float64))
+    features = fold_unseen_kinds(features, kinds_seen)
     regime = regime_of(base)
     ctx = np.array([budget] + [1.0 if r == regime else 0.0 for r in REGIMES])
     x = np.concatenate([features, np.repeat(ctx[None], len(features), 0)], axis=1)

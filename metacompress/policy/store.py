@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from metacompress.compress.distill import RepairConfig
+from metacompress.compress.groups import KINDS
 from metacompress.errors import UserError
 from metacompress.io import atomic_path, write_json
 from metacompress.policy.features import FEATURE_NAMES
@@ -31,6 +32,7 @@ class Policy:
     theta: np.ndarray
     defaults: RepairConfig = field(default_factory=RepairConfig)
     provenance: dict[str, Any] = field(default_factory=dict)
+    kinds_seen: tuple[str, ...] | None = None  # group kinds met in meta-training (None: all of them)
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -47,7 +49,9 @@ def save_policy(policy: Policy, path: str | Path) -> None:
     write_json(meta, {
         "format": "metacompress.policy", "version": VERSION, "parameters": int(policy.theta.size),
         "hidden": HIDDEN, "features": list(FEATURE_NAMES),
-        "repair_defaults": policy.defaults.to_dict(), "provenance": policy.provenance,
+        "repair_defaults": policy.defaults.to_dict(),
+        "kinds_seen": list(policy.kinds_seen) if policy.kinds_seen is not None else None,
+        "provenance": policy.provenance,
     })
 
 
@@ -69,4 +73,7 @@ def load_policy(path: str | Path | None = None) -> Policy:
                         f"this version expects {Shapes.size()} weights and features {list(FEATURE_NAMES)}")
     defaults = RepairConfig(**{k: v for k, v in meta.get("repair_defaults", {}).items()
                                if k in RepairConfig.__dataclass_fields__})
-    return Policy(theta, defaults, meta.get("provenance", {}))
+    kinds = meta.get("kinds_seen")
+    if kinds is not None and (not isinstance(kinds, list) or not set(kinds) <= set(KINDS)):
+        raise UserError(f"{meta_path}: kinds_seen must be a list drawn from {', '.join(KINDS)}, got {kinds!r}")
+    return Policy(theta, defaults, meta.get("provenance", {}), tuple(kinds) if kinds is not None else None)

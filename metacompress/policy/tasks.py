@@ -24,10 +24,11 @@ from torch import nn
 
 from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.compress.distill import RepairConfig, repair
+from metacompress.compress.groups import KINDS
 from metacompress.compress.prune import PruningSpace
 from metacompress.data import Dataset, load_dataset
 from metacompress.io import load_weights, save_torch
-from metacompress.policy.features import ExpertAllocations, group_features
+from metacompress.policy.features import ExpertAllocations, group_features, kinds_of
 from metacompress.policy.network import EXPERT_RULES, REGIMES, decide
 from metacompress.training import accuracy, train_dense
 from metacompress.zoo import build_model
@@ -101,8 +102,9 @@ class Context:
 class TaskPool:
     """Builds and caches teacher contexts; evaluates allocations on tasks."""
 
-    def __init__(self, defaults: RepairConfig | None = None) -> None:
+    def __init__(self, defaults: RepairConfig | None = None, kinds_seen: tuple[str, ...] | None = None) -> None:
         self.defaults = defaults or RepairConfig()
+        self.kinds_seen = kinds_seen  # of the policy being judged (see network.decide)
         self._contexts: dict[Teacher, Context] = {}
         self._data: dict[str, Dataset] = {}
 
@@ -157,7 +159,7 @@ class TaskPool:
         ctx = self.context(task.teacher)
         base = regime_config(task.regime, self.defaults)
         budget = self.budget(task)
-        decision = decide(theta, ctx.features, budget, base, ctx.experts.ratios(budget))
+        decision = decide(theta, ctx.features, budget, base, ctx.experts.ratios(budget), self.kinds_seen)
         keep = ctx.space.project(decision.ratio_fn(), budget)
         return self.run(task, keep, "magnitude", decision.repair if learned_repair else base)
 
@@ -198,4 +200,14 @@ def teachers_from(spec: list[dict[str, Any]]) -> list[Teacher]:
     return out
 
 
-__all__ = ["RULES", "Task", "TaskDistribution", "TaskPool", "Teacher", "regime_config", "teachers_from"]
+def kinds_seen(teachers: list[Teacher]) -> tuple[str, ...]:
+    """The group kinds these teachers' architectures have (what a policy trained on them met)."""
+    kinds: set[str] = set()
+    for t in teachers:
+        data = load_dataset(t.data)
+        model = build_model(t.model, data.input_shape, data.num_classes, data.mean, data.std, **dict(t.kwargs))
+        kinds |= kinds_of(PruningSpace(model.eval(), data.x_train[:1], data.num_classes))
+    return tuple(k for k in KINDS if k in kinds)
+
+
+__all__ = ["RULES", "Task", "TaskDistribution", "TaskPool", "Teacher", "kinds_seen", "regime_config", "teachers_from"]
