@@ -45,6 +45,7 @@ def info(
     prov = {k: v for k, v in pol.provenance.items() if k != "history"}
     curve = [h["mean_reward"] for h in pol.provenance.get("history", [])]
     result = {"path": str(path or DEFAULT_DIR), "parameters": int(pol.theta.size), "repair_defaults": pol.defaults.to_dict(),
+              "kinds_seen": list(pol.kinds_seen) if pol.kinds_seen is not None else "all",
               "provenance": prov, "reward_first10": float(sum(curve[:10]) / max(1, len(curve[:10]))),
               "reward_last10": float(sum(curve[-10:]) / max(1, len(curve[-10:])))}
 
@@ -55,6 +56,7 @@ def info(
         console.print(f"  reward (points over uniform): first 10 iterations {100 * r['reward_first10']:+.2f}, "
                       f"last 10 {100 * r['reward_last10']:+.2f}")
         console.print(f"  repair defaults: {r['repair_defaults']}")
+        console.print(f"  group kinds met in meta-training: {r['kinds_seen']} (others are shown as the closest of these)")
 
     emit(result, as_json, render)
 

@@ -2,8 +2,8 @@
 
 load -> measure -> allocate -> prune -> repair -> (fuse) -> export -> verify -> report
 
-(with the meta policy, the guard stands in for prune: it prunes and repairs three candidates
-and keeps the best on validation).
+(with the meta policy, a guard stage after prune repairs three candidates and keeps the best
+on validation).
 
 Every stage is a plain function call into the library; the CLI and recipes only fill in a
 ``CompressConfig``. Outputs are staged in a temporary folder and moved into place only when
@@ -201,7 +201,7 @@ def repair_one(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: Repair
     return _scored(s, data, seed)
 
 
-def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: RepairConfig
+def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: RepairConfig, pruned: nn.Module
                  ) -> tuple[list[int], RepairConfig, nn.Module, dict[str, Any], dict[str, Any]]:
     """Repair the policy's proposal and two safe alternatives; keep the best on validation.
 
@@ -210,26 +210,27 @@ def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: 
     default settings. The policy wins on average, but on a family it has not seen its repair
     settings can diverge or its allocation can trail uniform (BENCHMARKS.md): three repairs
     bound that risk, still over 20x cheaper than a per-task search of 64 repairs.
-    Returns the chosen keep counts, repair settings, pruned (unrepaired) model, what was
-    compared, and the chosen repaired student (reused as the first student).
+    ``pruned`` is the policy's allocation, already pruned. Returns the chosen keep counts, repair
+    settings, pruned (unrepaired) model, what was compared, and the chosen repaired student
+    (reused as the first student).
     """
     metric, target = cfg.budget()
     calib = prep.data.calibration_batch(128, cfg.seed)
     uniform = prep.space.project(rule_allocation("uniform", prep.space, prep.dense, calib), target, metric)
     options = {"policy": (keep, learned), "policy-allocation": (keep, cfg.repair), "uniform": (uniform, cfg.repair)}
-    pruned: dict[str, nn.Module] = {}
+    models: dict[str, nn.Module] = {}
     tried: dict[str, dict[str, Any]] = {}
     for name, (k, rc) in options.items():
         if any(options[n] == (k, rc) for n in tried):  # e.g. all repair settings given explicitly
             continue
-        pruned[name] = prune_to(prep, k, "magnitude", cfg.seed)
-        tried[name] = repair_one(pruned[name], prep.dense, prep.data, rc, cfg.seed)
+        models[name] = pruned if k == keep else prune_to(prep, k, "magnitude", cfg.seed)
+        tried[name] = repair_one(models[name], prep.dense, prep.data, rc, cfg.seed)
     chosen = max(tried, key=lambda n: tried[n]["val_accuracy"])  # the first of equals: the policy's
     scores = ", ".join(f"{n} {t['val_accuracy']:.4f}" for n, t in tried.items())
     status(f"guard: validation accuracy {scores} -> {chosen}")
     info = {"val_accuracy": {n: t["val_accuracy"] for n, t in tried.items()}, "chosen": chosen}
     k, rc = options[chosen]
-    return k, rc, pruned[chosen], info, tried[chosen]
+    return k, rc, models[chosen], info, tried[chosen]
 
 
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,
@@ -287,13 +288,12 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     data = prep.data
     with timer.stage("allocate"):
         keep, importance, repair_cfg = allocate(cfg, prep)
+    with timer.stage("prune"):
+        student = prune_to(prep, keep, importance, cfg.seed)
     guard = first = None
     if cfg.allocation == "meta" and cfg.guard:
         with timer.stage("guard"):
-            keep, repair_cfg, student, guard, first = guard_repair(cfg, prep, keep, repair_cfg)
-    else:
-        with timer.stage("prune"):
-            student = prune_to(prep, keep, importance, cfg.seed)
+            keep, repair_cfg, student, guard, first = guard_repair(cfg, prep, keep, repair_cfg, student)
     pruned_acc = accuracy(student, data.x_test, data.y_test)
     with timer.stage("repair"):
         students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed, first)

@@ -59,7 +59,7 @@ def test_latency_benchmarks_smoke(tmp_path, script):
 
 def test_students_soup_smoke(tmp_path):
     out = run_bench(tmp_path, "students_soup.py", "--quick")
-    assert "| model | students | soup | mean student |" in out and "| mlp | forked |" in out
+    assert "| model | students | greedy soup | mean student |" in out and "| mlp | forked |" in out and "wins/ties/losses" in out
 
 
 def test_compress_parity_smoke(tmp_path):

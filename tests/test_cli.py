@@ -134,3 +134,4 @@ def test_policy_info_shows_provenance():
     info = json.loads(res.stdout)
     assert info["provenance"]["iterations"] >= 10 and info["parameters"] > 100
     assert set(info["repair_defaults"]) >= {"lr", "temperature", "alpha", "bn_samples"}
+    assert info["kinds_seen"] == ["conv", "linear"]  # the shipped policy met mlp, vgg-small and resnet20 only

@@ -174,6 +174,10 @@ class ExpertAllocations:
     def __init__(self, model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
                  rules: tuple[str, ...]):
         self.space = space
+        # gradient-based scores (Taylor) cost a forward and a backward pass (~3 forwards) per
+        # sample: on a large model the calibration batch shrinks to the probes' MACs budget
+        n = int(np.clip(PROBE_MACS_BUDGET / max(1, 3 * space.dense_macs), 16, len(calib[0])))
+        calib = (calib[0][:n], calib[1][:n])
         self._fns = [rule_allocation(rule, space, model, calib) for rule in rules]
 
     def ratios(self, budget: float, metric: str = "macs") -> np.ndarray:
