@@ -16,7 +16,7 @@ import time
 import torch
 
 from metacompress.meta import ALGORITHMS, parse_task_spec
-from metacompress.meta.baselines import evaluate_checkpoint, train_checkpoint
+from metacompress.meta.runner import evaluate_checkpoint, train_checkpoint
 
 torch.set_num_threads(1)
 

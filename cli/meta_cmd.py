@@ -11,7 +11,7 @@ from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emi
 from metacompress.errors import UserError
 from metacompress.io import load_weights, save_torch
 from metacompress.meta import ALGORITHMS, parse_task_spec
-from metacompress.meta.baselines import evaluate_checkpoint, train_checkpoint
+from metacompress.meta.runner import evaluate_checkpoint, train_checkpoint
 from metacompress.progress import track
 
 OUT_OPTION = typer.Option(..., "--out", help="Checkpoint to write (.pt).")

@@ -33,7 +33,8 @@ from metacompress.meta import (
     parse_task_spec,
     split_classes,
 )
-from metacompress.meta.baselines import evaluate_checkpoint, finetune_evaluate, train_checkpoint
+from metacompress.meta.baselines import finetune_evaluate
+from metacompress.meta.runner import evaluate_checkpoint, train_checkpoint
 
 torch.set_num_threads(1)
 

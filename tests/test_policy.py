@@ -195,3 +195,20 @@ def test_fast_adaptation_is_seeded_and_moves_the_policy(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - pol.theta).max() > 0
     assert -1.0 <= pool.reward(a, task) <= 1.0
+
+
+def test_allocation_only_reward_ignores_the_repair_head(tmp_path, monkeypatch):
+    """reward_repair: default trains the allocation alone: the repair head cannot move the reward."""
+    from metacompress.policy.meta_train import MetaTrainConfig, block_mask
+
+    monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path))
+    pol = load_policy()
+    pool = TaskPool(pol.defaults)
+    task = Task(Teacher("mlp", "digits", (("depth", 1), ("hidden", 32))), 0.3, "short", 0)
+    other = pol.theta.copy()
+    head = block_mask(("wr", "br"))
+    other[head] += np.random.default_rng(0).normal(0, 1.0, head.sum())  # very different repair settings
+    assert pool.reward(other, task, learned_repair=False) == pool.reward(pol.theta, task, learned_repair=False)
+    assert pool.reward(other, task) != pool.reward(pol.theta, task)
+    with pytest.raises(UserError, match="reward_repair"):
+        MetaTrainConfig.from_dict({"teachers": [], "reward_repair": "teacher"})

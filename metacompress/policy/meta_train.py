@@ -45,6 +45,7 @@ class MetaTrainConfig:
     repair_defaults: dict[str, Any] = field(default_factory=dict)
     init: str | None = None                 # warm start from this policy (a previous stage)
     train_only: tuple[str, ...] = ()        # weight blocks ES moves (network.Shapes names); () = all
+    reward_repair: str = "policy"           # repair settings the reward uses: the policy's, or the default ones
     out: str = "out/policy"
 
     @classmethod
@@ -58,6 +59,10 @@ class MetaTrainConfig:
         for key in ("budgets", "regime_weights", "train_only"):
             if key in known:
                 known[key] = tuple(known[key])
+        if known.get("reward_repair", "policy") not in ("policy", "default"):
+            from metacompress.errors import UserError
+
+            raise UserError(f"reward_repair must be 'policy' or 'default', got {known['reward_repair']!r}")
         return cls(**known)
 
 
@@ -71,9 +76,9 @@ def _init_worker(defaults: dict[str, Any]) -> None:
     _POOL = TaskPool(RepairConfig(**defaults))
 
 
-def _reward(args: tuple[np.ndarray, Task]) -> float:
-    theta, task = args
-    return _POOL.reward(theta, task)
+def _reward(args: tuple[np.ndarray, Task, bool]) -> float:
+    theta, task, learned_repair = args
+    return _POOL.reward(theta, task, learned_repair)
 
 
 def _warm(teacher: Teacher) -> str:
@@ -136,7 +141,7 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
                         total=cfg.iterations - len(history)):
             tasks = dist.sample(rng, cfg.tasks_per_iteration)
             candidates = es.ask()
-            jobs = [(full(np.asarray(c)), t) for c in candidates for t in tasks]
+            jobs = [(full(np.asarray(c)), t, cfg.reward_repair == "policy") for c in candidates for t in tasks]
             rewards = np.asarray(ev.map(_reward, jobs)).reshape(len(candidates), len(tasks))
             fitness = rewards.mean(1)
             metrics = es.tell(fitness)
@@ -153,7 +158,7 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
         "regime_weights": list(cfg.regime_weights), "seed": cfg.seed, "sigma": cfg.sigma, "lr": cfg.lr,
         "init": cfg.init, "init_provenance": ({k: v for k, v in load_policy(cfg.init).provenance.items() if k != "history"}
                                               if cfg.init else None),
-        "train_only": list(cfg.train_only),
+        "train_only": list(cfg.train_only), "reward_repair": cfg.reward_repair,
         "final_mean_reward_last10": float(np.mean([h["mean_reward"] for h in history[-10:]])) if history else 0.0,
         "history": history,
     }

@@ -163,8 +163,10 @@ class TaskPool:
         keep = ctx.space.project(decision.ratio_fn(), budget)
         return self.run(task, keep, "magnitude", decision.repair if learned_repair else base)
 
-    def reward(self, theta: np.ndarray, task: Task) -> float:
-        return self.policy(theta, task)[0] - self.baseline(task)[0]
+    def reward(self, theta: np.ndarray, task: Task, learned_repair: bool = True) -> float:
+        """Validation accuracy of the policy on ``task`` minus the uniform baseline's (with the
+        default repair settings instead of the policy's when ``learned_repair`` is off)."""
+        return self.policy(theta, task, learned_repair)[0] - self.baseline(task)[0]
 
 
 @dataclass
