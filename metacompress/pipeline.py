@@ -188,8 +188,9 @@ def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) ->
 
 
 def _scored(student: nn.Module, data: Dataset, seed: int) -> dict[str, Any]:
-    return {"seed": seed, "val_accuracy": accuracy(student, data.x_val, data.y_val),
-            "val_loss": float(F.cross_entropy(predict(student, data.x_val), data.y_val)),
+    val_logits = predict(student, data.x_val)
+    return {"seed": seed, "val_accuracy": float((val_logits.argmax(1) == data.y_val).float().mean()),
+            "val_loss": float(F.cross_entropy(val_logits, data.y_val)),
             "test_accuracy": accuracy(student, data.x_test, data.y_test),
             "state_dict": {n: t.detach().clone() for n, t in student.state_dict().items()}}
 
@@ -215,8 +216,7 @@ def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: 
     (reused as the first student).
     """
     metric, target = cfg.budget()
-    calib = prep.data.calibration_batch(128, cfg.seed)
-    uniform = prep.space.project(rule_allocation("uniform", prep.space, prep.dense, calib), target, metric)
+    uniform = prep.space.project(rule_allocation("uniform", prep.space, prep.dense, calib=None), target, metric)
     options = {"policy": (keep, learned), "policy-allocation": (keep, cfg.repair), "uniform": (uniform, cfg.repair)}
     models: dict[str, nn.Module] = {}
     tried: dict[str, dict[str, Any]] = {}

@@ -80,32 +80,27 @@ def digits8():
     return load_dataset("digits")
 
 
-@pytest.fixture(scope="module")
-def resnet(digits32, tmp_path_factory):
-    """ResNet-20 trained on digits@32, pruned to <= 0.5 MACs, fine-tuned; exported + simplified."""
+def _pruned_and_exported(name: str, data, epochs: int, folder) -> tuple:
+    """``name`` trained on ``data``, pruned to <= 0.5 MACs, fine-tuned; exported + simplified."""
     torch.manual_seed(0)
-    model = build_model("resnet20", digits32.input_shape, digits32.num_classes, digits32.mean, digits32.std)
-    _train(model, digits32, epochs=3, lr=3e-3)
-    model, ratio = _prune_to_half(model, digits32.x_train[:1])
-    _train(model, digits32, epochs=2, lr=1e-3)
-    path = tmp_path_factory.mktemp("resnet") / "model.onnx"
-    export_onnx(model, digits32.x_train[:2], path)
+    model = build_model(name, data.input_shape, data.num_classes, data.mean, data.std)
+    _train(model, data, epochs=epochs, lr=3e-3)
+    model, ratio = _prune_to_half(model, data.x_train[:1])
+    _train(model, data, epochs=2, lr=1e-3)
+    path = folder / "model.onnx"
+    export_onnx(model, data.x_train[:2], path)
     simplify_onnx(path, path)
     return model, path, ratio
+
+
+@pytest.fixture(scope="module")
+def resnet(digits32, tmp_path_factory):
+    return _pruned_and_exported("resnet20", digits32, 3, tmp_path_factory.mktemp("resnet"))
 
 
 @pytest.fixture(scope="module")
 def mlp(digits8, tmp_path_factory):
-    """MLP trained on digits, pruned to <= 0.5 MACs, fine-tuned; exported + simplified."""
-    torch.manual_seed(0)
-    model = build_model("mlp", digits8.input_shape, digits8.num_classes, digits8.mean, digits8.std)
-    _train(model, digits8, epochs=8, lr=3e-3)
-    model, ratio = _prune_to_half(model, digits8.x_train[:1])
-    _train(model, digits8, epochs=2, lr=1e-3)
-    path = tmp_path_factory.mktemp("mlp") / "model.onnx"
-    export_onnx(model, digits8.x_train[:2], path)
-    simplify_onnx(path, path)
-    return model, path, ratio
+    return _pruned_and_exported("mlp", digits8, 8, tmp_path_factory.mktemp("mlp"))
 
 
 # ---------------------------------------------------------------- export

@@ -167,6 +167,5 @@ def repair_forked(student: nn.Module, teacher: nn.Module, data: Dataset, cfg: Re
             gi = torch.Generator().manual_seed(seed + i)
             torch.manual_seed(seed + i)
         _distill(s, o, sc, batch, cfg, rest, gi, progress)
-        s.eval()
-        students.append(s)
+        students.append(s.eval())
     return students

@@ -164,10 +164,6 @@ def fold_unseen_kinds(features: np.ndarray, seen: tuple[str, ...] | None) -> np.
     return out
 
 
-def kinds_of(space: PruningSpace) -> set[str]:
-    return {g.kind for g in space.groups}
-
-
 class ExpertAllocations:
     """The fixed rules' allocations for one model, at any budget (scores computed once)."""
 

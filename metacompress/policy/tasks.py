@@ -28,7 +28,7 @@ from metacompress.compress.groups import KINDS
 from metacompress.compress.prune import PruningSpace
 from metacompress.data import Dataset, load_dataset
 from metacompress.io import load_weights, save_torch
-from metacompress.policy.features import ExpertAllocations, group_features, kinds_of
+from metacompress.policy.features import ExpertAllocations, group_features
 from metacompress.policy.network import EXPERT_RULES, REGIMES, decide
 from metacompress.training import accuracy, train_dense
 from metacompress.zoo import build_model
@@ -205,10 +205,11 @@ def teachers_from(spec: list[dict[str, Any]]) -> list[Teacher]:
 def kinds_seen(teachers: list[Teacher]) -> tuple[str, ...]:
     """The group kinds these teachers' architectures have (what a policy trained on them met)."""
     kinds: set[str] = set()
+    datasets = {d: load_dataset(d) for d in {t.data for t in teachers}}
     for t in teachers:
-        data = load_dataset(t.data)
+        data = datasets[t.data]
         model = build_model(t.model, data.input_shape, data.num_classes, data.mean, data.std, **dict(t.kwargs))
-        kinds |= kinds_of(PruningSpace(model.eval(), data.x_train[:1], data.num_classes))
+        kinds |= {g.kind for g in PruningSpace(model.eval(), data.x_train[:1], data.num_classes).groups}
     return tuple(k for k in KINDS if k in kinds)
 
 
