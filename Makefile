@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 #   make test TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint policy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,12 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check metacompress cli tests benchmarks
+
+# re-train the shipped default policy (two stages, about 15 min on 2 cores) and install it
+policy: setup
+	$(VENV)/bin/metacompress policy train --config recipes/policy-default.yaml
+	$(VENV)/bin/metacompress policy train --config recipes/policy-default-stage2.yaml
+	cp out/policy-default-stage2/policy.json out/policy-default-stage2/policy.safetensors metacompress/policy/default/
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -94,17 +94,21 @@ def main() -> None:
     timing = allocation_times(args.policy, large=not args.smoke)
     hist = pol.provenance.get("history", [])
     per_teacher: dict[str, dict[str, list[float]]] = {}
+    teacher_cols = ["meta", "meta+guard", "meta-alloc", summary["best_single_rule"], "uniform", "oracle"]
+    teacher_cols = list(dict.fromkeys(teacher_cols))  # the best rule may be uniform
     for r in rows:
         if r["regime"] == "generous":
             continue
-        cell = per_teacher.setdefault(r["teacher"], {"meta": [], "uniform": [], "oracle": []})
+        cell = per_teacher.setdefault(r["teacher"], {c: [] for c in teacher_cols})
         for k in cell:
             cell[k].append(r["test"][k])
     lines = [
         f"Command: `python benchmarks/policy_vs_baselines.py{' --quick' if args.quick else ''}` "
         f"({len(rows)} task runs, {wall / 60:.1f} min on 2 workers). Policy: "
         f"{pol.provenance.get('iterations', '?')} ES iterations over {len(pol.provenance.get('teachers', []))} "
-        f"teachers ({hist[-1]['seconds'] / 60 if hist else float('nan'):.1f} min of meta-training).",
+        f"teachers ({hist[-1]['seconds'] / 60 if hist else float('nan'):.1f} min of meta-training)"
+        + (f", warm-started from a policy of {init['iterations']} iterations." if (init := pol.provenance.get(
+            "init_provenance")) else "."),
         "",
         "Mean test accuracy (%) per repair regime, averaged over held-out teachers, budgets and seeds:",
         "",
@@ -113,9 +117,9 @@ def main() -> None:
         "Short regimes = BN recalibration only, 20 steps, 10 labels/class x 50 steps. Per held-out teacher "
         "(short regimes, mean test accuracy %):",
         "",
-        "| teacher | meta | uniform | oracle |",
-        "|---|---|---|---|",
-        *[f"| {t} | {100 * np.mean(v['meta']):.2f} | {100 * np.mean(v['uniform']):.2f} | {100 * np.mean(v['oracle']):.2f} |"
+        "| teacher | " + " | ".join(teacher_cols) + " |",
+        "|---|" + "---|" * len(teacher_cols),
+        *["| " + " | ".join([t, *(f"{100 * np.mean(v[c]):.2f}" for c in teacher_cols)]) + " |"
           for t, v in per_teacher.items()],
         "",
         "Targets:",

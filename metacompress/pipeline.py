@@ -150,12 +150,14 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
         raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
     from metacompress.policy.features import ExpertAllocations, group_features
     from metacompress.policy.network import EXPERT_RULES, decide, regime_of
+    from metacompress.policy.probes import loss_curves
     from metacompress.policy.store import load_policy
 
     policy = load_policy(cfg.policy)
     theta = policy.theta
-    features = group_features(prep.dense, prep.space, calib)
-    experts = ExpertAllocations(prep.dense, prep.space, calib, EXPERT_RULES)
+    curves = loss_curves(prep.dense, prep.space, calib)
+    features = group_features(prep.dense, prep.space, calib, curves)
+    experts = ExpertAllocations(prep.dense, prep.space, calib, EXPERT_RULES, curves)
     if cfg.adapt_steps > 0:
         theta = _adapt(theta, cfg, prep, target, features, experts, policy.kinds_seen)
     decision = decide(theta, features, target, cfg.repair, experts.ratios(target, metric), policy.kinds_seen)
@@ -204,17 +206,16 @@ def repair_one(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: Repair
 
 def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: RepairConfig, pruned: nn.Module
                  ) -> tuple[list[int], RepairConfig, nn.Module, dict[str, Any], dict[str, Any]]:
-    """Repair the policy's proposal and two safe alternatives; keep the best on validation.
+    """Repair the policy's proposal and two safe alternatives; keep the one ``guard_choice``
+    picks on validation (policy/guard.py says which and why).
 
-    Candidates, in order of preference on ties: the policy's allocation with its repair
-    settings; its allocation with the default settings; the uniform allocation with the
-    default settings. The policy wins on average, but on a family it has not seen its repair
-    settings can diverge or its allocation can trail uniform (BENCHMARKS.md): three repairs
-    bound that risk, still over 20x cheaper than a per-task search of 64 repairs.
-    ``pruned`` is the policy's allocation, already pruned. Returns the chosen keep counts, repair
-    settings, pruned (unrepaired) model, what was compared, and the chosen repaired student
-    (reused as the first student).
+    Three repairs bound the risk of a family the policy has not seen, still over 20x cheaper
+    than a per-task search of 64 repairs. ``pruned`` is the policy's allocation, already pruned.
+    Returns the chosen keep counts, repair settings, pruned (unrepaired) model, what was
+    compared, and the chosen repaired student (reused as the first student).
     """
+    from metacompress.policy.guard import guard_choice
+
     metric, target = cfg.budget()
     uniform = prep.space.project(rule_allocation("uniform", prep.space, prep.dense, calib=None), target, metric)
     options = {"policy": (keep, learned), "policy-allocation": (keep, cfg.repair), "uniform": (uniform, cfg.repair)}
@@ -225,10 +226,12 @@ def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: 
             continue
         models[name] = pruned if k == keep else prune_to(prep, k, "magnitude", cfg.seed)
         tried[name] = repair_one(models[name], prep.dense, prep.data, rc, cfg.seed)
-    chosen = max(tried, key=lambda n: tried[n]["val_accuracy"])  # the first of equals: the policy's
-    scores = ", ".join(f"{n} {t['val_accuracy']:.4f}" for n, t in tried.items())
+    acc = {n: t["val_accuracy"] for n, t in tried.items()}
+    loss = {n: t["val_loss"] for n, t in tried.items()}
+    chosen = guard_choice(acc, loss, len(prep.data.y_val))
+    scores = ", ".join(f"{n} {a:.4f}" for n, a in acc.items())
     status(f"guard: validation accuracy {scores} -> {chosen}")
-    info = {"val_accuracy": {n: t["val_accuracy"] for n, t in tried.items()}, "chosen": chosen}
+    info = {"val_accuracy": acc, "val_loss": loss, "chosen": chosen}
     k, rc = options[chosen]
     return k, rc, models[chosen], info, tried[chosen]
 

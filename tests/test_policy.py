@@ -183,6 +183,24 @@ def test_warm_start_moves_only_the_named_blocks(tmp_path, monkeypatch):
         block_mask(("nope",))
 
 
+def test_frozen_expert_keeps_its_mixture_weights_out_of_es():
+    """frozen_experts: ES sees every weight but the frozen expert's mixture column, in flat order,
+    so a stage-1 run draws the same noise as before the expert existed (BENCHMARKS.md)."""
+    from metacompress.policy.meta_train import MetaTrainConfig, block_mask
+    from metacompress.policy.network import EXPERT_RULES, HIDDEN, N_CONTEXT
+
+    mask = block_mask((), ("sensitivity",))
+    assert mask.sum() == Shapes.size() - N_CONTEXT
+    wm = np.zeros(dict(Shapes.layout())["wm"], dtype=bool)
+    wm[:, EXPERT_RULES.index("sensitivity")] = True
+    np.testing.assert_array_equal(~mask, np.concatenate([np.zeros(Shapes.size() - wm.size, bool), wm.ravel()]))
+    assert block_mask(("w2", "wm"), ("sensitivity", "lamp")).sum() == 2 * HIDDEN + N_CONTEXT * (len(EXPERT_RULES) - 2)
+    with pytest.raises(UserError, match="unknown expert"):
+        block_mask((), ("oracle",))
+    assert MetaTrainConfig.from_dict({"teachers": [], "frozen_experts": ["sensitivity"]}).frozen_experts == (
+        "sensitivity",)
+
+
 def test_fast_adaptation_is_seeded_and_moves_the_policy(tmp_path, monkeypatch):
     from metacompress.policy.meta_train import adapt
 

@@ -1,11 +1,13 @@
 """Judge a policy against the built-in allocations on held-out tasks.
 
-Columns per task: ``meta`` (zero-shot policy: allocation + repair settings), ``meta-alloc``
-(the policy's allocation with the default repair settings), the four built-ins with the
-default repair settings, ``oracle`` (per task, the built-in with the best *validation*
-accuracy), and optionally ``es-search`` (a per-task ES search over the same allocation +
-repair parameterisation from the uniform start, with a fixed number of evaluations, scored
-on validation). Every choice uses the validation split; the table reports test accuracy.
+Columns per task: ``meta`` (zero-shot policy: allocation + repair settings), ``meta+guard``
+(what ``compress`` keeps: policy/guard.py), ``meta-alloc`` (the policy's allocation with the
+default repair settings), the four built-ins with the default repair settings, ``oracle`` (per
+task, the built-in with the best *validation* accuracy), ``sensitivity`` (the policy's
+probe-based expert alone, default repair: what the learned mixture adds to it), and
+optionally ``es-search`` (a per-task ES search over the same allocation + repair
+parameterisation from the uniform start, with a fixed number of evaluations, scored on
+validation). Every choice uses the validation split; the table reports test accuracy.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import torch
 
 from metacompress.compress.baselines import RULES
 from metacompress.compress.distill import RepairConfig
+from metacompress.policy.guard import GUARD_CANDIDATES, guard_choice
 from metacompress.policy.meta_train import adapt
 from metacompress.policy.network import REGIMES, init_params
-from metacompress.policy.tasks import Task, TaskPool, teachers_from
+from metacompress.policy.tasks import Score, Task, TaskPool, teachers_from
 from metacompress.progress import track
 
-COLUMNS = ("meta", "meta+guard", "meta-alloc", *RULES, "oracle")
+COLUMNS = ("meta", "meta+guard", "meta-alloc", *RULES, "oracle", "sensitivity")
 
 
 @dataclass
@@ -63,15 +66,18 @@ def _init(defaults: dict, theta: np.ndarray, kinds_seen: tuple[str, ...] | None)
 
 def _row(args: tuple[Task, int]) -> dict[str, Any]:
     task, es_evals = args
-    res: dict[str, tuple[float, float]] = {"meta": _POOL.policy(_THETA, task),
-                                           "meta-alloc": _POOL.policy(_THETA, task, learned_repair=False)}
+    res: dict[str, Score] = {"meta": _POOL.policy(_THETA, task),
+                             "meta-alloc": _POOL.policy(_THETA, task, learned_repair=False)}
     for rule in RULES:
         res[rule] = _POOL.rule(task, rule)
-    # the guard (pipeline.guard_repair) keeps the best on validation of exactly these three repairs,
-    # preferring the earlier on ties
-    res["meta+guard"] = max(res["meta"], res["meta-alloc"], res["uniform"], key=lambda v: v[0])
-    best = max(RULES, key=lambda r: res[r][0])
+    # exactly the guard of compress (pipeline.guard_repair): the same three repairs, the same choice
+    guarded = dict(zip(GUARD_CANDIDATES, (res["meta"], res["meta-alloc"], res["uniform"])))
+    n_val = len(_POOL.context(task.teacher).data.y_val)
+    res["meta+guard"] = guarded[guard_choice({n: v.val for n, v in guarded.items()},
+                                             {n: v.val_loss for n, v in guarded.items()}, n_val)]
+    best = max(RULES, key=lambda r: res[r].val)
     res["oracle"] = res[best]
+    res["sensitivity"] = _POOL.expert(task, "sensitivity")  # the policy's probe-based expert alone
     if es_evals:
         pop = 8
         theta = adapt(init_params(task.seed), _POOL, task, steps=max(1, es_evals // pop), population=pop,
@@ -80,7 +86,8 @@ def _row(args: tuple[Task, int]) -> dict[str, Any]:
     ctx = _POOL.context(task.teacher)
     return {"teacher": task.teacher.label(), "budget": task.budget, "regime": task.regime, "seed": task.seed,
             "dense_test": ctx.dense_test, "oracle_rule": best,
-            "val": {k: v[0] for k, v in res.items()}, "test": {k: v[1] for k, v in res.items()}}
+            "val": {k: v.val for k, v in res.items()}, "test": {k: v.test for k, v in res.items()},
+            "val_loss": {k: v.val_loss for k, v in res.items()}}
 
 
 def evaluate(cfg: EvalConfig, theta: np.ndarray, kinds_seen: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
@@ -156,6 +163,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                                "meta+guard": _targets(rows, "meta+guard", best_rule)}
     if short:
         summary["meta_alloc_short_minus_best_rule"] = _mean_diff(short, "meta-alloc", best_rule)
+        summary["sensitivity_short_minus_best_rule"] = _mean_diff(short, "sensitivity", best_rule)
     return summary
 
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from metacompress.compress.distill import RepairConfig
+from metacompress.errors import UserError
 from metacompress.io import load_weights, save_torch
 from metacompress.meta.es import ES
-from metacompress.policy.network import Shapes, init_params
+from metacompress.policy.network import EXPERT_RULES, Shapes, init_params
 from metacompress.policy.store import Policy, load_policy, save_policy
 from metacompress.policy.tasks import Task, TaskDistribution, TaskPool, Teacher, kinds_seen, teachers_from
 from metacompress.progress import track
@@ -45,6 +46,7 @@ class MetaTrainConfig:
     repair_defaults: dict[str, Any] = field(default_factory=dict)
     init: str | None = None                 # warm start from this policy (a previous stage)
     train_only: tuple[str, ...] = ()        # weight blocks ES moves (network.Shapes names); () = all
+    frozen_experts: tuple[str, ...] = ()    # experts (network.EXPERT_RULES) whose mixture weights stay 0
     reward_repair: str = "policy"           # repair settings the reward uses: the policy's, or the default ones
     out: str = "out/policy"
 
@@ -53,15 +55,11 @@ class MetaTrainConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            from metacompress.errors import UserError
-
             raise UserError(f"unknown policy-training option(s): {', '.join(unknown)}")
-        for key in ("budgets", "regime_weights", "train_only"):
+        for key in ("budgets", "regime_weights", "train_only", "frozen_experts"):
             if key in known:
                 known[key] = tuple(known[key])
         if known.get("reward_repair", "policy") not in ("policy", "default"):
-            from metacompress.errors import UserError
-
             raise UserError(f"reward_repair must be 'policy' or 'default', got {known['reward_repair']!r}")
         return cls(**known)
 
@@ -115,7 +113,7 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
     teachers = teachers_from(cfg.teachers)
     dist = TaskDistribution(teachers, budgets=cfg.budgets, regime_weights=cfg.regime_weights)
     theta0 = load_policy(cfg.init).theta if cfg.init else init_params(cfg.seed)
-    mask = block_mask(cfg.train_only)
+    mask = block_mask(cfg.train_only, cfg.frozen_experts)
     es = ES(theta0[mask], sigma=cfg.sigma, lr=cfg.lr, population=cfg.population, seed=cfg.seed)
 
     def full(v: np.ndarray) -> np.ndarray:
@@ -128,7 +126,10 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.is_file():
         state = load_weights(ckpt)
-        es.load_state_dict(state["es"])
+        try:
+            es.load_state_dict(state["es"])
+        except UserError as exc:
+            raise UserError(f"{ckpt} is from a different run ({exc}): remove it, or train into another --out") from None
         history = state["history"]
         rng.bit_generator.state = state["rng"]
     ev = Evaluator(defaults, cfg.workers)
@@ -158,7 +159,8 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
         "regime_weights": list(cfg.regime_weights), "seed": cfg.seed, "sigma": cfg.sigma, "lr": cfg.lr,
         "init": cfg.init, "init_provenance": ({k: v for k, v in load_policy(cfg.init).provenance.items() if k != "history"}
                                               if cfg.init else None),
-        "train_only": list(cfg.train_only), "reward_repair": cfg.reward_repair,
+        "train_only": list(cfg.train_only), "frozen_experts": list(cfg.frozen_experts),
+        "reward_repair": cfg.reward_repair,
         "final_mean_reward_last10": float(np.mean([h["mean_reward"] for h in history[-10:]])) if history else 0.0,
         "history": history,
     }
@@ -168,17 +170,27 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
             "final_mean_reward_last10": provenance["final_mean_reward_last10"]}
 
 
-def block_mask(blocks: tuple[str, ...]) -> np.ndarray:
-    """Boolean mask over the flat weights selecting the named blocks (all when none are named)."""
+def block_mask(blocks: tuple[str, ...], frozen_experts: tuple[str, ...] = ()) -> np.ndarray:
+    """Boolean mask over the flat weights selecting the named blocks (all when none are named),
+    less the mixture weights of ``frozen_experts``.
+
+    Why freeze an expert: ES draws noise only for the selected weights, in their flat order, so
+    a run that freezes an added expert draws exactly the noise, and takes exactly the steps, of
+    a run without it: an earlier policy stays reproducible after the expert set grows.
+    """
     layout = Shapes.layout()
     unknown = set(blocks) - {name for name, _ in layout}
     if unknown:
-        from metacompress.errors import UserError
-
         raise UserError(f"unknown weight block(s) {', '.join(sorted(unknown))}; known: {', '.join(n for n, _ in layout)}")
+    if set(frozen_experts) - set(EXPERT_RULES):
+        raise UserError(f"unknown expert(s) {', '.join(sorted(set(frozen_experts) - set(EXPERT_RULES)))}; "
+                        f"known: {', '.join(EXPERT_RULES)}")
     mask = []
     for name, shape in layout:
-        mask += [not blocks or name in blocks] * int(np.prod(shape))
+        block = np.full(shape, not blocks or name in blocks)
+        if name == "wm":
+            block[:, [EXPERT_RULES.index(e) for e in frozen_experts]] = False
+        mask += block.ravel().tolist()
     return np.array(mask)
 
 

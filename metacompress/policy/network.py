@@ -2,9 +2,11 @@
 
 A small set network (DeepSets): a shared per-group MLP embeds each group with the budget and
 regime; the mean embedding is the model's context. The allocation head scores each group from
-its embedding and the context; ratios are ``r_max * sigmoid(score + c)`` with the scalar ``c``
-found by bisection so that the pruned model meets the budget (``PruningSpace.project``). The
-repair head maps the context to multiplicative corrections of the default repair settings.
+its embedding and the context, plus a mixture (weights per budget and regime) of the experts'
+ratios in logit space: three fixed rules and the sensitivity allocation of ``probes``. Ratios
+are ``r_max * sigmoid(score + c)`` with the scalar ``c`` found by bisection so that the pruned
+model meets the budget (``PruningSpace.project``). The repair head maps the context to
+multiplicative corrections of the default repair settings.
 
 All weights live in one flat vector, because evolution strategies train it: with zero output
 weights the policy *is* the uniform allocation with the default repair, which is where
@@ -25,7 +27,7 @@ from metacompress.errors import UserError
 from metacompress.policy.features import NUM_FEATURES, fold_unseen_kinds
 
 REGIMES = ("bn", "short", "few", "generous")
-EXPERT_RULES = ("global-magnitude", "global-taylor", "lamp")  # allocations the policy can lean on
+EXPERT_RULES = ("global-magnitude", "global-taylor", "lamp", "sensitivity")  # allocations the policy can lean on
 HIDDEN = 8
 N_CONTEXT = 1 + len(REGIMES)  # budget + regime one-hot
 N_REPAIR = 4                  # log lr, log temperature, alpha logit, log2 BN-recalibration size
@@ -104,7 +106,8 @@ def decide(theta: np.ndarray, features: np.ndarray, budget: float, base: RepairC
            expert_ratios: np.ndarray | None = None, kinds_seen: tuple[str, ...] | None = None) -> Decision:
     """Run the policy on one model's group features for a budget and a base repair config.
 
-    ``expert_ratios`` (groups x EXPERT_RULES) are the fixed rules' allocations at this budget.
+    ``expert_ratios`` (groups x EXPERT_RULES) are the experts' allocations at this budget (the
+    fixed rules' and the loss curves' sensitivity allocation).
     The policy may lean on them, with weights that depend on the budget and the regime: which
     rule wins changes from regime to regime, and learning that is cheap for ES (a few weights
     with large effects), while the per-group network corrects what no rule gets right.

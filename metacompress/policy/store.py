@@ -23,7 +23,7 @@ from metacompress.io import atomic_path, write_json
 from metacompress.policy.features import FEATURE_NAMES
 from metacompress.policy.network import HIDDEN, Shapes
 
-VERSION = 2  # 2: expert-rule mixture weights
+VERSION = 3  # 2: expert-rule mixture weights; 3: the sensitivity expert
 DEFAULT_DIR = Path(__file__).parent / "default"
 
 

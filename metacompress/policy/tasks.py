@@ -16,10 +16,11 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
@@ -30,7 +31,8 @@ from metacompress.data import Dataset, load_dataset
 from metacompress.io import load_weights, save_torch
 from metacompress.policy.features import ExpertAllocations, group_features
 from metacompress.policy.network import EXPERT_RULES, REGIMES, decide
-from metacompress.training import accuracy, train_dense
+from metacompress.policy.probes import loss_curves
+from metacompress.training import accuracy, predict, train_dense
 from metacompress.zoo import build_model
 
 REGIME_STEPS = {"bn": (0, None), "short": (20, None), "few": (50, 10), "generous": (150, None)}
@@ -57,6 +59,14 @@ class Teacher:
     def label(self) -> str:
         kw = ",".join(f"{k}={v}" for k, v in self.kwargs)
         return f"{self.model}({kw})@{self.data}" if kw else f"{self.model}@{self.data}"
+
+
+class Score(NamedTuple):
+    """One repaired student's accuracy on the validation and test splits, and validation loss."""
+
+    val: float
+    test: float
+    val_loss: float
 
 
 @dataclass(frozen=True)
@@ -116,29 +126,33 @@ class TaskPool:
             model = load_teacher(t, data)
             space = PruningSpace(model, data.x_train[:1], data.num_classes)
             calib = data.calibration_batch(128, 0)
-            feats = group_features(model, space, calib)
+            curves = loss_curves(model, space, calib)
+            feats = group_features(model, space, calib, curves)
             self._contexts[t] = Context(t, data, model, space, feats, accuracy(model, data.x_val, data.y_val),
                                         accuracy(model, data.x_test, data.y_test),
-                                        ExpertAllocations(model, space, calib, EXPERT_RULES))
+                                        ExpertAllocations(model, space, calib, EXPERT_RULES, curves))
         return self._contexts[t]
 
     def register(self, teacher: Teacher, ctx: Context) -> None:
         """Use an already prepared model (e.g. the user's own) as the teacher of ``teacher``."""
         self._contexts[teacher] = ctx
 
-    def run(self, task: Task, keep: list[int], importance: str, cfg: RepairConfig) -> tuple[float, float]:
-        """Prune the teacher to ``keep``, repair with ``cfg``; (val, test) accuracy."""
+    def run(self, task: Task, keep: list[int], importance: str, cfg: RepairConfig) -> Score:
+        """Prune the teacher to ``keep``, repair with ``cfg``; validation and test accuracy."""
         ctx = self.context(task.teacher)
         calib = ctx.data.calibration_batch(128, task.seed)
         student = ctx.space.apply(copy.deepcopy(ctx.model), keep, importance, calib=calib)
         repair(student, ctx.model, ctx.data, cfg, seed=task.seed, progress=False)
-        return accuracy(student, ctx.data.x_val, ctx.data.y_val), accuracy(student, ctx.data.x_test, ctx.data.y_test)
+        val_logits = predict(student, ctx.data.x_val)
+        return Score(float((val_logits.argmax(1) == ctx.data.y_val).float().mean()),
+                     accuracy(student, ctx.data.x_test, ctx.data.y_test),
+                     float(F.cross_entropy(val_logits, ctx.data.y_val)))
 
     def budget(self, task: Task) -> float:
         """The task's budget, raised to what its teacher can reach (sampled budgets may be below)."""
         return max(task.budget, round(self.context(task.teacher).space.floor() * 1.02 + 0.005, 3))
 
-    def rule(self, task: Task, rule: str, cfg: RepairConfig | None = None) -> tuple[float, float]:
+    def rule(self, task: Task, rule: str, cfg: RepairConfig | None = None) -> Score:
         """A built-in allocation with the default repair settings of the task's regime."""
         ctx = self.context(task.teacher)
         cfg = cfg or regime_config(task.regime, self.defaults)
@@ -146,7 +160,13 @@ class TaskPool:
         keep = ctx.space.project(rule_allocation(rule, ctx.space, ctx.model, calib), self.budget(task))
         return self.run(task, keep, CHANNEL_IMPORTANCE[rule], cfg)
 
-    def baseline(self, task: Task) -> tuple[float, float]:
+    def expert(self, task: Task, name: str) -> Score:
+        """One of the policy's experts alone (e.g. ``sensitivity``), with the default repair settings."""
+        ctx = self.context(task.teacher)
+        keep = ctx.space.project(ctx.experts.allocation(name), self.budget(task))
+        return self.run(task, keep, "magnitude", regime_config(task.regime, self.defaults))
+
+    def baseline(self, task: Task) -> Score:
         """Uniform allocation with default repair (cached): what rewards are measured against."""
         ctx = self.context(task.teacher)
         key = (task.budget, task.regime, task.seed)
@@ -154,7 +174,7 @@ class TaskPool:
             ctx.baseline[key] = self.rule(task, "uniform")
         return ctx.baseline[key]
 
-    def policy(self, theta: np.ndarray, task: Task, learned_repair: bool = True) -> tuple[float, float]:
+    def policy(self, theta: np.ndarray, task: Task, learned_repair: bool = True) -> Score:
         """The policy's allocation (and, unless ``learned_repair`` is off, repair settings) on ``task``."""
         ctx = self.context(task.teacher)
         base = regime_config(task.regime, self.defaults)
@@ -213,4 +233,4 @@ def kinds_seen(teachers: list[Teacher]) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in kinds)
 
 
-__all__ = ["RULES", "Task", "TaskDistribution", "TaskPool", "Teacher", "kinds_seen", "regime_config", "teachers_from"]
+__all__ = ["RULES", "Score", "Task", "TaskDistribution", "TaskPool", "Teacher", "kinds_seen", "regime_config", "teachers_from"]

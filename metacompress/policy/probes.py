@@ -1,0 +1,122 @@
+"""Data probes: what pruning one group alone does to the loss, and the allocation that implies.
+
+A group's loss curve is the calibration-loss increase when that group alone loses its least
+important 15, 30, ..., 90 % of units. Probes mask units instead of pruning: zeroing a unit at
+every consumer's input (and in attention, the q/k/v dims) computes exactly what the pruned
+model would, with one forward pass per probe and no copies.
+
+Treating the groups' increases as additive gives the classic sensitivity-analysis allocation
+(Distiller, NNI's sensitivity pruner): for a price ``lam`` on cost, each group takes the ratio
+that minimises ``curve(r) - lam * share * r``; ``PruningSpace.project`` bisects the price to
+meet the budget. The policy mixes it with the magnitude-based rules: it measures the loss
+instead of trusting weight scales, so it carries over to families where those scales mislead
+(on LayerNorm transformers LAMP and uniform are 5-30 points apart; BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metacompress.compress.groups import Group
+from metacompress.compress.importance import unit_scores
+from metacompress.compress.prune import MAX_RATIO, PruningSpace
+
+CURVE_RATIOS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # up to MAX_RATIO
+MACS_PER_CURVE_POINT = 1e9  # MACs the probes of one curve point may spend over all groups: the whole
+                            # curve takes seconds on two CPU cores
+
+
+@contextmanager
+def masked(model: nn.Module, group: Group, drop: torch.Tensor) -> Iterator[None]:
+    """Zero the group's dropped units wherever they are consumed, for the duration of the block."""
+    modules = dict(model.named_modules())
+    handles = []
+    if group.kind == "attention":
+        qkv = modules[group.name]
+        hd = group.channels
+        rows = torch.tensor([p * group.heads * hd + h * hd + int(j) for p in range(3)
+                             for h in range(group.heads) for j in drop])
+        mask = torch.ones(qkv.out_features)
+        mask[rows] = 0
+        handles.append(qkv.register_forward_hook(lambda m, i, o: o * mask))
+    else:
+        for name in group.in_layers:
+            layer = modules[name]
+            width = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+            mask = torch.ones(width)
+            if width != group.channels:  # e.g. flatten before a linear layer: units repeat spatially
+                per = width // group.channels
+                idx = (drop.view(-1, 1) * per + torch.arange(per)).flatten()
+            else:
+                idx = drop
+            mask[idx] = 0
+            shape = (1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (1, -1)
+
+            def hook(m, inputs, mask=mask.view(*shape)):
+                return (inputs[0] * mask,) + tuple(inputs[1:])
+
+            handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def loss_curves(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
+                scores: list[torch.Tensor] | None = None) -> np.ndarray:
+    """(groups x CURVE_RATIOS) calibration-loss increase when the group alone loses that share of
+    its least important units (L2 magnitude unless ``scores`` are given). The batch is cut to
+    what the MACs budget allows (16..128 samples)."""
+    if scores is None:
+        scores = unit_scores(model, space.groups, "magnitude", example=space.example)
+    n = int(np.clip(MACS_PER_CURVE_POINT / (max(1, space.dense_macs) * len(space.groups)), 16, 128))
+    x, y = calib[0][:n], calib[1][:n]
+    model.eval()
+    out = np.zeros((len(space.groups), len(CURVE_RATIOS)))
+    with torch.no_grad():
+        base = F.cross_entropy(model(x), y).item()
+        for gi, (g, s) in enumerate(zip(space.groups, scores)):
+            order = torch.argsort(s)
+            for ri, r in enumerate(CURVE_RATIOS):
+                k = min(g.channels - 1, int(round(r * g.channels)))
+                if k <= 0:
+                    continue
+                with masked(model, g, order[:k]):
+                    out[gi, ri] = F.cross_entropy(model(x), y).item() - base
+    return out
+
+
+def removable_shares(space: PruningSpace) -> tuple[np.ndarray, np.ndarray]:
+    """Fraction of MACs / params that disappears when a group alone shrinks to nothing."""
+    full = [g.channels for g in space.groups]
+    macs0, params0 = space.estimate(full)
+    mac_share, param_share = [], []
+    for i in range(len(space.groups)):
+        keep = list(full)
+        keep[i] = 0
+        m, p = space.estimate(keep)
+        mac_share.append((macs0 - m) / macs0)
+        param_share.append((params0 - p) / params0)
+    return np.array(mac_share), np.array(param_share)
+
+
+def sensitivity_allocation(curves: np.ndarray, share: np.ndarray) -> Callable[[float], Sequence[float]]:
+    """``scale -> ratios`` minimising the summed loss increase at a price on cost that rises
+    with ``scale`` (1e-4 .. 1e4, log-spaced); non-decreasing in ``scale`` as project() needs."""
+    grid = np.array((0.0, *CURVE_RATIOS)) * (MAX_RATIO / max(CURVE_RATIOS))
+    # increases below zero are noise; a curve that dips is flattened so more pruning never looks cheaper
+    cost = np.maximum.accumulate(np.maximum(np.column_stack([np.zeros(len(curves)), curves]), 0.0), axis=1)
+    gain = np.asarray(share, dtype=np.float64)[:, None] * grid[None]
+
+    def ratios(scale: float) -> list[float]:
+        price = 10.0 ** (-4.0 + 8.0 * scale)
+        return list(grid[np.argmin(cost - price * gain, axis=1)])
+
+    return ratios
