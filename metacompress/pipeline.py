@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
@@ -34,7 +33,7 @@ from metacompress.data import Dataset, load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, write_json
 from metacompress.progress import status
-from metacompress.training import accuracy, predict, train_dense
+from metacompress.training import accuracy, accuracy_and_loss, train_dense
 from metacompress.zoo import build_model, check_forward, is_builtin
 
 DEFAULT_TRAIN_EPOCHS = 30
@@ -148,16 +147,13 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
         return keep, CHANNEL_IMPORTANCE[cfg.allocation], cfg.repair
     if cfg.allocation != "meta":
         raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
-    from metacompress.policy.features import ExpertAllocations, group_features
+    from metacompress.policy.features import policy_inputs
     from metacompress.policy.network import EXPERT_RULES, decide, regime_of
-    from metacompress.policy.probes import loss_curves
     from metacompress.policy.store import load_policy
 
     policy = load_policy(cfg.policy)
     theta = policy.theta
-    curves = loss_curves(prep.dense, prep.space, calib)
-    features = group_features(prep.dense, prep.space, calib, curves)
-    experts = ExpertAllocations(prep.dense, prep.space, calib, EXPERT_RULES, curves)
+    features, experts = policy_inputs(prep.dense, prep.space, calib, EXPERT_RULES)
     if cfg.adapt_steps > 0:
         theta = _adapt(theta, cfg, prep, target, features, experts, policy.kinds_seen)
     decision = decide(theta, features, target, cfg.repair, experts.ratios(target, metric), policy.kinds_seen)
@@ -190,9 +186,8 @@ def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) ->
 
 
 def _scored(student: nn.Module, data: Dataset, seed: int) -> dict[str, Any]:
-    val_logits = predict(student, data.x_val)
-    return {"seed": seed, "val_accuracy": float((val_logits.argmax(1) == data.y_val).float().mean()),
-            "val_loss": float(F.cross_entropy(val_logits, data.y_val)),
+    val_accuracy, val_loss = accuracy_and_loss(student, data.x_val, data.y_val)
+    return {"seed": seed, "val_accuracy": val_accuracy, "val_loss": val_loss,
             "test_accuracy": accuracy(student, data.x_test, data.y_test),
             "state_dict": {n: t.detach().clone() for n, t in student.state_dict().items()}}
 

@@ -30,6 +30,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x).argmax(1) == y).float().mean())
 
 
+def accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy from one pass (choices that break accuracy ties by loss)."""
+    logits = predict(model, x)
+    return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
+
+
 def cosine_adam(params, lr: float, total_steps: int, weight_decay: float = 0.0):
     """Adam with a cosine decay to zero over ``total_steps``: the schedule for training and repair."""
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

@@ -33,9 +33,10 @@ TAYLOR_MACS_BUDGET = 3e9  # MACs the Taylor expert's calibration pass may spend:
 
 
 def group_features(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
-                   curves: np.ndarray | None = None) -> np.ndarray:
+                   curves: np.ndarray | None = None, scores: list[torch.Tensor] | None = None) -> np.ndarray:
     """A (groups x NUM_FEATURES) array of normalised descriptors for ``model``'s groups
-    (``curves``: their ``probes.loss_curves`` on ``calib``, if already computed)."""
+    (``curves`` / ``scores``: their ``probes.loss_curves`` on ``calib`` and L2-magnitude unit
+    scores, if already computed)."""
     groups = space.groups
     n = len(groups)
     modules = [name for name, _ in model.named_modules()]
@@ -43,7 +44,8 @@ def group_features(model: nn.Module, space: PruningSpace, calib: tuple[torch.Ten
     depth_pos = np.array([order.get(g.name, 0) for g in groups], dtype=float)
     depth = (depth_pos - depth_pos.min()) / max(1.0, depth_pos.max() - depth_pos.min())
     mac_share, param_share = removable_shares(space)
-    scores = unit_scores(model, groups, "magnitude", example=space.example)
+    if scores is None:
+        scores = unit_scores(model, groups, "magnitude", example=space.example)
     if curves is None:
         curves = loss_curves(model, space, calib, scores)
     probes = curves[:, [CURVE_RATIOS.index(r) for r in PROBE_RATIOS]]
@@ -122,3 +124,16 @@ class ExpertAllocations:
         cols = [1 - np.asarray(self.space.project(self.allocation(rule, metric), budget, metric)) / channels
                 for rule in self.rules]
         return np.stack(cols, axis=1)
+
+
+def policy_inputs(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
+                  rules: tuple[str, ...]) -> tuple[np.ndarray, ExpertAllocations]:
+    """What the policy reads for one model: its group features and its experts' allocations.
+
+    Both come from the same loss curves (and the magnitude scores that rank the units they
+    drop), so each is computed once: they are the costly part of allocating on a large model.
+    """
+    scores = unit_scores(model, space.groups, "magnitude", example=space.example)
+    curves = loss_curves(model, space, calib, scores)
+    return (group_features(model, space, calib, curves, scores),
+            ExpertAllocations(model, space, calib, rules, curves))

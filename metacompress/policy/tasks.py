@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
@@ -29,10 +28,9 @@ from metacompress.compress.groups import KINDS
 from metacompress.compress.prune import PruningSpace
 from metacompress.data import Dataset, load_dataset
 from metacompress.io import load_weights, save_torch
-from metacompress.policy.features import ExpertAllocations, group_features
+from metacompress.policy.features import ExpertAllocations, policy_inputs
 from metacompress.policy.network import EXPERT_RULES, REGIMES, decide
-from metacompress.policy.probes import loss_curves
-from metacompress.training import accuracy, predict, train_dense
+from metacompress.training import accuracy, accuracy_and_loss, train_dense
 from metacompress.zoo import build_model
 
 REGIME_STEPS = {"bn": (0, None), "short": (20, None), "few": (50, 10), "generous": (150, None)}
@@ -126,11 +124,9 @@ class TaskPool:
             model = load_teacher(t, data)
             space = PruningSpace(model, data.x_train[:1], data.num_classes)
             calib = data.calibration_batch(128, 0)
-            curves = loss_curves(model, space, calib)
-            feats = group_features(model, space, calib, curves)
+            feats, experts = policy_inputs(model, space, calib, EXPERT_RULES)
             self._contexts[t] = Context(t, data, model, space, feats, accuracy(model, data.x_val, data.y_val),
-                                        accuracy(model, data.x_test, data.y_test),
-                                        ExpertAllocations(model, space, calib, EXPERT_RULES, curves))
+                                        accuracy(model, data.x_test, data.y_test), experts)
         return self._contexts[t]
 
     def register(self, teacher: Teacher, ctx: Context) -> None:
@@ -143,10 +139,8 @@ class TaskPool:
         calib = ctx.data.calibration_batch(128, task.seed)
         student = ctx.space.apply(copy.deepcopy(ctx.model), keep, importance, calib=calib)
         repair(student, ctx.model, ctx.data, cfg, seed=task.seed, progress=False)
-        val_logits = predict(student, ctx.data.x_val)
-        return Score(float((val_logits.argmax(1) == ctx.data.y_val).float().mean()),
-                     accuracy(student, ctx.data.x_test, ctx.data.y_test),
-                     float(F.cross_entropy(val_logits, ctx.data.y_val)))
+        val, val_loss = accuracy_and_loss(student, ctx.data.x_val, ctx.data.y_val)
+        return Score(val, accuracy(student, ctx.data.x_test, ctx.data.y_test), val_loss)
 
     def budget(self, task: Task) -> float:
         """The task's budget, raised to what its teacher can reach (sampled budgets may be below)."""
