@@ -186,8 +186,8 @@ def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) ->
 
 
 def _scored(student: nn.Module, data: Dataset, seed: int) -> dict[str, Any]:
-    val_accuracy, val_loss = accuracy_and_loss(student, data.x_val, data.y_val)
-    return {"seed": seed, "val_accuracy": val_accuracy, "val_loss": val_loss,
+    val_accuracy, val_loss, val_correct = accuracy_and_loss(student, data.x_val, data.y_val)
+    return {"seed": seed, "val_accuracy": val_accuracy, "val_loss": val_loss, "val_correct": val_correct,
             "test_accuracy": accuracy(student, data.x_test, data.y_test),
             "state_dict": {n: t.detach().clone() for n, t in student.state_dict().items()}}
 
@@ -209,7 +209,7 @@ def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: 
     Returns the chosen keep counts, repair settings, pruned (unrepaired) model, what was
     compared, and the chosen repaired student (reused as the first student).
     """
-    from metacompress.policy.guard import guard_choice
+    from metacompress.policy.guard import FALLBACK, guard_choice, paired_test
 
     metric, target = cfg.budget()
     uniform = prep.space.project(rule_allocation("uniform", prep.space, prep.dense, calib=None), target, metric)
@@ -223,10 +223,13 @@ def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: 
         tried[name] = repair_one(models[name], prep.dense, prep.data, rc, cfg.seed)
     acc = {n: t["val_accuracy"] for n, t in tried.items()}
     loss = {n: t["val_loss"] for n, t in tried.items()}
-    chosen = guard_choice(acc, loss, len(prep.data.y_val))
-    scores = ", ".join(f"{n} {a:.4f}" for n, a in acc.items())
+    chosen = guard_choice({n: t["val_correct"] for n, t in tried.items()}, loss)
+    paired = {n: paired_test(t["val_correct"], tried[FALLBACK]["val_correct"])._asdict()
+              for n, t in tried.items() if n != FALLBACK and FALLBACK in tried}
+    scores = ", ".join(f"{n} {a:.4f}" + (f" (+{paired[n]['wins']}/-{paired[n]['losses']} images vs uniform)"
+                                         if n in paired else "") for n, a in acc.items())
     status(f"guard: validation accuracy {scores} -> {chosen}")
-    info = {"val_accuracy": acc, "val_loss": loss, "chosen": chosen}
+    info = {"val_accuracy": acc, "val_loss": loss, "vs_uniform": paired, "chosen": chosen}
     k, rc = options[chosen]
     return k, rc, models[chosen], info, tried[chosen]
 
@@ -356,7 +359,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         if guard is not None:
             report["guard"] = guard
         if soup is not None:
-            report["students"] = [{k: v for k, v in st.items() if k != "state_dict"} for st in students]
+            report["students"] = [{k: v for k, v in st.items() if k not in ("state_dict", "val_correct")}
+                                  for st in students]
             report["soup"] = soup | {"test_accuracy": ver["accuracy"]}
         if cfg.quantize != "none":
             report["int8"] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +15,11 @@ from metacompress.progress import track
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether any module is a BatchNorm layer (whose statistics depend on the data it has seen)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 @torch.no_grad()
@@ -30,10 +36,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x).argmax(1) == y).float().mean())
 
 
-def accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy from one pass (choices that break accuracy ties by loss)."""
+def accuracy_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, np.ndarray]:
+    """Accuracy, mean cross-entropy and per-sample correctness from one pass (for choices on
+    validation that break accuracy ties by loss and compare models image by image)."""
     logits = predict(model, x)
-    return float((logits.argmax(1) == y).float().mean()), float(F.cross_entropy(logits, y))
+    correct = logits.argmax(1) == y
+    return float(correct.float().mean()), float(F.cross_entropy(logits, y)), correct.numpy()
 
 
 def cosine_adam(params, lr: float, total_steps: int, weight_decay: float = 0.0):

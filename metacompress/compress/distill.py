@@ -19,7 +19,7 @@ from torch import nn
 from metacompress.data import Dataset, subsample_per_class
 from metacompress.errors import UserError
 from metacompress.progress import track
-from metacompress.training import cosine_adam, predict, sgd_step
+from metacompress.training import cosine_adam, has_batchnorm, predict, sgd_step
 
 
 @dataclass
@@ -53,10 +53,6 @@ class RepairConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _has_bn(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 @torch.no_grad()
@@ -99,7 +95,7 @@ def _distill(student: nn.Module, opt, sched, batch: tuple[torch.Tensor, torch.Te
     """``steps`` distillation steps on random batches of ``batch`` = (inputs, labels, teacher logits)."""
     x, y, teacher_logits = batch
     bs = min(cfg.batch_size, len(x))
-    if steps <= 0 or (_has_bn(student) and bs < 2):  # BN cannot train on a batch of one sample
+    if steps <= 0 or (has_batchnorm(student) and bs < 2):  # BN cannot train on a batch of one sample
         return
     student.train()
     for _ in track(range(steps), "repairing", total=steps) if progress else range(steps):

@@ -40,6 +40,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from metacompress.errors import UserError
+from metacompress.training import has_batchnorm
 
 StateDict = Mapping[str, Tensor]
 
@@ -456,11 +457,6 @@ def recompute_bn(model: nn.Module, state_dict: StateDict, x: Tensor,
     fresh = net.state_dict()
     bn_keys = {f"{p}.{b}" if p else b for p in prefixes for b in (*_BN_STATS, "num_batches_tracked")}
     return {k: fresh[k].detach().clone() if k in bn_keys else v for k, v in state_dict.items()}
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether any module is a BatchNorm (so merged statistics should be recomputed)."""
-    return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
 def _logits(model: nn.Module, state_dict: StateDict, x: Tensor, batch_size: int = 256) -> Tensor:

@@ -72,9 +72,8 @@ def _row(args: tuple[Task, int]) -> dict[str, Any]:
         res[rule] = _POOL.rule(task, rule)
     # exactly the guard of compress (pipeline.guard_repair): the same three repairs, the same choice
     guarded = dict(zip(GUARD_CANDIDATES, (res["meta"], res["meta-alloc"], res["uniform"])))
-    ctx = _POOL.context(task.teacher)
-    res["meta+guard"] = guarded[guard_choice({n: v.val for n, v in guarded.items()},
-                                             {n: v.val_loss for n, v in guarded.items()}, len(ctx.data.y_val))]
+    res["meta+guard"] = guarded[guard_choice({n: v.val_correct for n, v in guarded.items()},
+                                             {n: v.val_loss for n, v in guarded.items()})]
     best = max(RULES, key=lambda r: res[r].val)
     res["oracle"] = res[best]
     res["sensitivity"] = _POOL.expert(task, "sensitivity")  # the policy's probe-based expert alone
@@ -84,7 +83,7 @@ def _row(args: tuple[Task, int]) -> dict[str, Any]:
                       sigma=0.1, lr=0.05, seed=task.seed)
         res["es-search"] = _POOL.policy(theta, task)
     return {"teacher": task.teacher.label(), "budget": task.budget, "regime": task.regime, "seed": task.seed,
-            "dense_test": ctx.dense_test, "oracle_rule": best,
+            "dense_test": _POOL.context(task.teacher).dense_test, "oracle_rule": best,
             "val": {k: v.val for k, v in res.items()}, "test": {k: v.test for k, v in res.items()},
             "val_loss": {k: v.val_loss for k, v in res.items()}}
 

@@ -2,9 +2,15 @@
 
 Structure: relative depth, share of MACs and parameters that scale with the group, width,
 kernel area, stride, layer kind, coupled-through-a-residual. Probes: the loss increase on a
-calibration batch when this group alone loses its least important 30/60/90 % of units (read
-off the group's loss curve, ``probes.loss_curves``), and how concentrated its unit importance
-is.
+calibration batch when this group alone loses its least important 30/60/90 % of units
+(``probes.loss_curves``), and how concentrated its unit importance is.
+
+The probe features keep BatchNorm on its running statistics, while the sensitivity expert's
+curves use the batch's own (``probes.batch_statistics``). Why two: the policy's embedding, and
+with it the repair head, was meta-trained on the former; retraining it on batch-statistics
+features moved the repair settings it predicts and lost 1.7 points of transfer to held-out
+families (BENCHMARKS.md), while the expert gains from the latter. On a network without BN the
+two are the same and are measured once.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from metacompress.compress.groups import KINDS
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import PruningSpace
 from metacompress.policy.probes import CURVE_RATIOS, loss_curves, removable_shares, sensitivity_allocation
+from metacompress.training import has_batchnorm
 
 PROBE_RATIOS = (0.3, 0.6, 0.9)  # points of the loss curve the network sees
 FEATURE_NAMES = (
@@ -33,10 +40,10 @@ TAYLOR_MACS_BUDGET = 3e9  # MACs the Taylor expert's calibration pass may spend:
 
 
 def group_features(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
-                   curves: np.ndarray | None = None, scores: list[torch.Tensor] | None = None) -> np.ndarray:
+                   probes: np.ndarray | None = None, scores: list[torch.Tensor] | None = None) -> np.ndarray:
     """A (groups x NUM_FEATURES) array of normalised descriptors for ``model``'s groups
-    (``curves`` / ``scores``: their ``probes.loss_curves`` on ``calib`` and L2-magnitude unit
-    scores, if already computed)."""
+    (``probes`` / ``scores``: their loss increases at PROBE_RATIOS on ``calib``, BN on running
+    statistics, and L2-magnitude unit scores, if already computed)."""
     groups = space.groups
     n = len(groups)
     modules = [name for name, _ in model.named_modules()]
@@ -46,9 +53,8 @@ def group_features(model: nn.Module, space: PruningSpace, calib: tuple[torch.Ten
     mac_share, param_share = removable_shares(space)
     if scores is None:
         scores = unit_scores(model, groups, "magnitude", example=space.example)
-    if curves is None:
-        curves = loss_curves(model, space, calib, scores)
-    probes = curves[:, [CURVE_RATIOS.index(r) for r in PROBE_RATIOS]]
+    if probes is None:
+        probes = loss_curves(model, space, calib, scores, PROBE_RATIOS, batch_stats=False)
     probe_log = np.log1p(np.maximum(probes, 0.0))
     mid = probe_log[:, 1]
     probe_rank = (np.argsort(np.argsort(mid)) / max(1, n - 1)) if n > 1 else np.zeros(1)
@@ -130,10 +136,12 @@ def policy_inputs(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tens
                   rules: tuple[str, ...]) -> tuple[np.ndarray, ExpertAllocations]:
     """What the policy reads for one model: its group features and its experts' allocations.
 
-    Both come from the same loss curves (and the magnitude scores that rank the units they
-    drop), so each is computed once: they are the costly part of allocating on a large model.
+    Both come from loss curves ranked by the same magnitude scores, computed once: they are the
+    costly part of allocating on a large model. Without BN the features read their probes off
+    the expert's curves; with BN they are measured again on running statistics (module doc).
     """
     scores = unit_scores(model, space.groups, "magnitude", example=space.example)
     curves = loss_curves(model, space, calib, scores)
-    return (group_features(model, space, calib, curves, scores),
+    probes = None if has_batchnorm(model) else curves[:, [CURVE_RATIOS.index(r) for r in PROBE_RATIOS]]
+    return (group_features(model, space, calib, probes, scores),
             ExpertAllocations(model, space, calib, rules, curves))

@@ -60,11 +60,13 @@ class Teacher:
 
 
 class Score(NamedTuple):
-    """One repaired student's accuracy on the validation and test splits, and validation loss."""
+    """One repaired student's accuracy on the validation and test splits, validation loss, and
+    which validation images it gets right (for the guard's paired test)."""
 
     val: float
     test: float
     val_loss: float
+    val_correct: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,8 @@ class TaskPool:
         calib = ctx.data.calibration_batch(128, task.seed)
         student = ctx.space.apply(copy.deepcopy(ctx.model), keep, importance, calib=calib)
         repair(student, ctx.model, ctx.data, cfg, seed=task.seed, progress=False)
-        val, val_loss = accuracy_and_loss(student, ctx.data.x_val, ctx.data.y_val)
-        return Score(val, accuracy(student, ctx.data.x_test, ctx.data.y_test), val_loss)
+        val, val_loss, correct = accuracy_and_loss(student, ctx.data.x_val, ctx.data.y_val)
+        return Score(val, accuracy(student, ctx.data.x_test, ctx.data.y_test), val_loss, correct)
 
     def budget(self, task: Task) -> float:
         """The task's budget, raised to what its teacher can reach (sampled budgets may be below)."""
