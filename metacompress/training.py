@@ -17,9 +17,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers: the ones whose statistics depend on the data they have seen."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
-    """Whether any module is a BatchNorm layer (whose statistics depend on the data it has seen)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(batchnorm_layers(model))
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from torch import nn
 from metacompress.data import Dataset, subsample_per_class
 from metacompress.errors import UserError
 from metacompress.progress import track
-from metacompress.training import cosine_adam, has_batchnorm, predict, sgd_step
+from metacompress.training import batchnorm_layers, cosine_adam, has_batchnorm, predict, sgd_step
 
 
 @dataclass
@@ -58,7 +58,7 @@ class RepairConfig:
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, n: int, batch_size: int = 128, seed: int = 0) -> None:
     """Re-estimate BN running statistics as a cumulative average over ``n`` samples of ``x``."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorm_layers(model)
     if not bns or n <= 0 or len(x) == 0:
         return
     saved = [m.momentum for m in bns]

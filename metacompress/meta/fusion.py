@@ -40,7 +40,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from metacompress.errors import UserError
-from metacompress.training import has_batchnorm
+from metacompress.training import batchnorm_layers, has_batchnorm
 
 StateDict = Mapping[str, Tensor]
 
@@ -443,11 +443,10 @@ def recompute_bn(model: nn.Module, state_dict: StateDict, x: Tensor,
     if not prefixes:
         return dict(state_dict)
     net.eval()
-    for m in net.modules():
-        if isinstance(m, _BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
+    for m in batchnorm_layers(net):
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
     batches = list(torch.split(x, batch_size))
     if len(batches) > 1 and len(batches[-1]) == 1:  # BN cannot take a batch of one sample in train mode
         batches.pop()

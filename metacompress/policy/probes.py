@@ -32,6 +32,7 @@ from torch import nn
 from metacompress.compress.groups import Group
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import MAX_RATIO, PruningSpace
+from metacompress.training import batchnorm_layers
 
 CURVE_RATIOS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # up to MAX_RATIO
 MACS_PER_CURVE_POINT = 1e9  # MACs the probes of one curve point may spend over all groups: the whole
@@ -81,7 +82,7 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
     """Run every BatchNorm layer on the current batch's statistics for the duration of the block,
     without touching its running statistics or counters (what BN recalibration on that batch
     would give, less the unbiased-variance correction)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorm_layers(model)
     saved = [(m.training, m.track_running_stats) for m in bns]
     for m in bns:
         m.train()
