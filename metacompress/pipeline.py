@@ -209,7 +209,7 @@ def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: 
     Returns the chosen keep counts, repair settings, pruned (unrepaired) model, what was
     compared, and the chosen repaired student (reused as the first student).
     """
-    from metacompress.policy.guard import FALLBACK, guard_choice, paired_test
+    from metacompress.policy.guard import guard_choice, versus_fallback
 
     metric, target = cfg.budget()
     uniform = prep.space.project(rule_allocation("uniform", prep.space, prep.dense, calib=None), target, metric)
@@ -223,11 +223,11 @@ def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: 
         tried[name] = repair_one(models[name], prep.dense, prep.data, rc, cfg.seed)
     acc = {n: t["val_accuracy"] for n, t in tried.items()}
     loss = {n: t["val_loss"] for n, t in tried.items()}
-    chosen = guard_choice({n: t["val_correct"] for n, t in tried.items()}, loss)
-    paired = {n: paired_test(t["val_correct"], tried[FALLBACK]["val_correct"])._asdict()
-              for n, t in tried.items() if n != FALLBACK and FALLBACK in tried}
-    scores = ", ".join(f"{n} {a:.4f}" + (f" (+{paired[n]['wins']}/-{paired[n]['losses']} images vs uniform)"
-                                         if n in paired else "") for n, a in acc.items())
+    correct = {n: t["val_correct"] for n, t in tried.items()}
+    chosen = guard_choice(correct, loss)
+    paired = {n: t._asdict() for n, t in versus_fallback(correct).items()}
+    counts = {n: f" (+{t['wins']}/-{t['losses']} images vs uniform)" for n, t in paired.items()}
+    scores = ", ".join(f"{n} {a:.4f}{counts.get(n, '')}" for n, a in acc.items())
     status(f"guard: validation accuracy {scores} -> {chosen}")
     info = {"val_accuracy": acc, "val_loss": loss, "vs_uniform": paired, "chosen": chosen}
     k, rc = options[chosen]

@@ -47,6 +47,13 @@ def paired_test(candidate: np.ndarray, reference: np.ndarray) -> Paired:
     return Paired(wins, losses, p)
 
 
+def versus_fallback(correct: dict[str, np.ndarray]) -> dict[str, Paired]:
+    """Each candidate's paired test against the fallback (none when the fallback was not tried)."""
+    if FALLBACK not in correct:
+        return {}
+    return {n: paired_test(correct[n], correct[FALLBACK]) for n in GUARD_CANDIDATES if n in correct and n != FALLBACK}
+
+
 def guard_choice(correct: dict[str, np.ndarray], val_loss: dict[str, float]) -> str:
     """The candidate to keep, from the repaired candidates' per-image validation correctness and
     validation loss (keys: a subset of GUARD_CANDIDATES, in that order)."""
@@ -55,8 +62,7 @@ def guard_choice(correct: dict[str, np.ndarray], val_loss: dict[str, float]) -> 
         raise ValueError("guard_choice needs at least one candidate")
     accuracy = {n: float(np.mean(correct[n])) for n in names}
     if FALLBACK in correct:
-        passed = [n for n in names if n != FALLBACK
-                  and paired_test(correct[n], correct[FALLBACK]).p_value < SIGNIFICANCE]
+        passed = [n for n, t in versus_fallback(correct).items() if t.p_value < SIGNIFICANCE]
         if not passed:
             return FALLBACK
     else:
