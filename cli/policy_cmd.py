@@ -55,6 +55,10 @@ def info(
             console.print(f"  {k}: {v}")
         console.print(f"  reward (points over uniform): first 10 iterations {100 * r['reward_first10']:+.2f}, "
                       f"last 10 {100 * r['reward_last10']:+.2f}")
+        if sel := r["provenance"].get("selection"):
+            scores = ", ".join(f"{s['iteration']}: {100 * s['reward']:+.2f}" for s in sel["scores"])
+            console.print(f"  shipped: iteration {sel['selected_iteration']}, the best on {sel['tasks']} selection "
+                          f"tasks (task seed {sel['task_seed']}, points over uniform by iteration: {scores})")
         console.print(f"  repair defaults: {r['repair_defaults']}")
         console.print(f"  group kinds met in meta-training: {r['kinds_seen']} (others are shown as the closest of these)")
 

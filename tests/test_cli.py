@@ -135,3 +135,8 @@ def test_policy_info_shows_provenance():
     assert info["provenance"]["iterations"] >= 10 and info["parameters"] > 100
     assert set(info["repair_defaults"]) >= {"lr", "temperature", "alpha", "bn_samples"}
     assert info["kinds_seen"] == ["conv", "linear"]  # the shipped policy met mlp, vgg-small and resnet20 only
+    sel = info["provenance"]["selection"]  # stage 2 ships its best iterate on the selection tasks
+    assert sel["selected_iteration"] == max(sel["scores"], key=lambda s: s["reward"])["iteration"]
+    text = run("policy", "info")
+    assert f"shipped: iteration {sel['selected_iteration']}, the best on {sel['tasks']} selection tasks" in " ".join(
+        text.stdout.split())

@@ -201,6 +201,73 @@ def test_frozen_expert_keeps_its_mixture_weights_out_of_es():
         "sensitivity",)
 
 
+def test_anchored_policy_allocates_as_the_expert_and_keeps_its_repair():
+    """anchored(theta, 'sensitivity'): the allocation is the expert's ratios (clipped as the
+    mixture clips them), the repair settings are those of theta."""
+    from metacompress.compress.prune import MAX_RATIO
+    from metacompress.policy.network import EXPERT_RULES, anchored
+
+    rng = np.random.default_rng(0)
+    theta = rng.normal(0, 0.5, Shapes.size())
+    feats = rng.normal(size=(6, NUM_FEATURES))
+    experts = rng.uniform(0, MAX_RATIO, size=(6, len(EXPERT_RULES)))
+    for regime in (RepairConfig(steps=0), RepairConfig(steps=20), RepairConfig(steps=150)):
+        before = decide(theta, feats, 0.3, regime, experts)
+        after = decide(anchored(theta, "sensitivity"), feats, 0.3, regime, experts)
+        assert after.repair == before.repair
+        expected = np.clip(experts[:, EXPERT_RULES.index("sensitivity")], 0.02 * MAX_RATIO, 0.98 * MAX_RATIO)
+        np.testing.assert_allclose(after.ratio_fn()(0.5), expected, rtol=1e-9)  # offset c = 0 at scale 0.5
+    with pytest.raises(UserError, match="unknown expert"):
+        anchored(theta, "oracle")
+
+
+def test_selection_ships_the_best_scored_iterate(tmp_path, monkeypatch):
+    """select_every: the saved policy is the iterate with the best mean reward on the selection
+    tasks (an unseen task seed), and that reward is what re-scoring it gives."""
+    from metacompress.policy.meta_train import MetaTrainConfig, meta_train, selection_tasks
+    from metacompress.policy.tasks import teachers_from
+
+    monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path / "cache"))
+    teachers = [{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 32, "depth": 1}]}]
+    cfg = MetaTrainConfig(teachers=teachers, iterations=2, tasks_per_iteration=1, population=2, workers=1,
+                          sigma=0.5, lr=0.5, regime_weights=(0, 1, 0, 0), anchor="sensitivity",
+                          select_every=1, select_budgets=(0.3,), out=str(tmp_path / "pol"))
+    meta_train(cfg)
+    pol = load_policy(tmp_path / "pol")
+    sel = pol.provenance["selection"]
+    scores = [s["reward"] for s in sel["scores"]]
+    assert [s["iteration"] for s in sel["scores"]] == [0, 1, 2] and sel["task_seed"] == 4
+    assert sel["selected_iteration"] == sel["scores"][int(np.argmax(scores))]["iteration"]
+    tasks = selection_tasks(teachers_from(teachers), (0.3,), 4)
+    assert len(tasks) == 4 and all(t.seed == 4 for t in tasks)
+    pool = TaskPool(pol.defaults)
+    assert np.mean([pool.reward(pol.theta, t) for t in tasks]) == pytest.approx(max(scores), abs=1e-9)
+    with pytest.raises(UserError, match="anchor must be"):
+        MetaTrainConfig.from_dict({"teachers": [], "anchor": "oracle"})
+
+
+@pytest.mark.parametrize("toward_start", [False, True])
+def test_selection_keeps_the_iterate_that_scores_best(tmp_path, monkeypatch, toward_start):
+    """With a reward ES can climb, the last iterate ships; with one that only falls away from
+    the start, the start ships although ES moved on."""
+    from metacompress.policy import meta_train as mt
+
+    start = init_params(0)
+    monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(mt, "_reward", lambda job: (-float(np.abs(job[0] - start).sum()) if toward_start
+                                                    else float(job[0].sum())))
+    cfg = mt.MetaTrainConfig(teachers=[{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 16, "depth": 1}]}],
+                             iterations=3, tasks_per_iteration=1, population=4, workers=1, lr=0.1,
+                             select_every=1, select_budgets=(0.3,), out=str(tmp_path / "pol"))
+    mt.meta_train(cfg)
+    pol = load_policy(tmp_path / "pol")
+    ckpt = torch.load(tmp_path / "pol" / "checkpoint.pt", weights_only=True)
+    last = ckpt["es"]["theta"].numpy()  # every weight trains here, so ES's vector is the whole policy
+    assert np.abs(last - start).max() > 0.05  # ES moved in both cases
+    assert pol.provenance["selection"]["selected_iteration"] == (0 if toward_start else 3)
+    np.testing.assert_array_equal(pol.theta, start if toward_start else last)
+
+
 def test_fast_adaptation_is_seeded_and_moves_the_policy(tmp_path, monkeypatch):
     from metacompress.policy.meta_train import adapt
 

@@ -6,6 +6,11 @@ rank-shaped ES gradient. Rewards are validation accuracy after repair minus the 
 allocation's with default repair. Work is spread over worker processes, each with its own
 teacher cache; the run is reproducible under its seed for a fixed worker count.
 
+With ``select_every``, the weights are also scored every so many iterations (and at the start)
+on fixed selection tasks, on a task seed training never draws, and the best of these is what
+the run ships: early stopping on validation, because ES on a few families fits their sampled
+tasks, and the training reward does not say when it stopped transferring.
+
 ``adapt`` is ES-MAML's fast adaptation: a few ES steps on one target task, starting from
 the meta-learned weights.
 """
@@ -25,7 +30,7 @@ from metacompress.compress.distill import RepairConfig
 from metacompress.errors import UserError
 from metacompress.io import load_weights, save_torch
 from metacompress.meta.es import ES
-from metacompress.policy.network import EXPERT_RULES, Shapes, init_params
+from metacompress.policy.network import EXPERT_RULES, REGIMES, Shapes, anchored, init_params
 from metacompress.policy.store import Policy, load_policy, save_policy
 from metacompress.policy.tasks import Task, TaskDistribution, TaskPool, Teacher, kinds_seen, teachers_from
 from metacompress.progress import track
@@ -48,6 +53,9 @@ class MetaTrainConfig:
     train_only: tuple[str, ...] = ()        # weight blocks ES moves (network.Shapes names); () = all
     frozen_experts: tuple[str, ...] = ()    # experts (network.EXPERT_RULES) whose mixture weights stay 0
     reward_repair: str = "policy"           # repair settings the reward uses: the policy's, or the default ones
+    anchor: str | None = None               # start the allocation at this expert alone (network.anchored)
+    select_every: int = 0                   # score on the selection tasks every so many iterations; 0: never
+    select_budgets: tuple[float, ...] = (0.5, 0.3, 0.15)  # selection tasks: every teacher x these x every regime
     out: str = "out/policy"
 
     @classmethod
@@ -56,11 +64,13 @@ class MetaTrainConfig:
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise UserError(f"unknown policy-training option(s): {', '.join(unknown)}")
-        for key in ("budgets", "regime_weights", "train_only", "frozen_experts"):
+        for key in ("budgets", "regime_weights", "train_only", "frozen_experts", "select_budgets"):
             if key in known:
                 known[key] = tuple(known[key])
         if known.get("reward_repair", "policy") not in ("policy", "default"):
             raise UserError(f"reward_repair must be 'policy' or 'default', got {known['reward_repair']!r}")
+        if known.get("anchor") is not None and known["anchor"] not in EXPERT_RULES:
+            raise UserError(f"anchor must be one of {', '.join(EXPERT_RULES)}, got {known['anchor']!r}")
         return cls(**known)
 
 
@@ -113,6 +123,8 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
     teachers = teachers_from(cfg.teachers)
     dist = TaskDistribution(teachers, budgets=cfg.budgets, regime_weights=cfg.regime_weights)
     theta0 = load_policy(cfg.init).theta if cfg.init else init_params(cfg.seed)
+    if cfg.anchor:
+        theta0 = anchored(theta0, cfg.anchor)
     mask = block_mask(cfg.train_only, cfg.frozen_experts)
     es = ES(theta0[mask], sigma=cfg.sigma, lr=cfg.lr, population=cfg.population, seed=cfg.seed)
 
@@ -122,6 +134,9 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
         return theta
 
     history: list[dict[str, float]] = []
+    selection: list[dict[str, float]] = []  # {iteration, reward} of every scored iterate
+    best = theta0
+    select_tasks = selection_tasks(teachers, cfg.select_budgets, dist.task_seeds) if cfg.select_every else []
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.is_file():
@@ -132,12 +147,27 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
             raise UserError(f"{ckpt} is from a different run ({exc}): remove it, or train into another --out") from None
         history = state["history"]
         rng.bit_generator.state = state["rng"]
+        selection = state.get("selection", [])
+        best = state["best"].numpy() if "best" in state else best
     ev = Evaluator(defaults, cfg.workers)
     t0 = time.perf_counter()
+
+    def select(iteration: int) -> None:
+        """Score the current weights on the selection tasks; keep them if they are the best yet."""
+        nonlocal best
+        theta = full(np.asarray(es.theta, dtype=np.float64))
+        jobs = [(theta, t, cfg.reward_repair == "policy") for t in select_tasks]
+        reward = float(np.mean(ev.map(_reward, jobs)))
+        if not selection or reward > max(s["reward"] for s in selection):
+            best = theta
+        selection.append({"iteration": iteration, "reward": reward})
+
     try:
         # train/cache every teacher first (each worker process holds its own copy)
         for _ in range(max(1, cfg.workers)):
             ev.map(_warm, teachers)
+        if select_tasks and not selection:
+            select(0)
         for it in track(range(len(history), cfg.iterations), "meta-training policy",
                         total=cfg.iterations - len(history)):
             tasks = dist.sample(rng, cfg.tasks_per_iteration)
@@ -149,10 +179,13 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
             center = float(np.mean(fitness))
             history.append({"iteration": it, "mean_reward": center, "best_reward": float(fitness.max()),
                             "seconds": round(time.perf_counter() - t0, 1), **{k: float(v) for k, v in metrics.items()}})
-            save_torch({"es": es.state_dict(), "history": history, "rng": rng.bit_generator.state}, ckpt)
+            if select_tasks and ((it + 1) % cfg.select_every == 0 or it + 1 == cfg.iterations):
+                select(it + 1)
+            save_torch({"es": es.state_dict(), "history": history, "rng": rng.bit_generator.state,
+                        "selection": selection, "best": torch.as_tensor(best)}, ckpt)
     finally:
         ev.close()
-    theta = full(np.asarray(es.theta, dtype=np.float64))
+    theta = best if select_tasks else full(np.asarray(es.theta, dtype=np.float64))
     provenance = {
         "teachers": [t.label() for t in teachers], "iterations": cfg.iterations, "population": cfg.population,
         "tasks_per_iteration": cfg.tasks_per_iteration, "budgets": list(cfg.budgets),
@@ -160,14 +193,22 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
         "init": cfg.init, "init_provenance": ({k: v for k, v in load_policy(cfg.init).provenance.items() if k != "history"}
                                               if cfg.init else None),
         "train_only": list(cfg.train_only), "frozen_experts": list(cfg.frozen_experts),
-        "reward_repair": cfg.reward_repair,
+        "reward_repair": cfg.reward_repair, "anchor": cfg.anchor,
+        "selection": ({"tasks": len(select_tasks), "task_seed": dist.task_seeds, "budgets": list(cfg.select_budgets),
+                       "scores": selection, "selected_iteration": max(selection, key=lambda s: s["reward"])["iteration"]}
+                      if select_tasks else None),
         "final_mean_reward_last10": float(np.mean([h["mean_reward"] for h in history[-10:]])) if history else 0.0,
         "history": history,
     }
     save_policy(Policy(theta, defaults, provenance, kinds_seen(teachers)), out)
-    plot_curve(history, out / "reward_curve.png")
+    plot_curve(history, out / "reward_curve.png", selection)
     return {"out": str(out), "iterations": cfg.iterations, "history": history,
             "final_mean_reward_last10": provenance["final_mean_reward_last10"]}
+
+
+def selection_tasks(teachers: list[Teacher], budgets: tuple[float, ...], seed: int) -> list[Task]:
+    """Every teacher x budget x regime on one task seed (training draws seeds below ``seed``)."""
+    return [Task(t, b, r, seed) for t in teachers for b in budgets for r in REGIMES]
 
 
 def block_mask(blocks: tuple[str, ...], frozen_experts: tuple[str, ...] = ()) -> np.ndarray:
@@ -194,8 +235,9 @@ def block_mask(blocks: tuple[str, ...], frozen_experts: tuple[str, ...] = ()) ->
     return np.array(mask)
 
 
-def plot_curve(history: list[dict[str, float]], path: Path) -> None:
-    """Reward against iteration (mean over the population, and a 10-iteration moving average)."""
+def plot_curve(history: list[dict[str, float]], path: Path, selection: list[dict[str, float]] | None = None) -> None:
+    """Reward against iteration (mean over the population, a 10-iteration moving average, and the
+    scores on the selection tasks with the one kept circled)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,6 +250,12 @@ def plot_curve(history: list[dict[str, float]], path: Path) -> None:
     ax.plot(r, alpha=0.4, label="population mean")
     if len(r) >= 10:
         ax.plot(np.arange(9, len(r)), np.convolve(r, np.ones(10) / 10, mode="valid"), label="10-iteration mean")
+    if selection:
+        it = [s["iteration"] for s in selection]
+        score = [100 * s["reward"] for s in selection]
+        ax.plot(it, score, "o-", color="black", ms=4, label="selection tasks (unseen task seed)")
+        k = int(np.argmax(score))
+        ax.plot(it[k], score[k], "o", ms=12, mfc="none", color="red", label=f"kept: iteration {it[k]}")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xlabel("ES iteration")
     ax.set_ylabel("reward (points over uniform)")

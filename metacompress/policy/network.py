@@ -73,6 +73,27 @@ def init_params(seed: int = 0) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def anchored(theta: np.ndarray, expert: str) -> np.ndarray:
+    """``theta`` with its allocation replaced by one expert's: the per-group head zeroed, mixture
+    weight 1 on ``expert`` in every regime and 0 on the others. The embedding, and with it the
+    repair settings, are untouched.
+
+    Why: ES fits a learned mixture to the few families it trains on. On unseen task seeds of
+    those same families, the sensitivity expert alone gave 1.3 points over LAMP and the learned
+    mixtures 0.3-0.9 (BENCHMARKS.md). Stage 2 therefore starts at the expert, and keeps what ES
+    learns from there only if it wins on those selection tasks.
+    """
+    if expert not in EXPERT_RULES:
+        raise UserError(f"unknown expert {expert!r}; known: {', '.join(EXPERT_RULES)}")
+    out = np.array(theta, dtype=np.float64)
+    blocks = _unpack(out)  # views into out
+    blocks["w2"][:] = 0.0
+    blocks["b2"][:] = 0.0
+    blocks["wm"][:] = 0.0
+    blocks["wm"][1:, EXPERT_RULES.index(expert)] = 1.0  # row 0 is the budget, the others the regime one-hot
+    return out
+
+
 def _unpack(theta: np.ndarray) -> dict[str, np.ndarray]:
     if theta.shape != (Shapes.size(),):
         raise UserError(f"policy weights have {theta.size} values; this version expects {Shapes.size()}")
