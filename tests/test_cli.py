@@ -125,6 +125,9 @@ def test_policy_commands_bad_input(tmp_path):
     assert_user_error(run("policy", "train", "--config", tmp_path / "none.yaml"), "recipe not found")
     (tmp_path / "r.yaml").write_text("teachers: []\nbogus: 1\n")
     assert_user_error(run("policy", "train", "--config", tmp_path / "r.yaml"), "unknown policy-training option")
+    (tmp_path / "a.yaml").write_text("teachers: []\nanchor: oracle\n")
+    assert_user_error(run("policy", "train", "--config", tmp_path / "a.yaml", "--out", tmp_path / "p"), "unknown expert")
+    assert not (tmp_path / "p").exists()
     assert_user_error(run("policy", "info", tmp_path), "policy not found")
 
 

@@ -69,8 +69,6 @@ class MetaTrainConfig:
                 known[key] = tuple(known[key])
         if known.get("reward_repair", "policy") not in ("policy", "default"):
             raise UserError(f"reward_repair must be 'policy' or 'default', got {known['reward_repair']!r}")
-        if known.get("anchor") is not None and known["anchor"] not in EXPERT_RULES:
-            raise UserError(f"anchor must be one of {', '.join(EXPERT_RULES)}, got {known['anchor']!r}")
         return cls(**known)
 
 

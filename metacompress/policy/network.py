@@ -6,7 +6,9 @@ its embedding and the context, plus a mixture (weights per budget and regime) of
 ratios in logit space: three fixed rules and the sensitivity allocation of ``probes``. Ratios
 are ``r_max * sigmoid(score + c)`` with the scalar ``c`` found by bisection so that the pruned
 model meets the budget (``PruningSpace.project``). The repair head maps the context to
-multiplicative corrections of the default repair settings.
+multiplicative corrections of the default repair settings. (In the shipped policy the mixture
+is the sensitivity expert alone and the per-group head is zero: ``anchored``, and
+recipes/policy-default-stage2.yaml for why.)
 
 All weights live in one flat vector, because evolution strategies train it: with zero output
 weights the policy *is* the uniform allocation with the default repair, which is where
@@ -79,8 +81,8 @@ def anchored(theta: np.ndarray, expert: str) -> np.ndarray:
     repair settings, are untouched.
 
     Why: ES fits a learned mixture to the few families it trains on. On unseen task seeds of
-    those same families, the sensitivity expert alone gave 1.3 points over LAMP and the learned
-    mixtures 0.3-0.9 (BENCHMARKS.md). Stage 2 therefore starts at the expert, and keeps what ES
+    those same families, the sensitivity expert alone gave 1.3 points over LAMP and two learned
+    mixtures 0.25 and 0.94 (BENCHMARKS.md). Stage 2 therefore starts at the expert, and keeps what ES
     learns from there only if it wins on those selection tasks.
     """
     if expert not in EXPERT_RULES:
