@@ -28,7 +28,7 @@ from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allo
 from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.measure import count_macs, count_params
-from metacompress.compress.prune import PruningSpace
+from metacompress.compress.prune import BUDGET_TOL, PruningSpace
 from metacompress.data import Dataset, load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, write_json
@@ -271,6 +271,22 @@ def _publish(tmp: Path, out: Path, names: list[str]) -> None:
         (tmp / name).replace(out / name)
 
 
+def allocation_warnings(space: PruningSpace, keep: list[int], metric: str, target: float, round_to: int) -> list[str]:
+    """What an allocation hides that a user deploying it should know: a budget that whole units
+    cannot meet within the tolerance, and widths off the rounding grid (which cost speed)."""
+    out = []
+    kept = space.kept_fraction(keep, metric)
+    if abs(kept - target) > BUDGET_TOL * target:
+        out.append(f"target {metric} {target:g} is not reachable in whole units within {BUDGET_TOL:.0%}: "
+                   f"the nearest allocation keeps {kept:.3f}")
+    off = space.off_grid(keep)
+    if off:
+        out.append(f"{len(off)} group(s) meet the budget only off the round_to={round_to} grid "
+                   f"({', '.join(off[:3])}{', ...' if len(off) > 3 else ''}): runtimes pad such widths, so expect "
+                   f"less speedup than the MACs suggest; a larger target avoids it")
+    return out
+
+
 def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     """Run every stage and write ``model.onnx``, ``model.pt`` and ``report.json`` into ``cfg.out``."""
     from metacompress.deploy import export_onnx, verify_onnx
@@ -295,6 +311,10 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     if cfg.allocation == "meta" and cfg.guard:
         with timer.stage("guard"):
             keep, repair_cfg, student, guard, first = guard_repair(cfg, prep, keep, repair_cfg, student)
+    warnings = allocation_warnings(prep.space, keep, metric, target, cfg.round_to)
+    off_grid = set(prep.space.off_grid(keep))
+    for w in warnings:
+        status(f"warning: {w}")
     pruned_acc = accuracy(student, data.x_test, data.y_test)
     with timer.stage("repair"):
         students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed, first)
@@ -351,11 +371,13 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
             "onnx": {"max_abs_diff": ver["max_abs_diff"], "top1_agreement": ver["top1_agreement"],
                      "opset": exp["opset"], "exporter": exp["exporter"],
                      "dense_max_abs_diff": dense_ver["max_abs_diff"]},
-            "groups": [{"name": g.name, "kind": g.kind, "channels": g.channels, "kept": k}
-                       for g, k in zip(prep.space.groups, keep)],
+            "groups": [{"name": g.name, "kind": g.kind, "channels": g.channels, "kept": k,
+                        "on_grid": g.name not in off_grid} for g, k in zip(prep.space.groups, keep)],
             "repair": repair_cfg.to_dict(),
             "seed": cfg.seed,
         }
+        if warnings:
+            report["warnings"] = warnings
         if guard is not None:
             report["guard"] = guard
         if soup is not None:

@@ -55,6 +55,20 @@ def test_param_budget_and_rounding():
     assert all(k % 8 == 0 for k, g in zip(keep, space.groups) if g.channels >= 16)
 
 
+def test_off_grid_names_the_groups_that_left_the_rounding_grid():
+    """A 16-unit MLP layer with round_to 8 can keep 8 (on the grid) but must keep ~4 for 0.3 of
+    the MACs: project falls back to single units there, and off_grid says so."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10, hidden=16, depth=1).eval()
+    space = PruningSpace(model, torch.randn(4, 1, 8, 8), 10, round_to=8)
+    uniform = lambda s: [s * 0.9] * len(space.groups)  # noqa: E731
+    on = space.project(uniform, 0.5)
+    off = space.project(uniform, 0.3)
+    assert on[0] % 8 == 0 and space.off_grid(on) == []
+    assert off[0] % 8 != 0 and space.off_grid(off) == [space.groups[0].name]
+    assert space.off_grid([g.channels for g in space.groups]) == []
+
+
 def test_classifier_outputs_are_never_pruned():
     model, x, space = _space("mlp")
     assert all("classifier" != g.name for g in space.groups)

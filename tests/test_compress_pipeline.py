@@ -148,6 +148,25 @@ def test_students_soup_and_int8_in_the_report(tmp_path):
     assert (out / "model.int8.onnx").is_file()
 
 
+def test_report_warns_when_whole_units_cannot_meet_the_budget(tmp_path):
+    """A 16-unit hidden layer cannot keep 0.3 of the MACs (4 units keep 0.25, 5 keep 0.31): the
+    nearest allocation is used, off the round_to grid, and the report and stderr say both."""
+    (tmp_path / "tiny.py").write_text(
+        "from torch import nn\n"
+        "def factory(input_shape, num_classes):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_classes))\n")
+    report = run_compress(CompressConfig(model=f"{tmp_path / 'tiny.py'}:factory", data="digits", target_macs=0.3,
+                                         allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "o")))
+    assert report["achieved_macs_ratio"] == 0.25
+    assert [g["kept"] for g in report["groups"]] == [4] and not report["groups"][0]["on_grid"]
+    assert len(report["warnings"]) == 2
+    assert "not reachable in whole units within 2%: the nearest allocation keeps 0.250" in report["warnings"][0]
+    assert "off the round_to=8 grid" in report["warnings"][1]
+    ok = run_compress(CompressConfig(model=f"{tmp_path / 'tiny.py'}:factory", data="digits", target_macs=0.5,
+                                     allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "ok")))
+    assert "warnings" not in ok and ok["groups"][0]["on_grid"]
+
+
 def test_meta_policy_with_guard(tmp_path):
     """The default path: the shipped policy decides, the guard keeps the better repair on validation."""
     cfg = CompressConfig(model="mlp", data="digits", target_macs=0.3, out=str(tmp_path / "o"), train_epochs=8,
@@ -175,6 +194,7 @@ def test_meta_policy_with_guard(tmp_path):
     uniform = space.project(rule_allocation("uniform", space, None, None), 0.3)
     kept = [grp["kept"] for grp in report["groups"]]
     assert ("uniform" in scores) == (kept != uniform or g["chosen"] == "uniform")
+    assert [grp["name"] for grp in report["groups"] if not grp["on_grid"]] == space.off_grid(kept)
     assert abs(report["achieved_macs_ratio"] - 0.3) <= 0.006
     assert report["compressed"]["accuracy"] > 0.8
 

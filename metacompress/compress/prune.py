@@ -22,6 +22,7 @@ from metacompress.compress.measure import count_macs, count_params, module_macs
 from metacompress.errors import UserError
 
 MAX_RATIO = 0.9  # never remove more than 90 % of a group: whole layers are never removed
+BUDGET_TOL = 0.02  # project meets the target within this relative tolerance wherever whole units allow
 
 
 class PruningSpace:
@@ -106,6 +107,17 @@ class PruningSpace:
             keep.append(int(min(g.channels, max(self.min_keep(g, fine), k))))
         return keep
 
+    def kept_fraction(self, keep: Sequence[int], metric: str = "macs") -> float:
+        """Fraction of the dense MACs (or params) that ``keep`` keeps."""
+        idx = 0 if metric == "macs" else 1
+        return self.estimate(keep)[idx] / (self.dense_macs, self.dense_params)[idx]
+
+    def off_grid(self, keep: Sequence[int]) -> list[str]:
+        """Groups whose kept width is not a multiple of their rounding step, because ``project``
+        fell back to single units to meet the budget. Runtimes pad such widths to their channel
+        block, so these groups cost speed the MACs do not show (BENCHMARKS.md, round_to=1)."""
+        return [g.name for g, k in zip(self.groups, keep) if k != g.channels and k % g.step]
+
     def floor(self, metric: str = "macs") -> float:
         """The smallest kept fraction of MACs (or params) reachable without removing whole layers."""
         idx = 0 if metric == "macs" else 1
@@ -114,7 +126,7 @@ class PruningSpace:
 
     # ----- budget projection ------------------------------------------------------------
     def project(self, ratio_fn: Callable[[float], Sequence[float]], target: float, metric: str = "macs",
-                tol: float = 0.02) -> list[int]:
+                tol: float = BUDGET_TOL) -> list[int]:
         """Find kept units that meet ``target`` (kept fraction of MACs or params) within ``tol``.
 
         ``ratio_fn(scale)`` is the allocation: per-group pruning ratios, non-decreasing in
