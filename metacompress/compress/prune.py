@@ -120,9 +120,7 @@ class PruningSpace:
 
     def floor(self, metric: str = "macs") -> float:
         """The smallest kept fraction of MACs (or params) reachable without removing whole layers."""
-        idx = 0 if metric == "macs" else 1
-        return self.estimate([self.min_keep(g, fine=True) for g in self.groups])[idx] / (
-            self.dense_macs, self.dense_params)[idx]
+        return self.kept_fraction([self.min_keep(g, fine=True) for g in self.groups], metric)
 
     # ----- budget projection ------------------------------------------------------------
     def project(self, ratio_fn: Callable[[float], Sequence[float]], target: float, metric: str = "macs",
@@ -136,9 +134,7 @@ class PruningSpace:
         """
         if not 0.0 < target <= 1.0:
             raise UserError(f"target must be in (0, 1], got {target}")
-        idx = 0 if metric == "macs" else 1
-        dense = (self.dense_macs, self.dense_params)[idx]
-        cost = lambda keep: self.estimate(keep)[idx] / dense  # noqa: E731
+        cost = lambda keep: self.kept_fraction(keep, metric)  # noqa: E731
         if target >= 1.0:
             return [g.channels for g in self.groups]
         # rounded channel counts unless the budget is only reachable with finer ones
