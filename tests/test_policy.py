@@ -264,6 +264,11 @@ def test_selection_keeps_the_iterate_that_scores_best(tmp_path, monkeypatch, tow
     assert np.abs(last - start).max() > 0.05  # ES moved in both cases
     assert pol.provenance["selection"]["selected_iteration"] == (0 if toward_start else 3)
     np.testing.assert_array_equal(pol.theta, start if toward_start else last)
+    cfg.iterations = 4  # resuming keeps the scores and the best iterate so far, and scores only what is new
+    mt.meta_train(cfg)
+    sel = load_policy(tmp_path / "pol").provenance["selection"]
+    assert [s["iteration"] for s in sel["scores"]] == [0, 1, 2, 3, 4]
+    assert sel["selected_iteration"] == (0 if toward_start else 4)
 
 
 def test_fast_adaptation_is_seeded_and_moves_the_policy(tmp_path, monkeypatch):
