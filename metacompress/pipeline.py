@@ -271,15 +271,16 @@ def _publish(tmp: Path, out: Path, names: list[str]) -> None:
         (tmp / name).replace(out / name)
 
 
-def allocation_warnings(space: PruningSpace, keep: list[int], metric: str, target: float, round_to: int) -> list[str]:
+def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], metric: str, target: float,
+                        round_to: int) -> list[str]:
     """What an allocation hides that a user deploying it should know: a budget that whole units
-    cannot meet within the tolerance, and widths off the rounding grid (which cost speed)."""
+    cannot meet within the tolerance, and the groups ``off`` the rounding grid (which cost speed;
+    ``space.off_grid(keep)``)."""
     out = []
     kept = space.kept_fraction(keep, metric)
     if abs(kept - target) > BUDGET_TOL * target:
         out.append(f"target {metric} {target:g} is not reachable in whole units within {BUDGET_TOL:.0%}: "
                    f"the nearest allocation keeps {kept:.3f}")
-    off = space.off_grid(keep)
     if off:
         out.append(f"{len(off)} group(s) meet the budget only off the round_to={round_to} grid "
                    f"({', '.join(off[:3])}{', ...' if len(off) > 3 else ''}): runtimes pad such widths, so expect "
@@ -311,8 +312,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     if cfg.allocation == "meta" and cfg.guard:
         with timer.stage("guard"):
             keep, repair_cfg, student, guard, first = guard_repair(cfg, prep, keep, repair_cfg, student)
-    warnings = allocation_warnings(prep.space, keep, metric, target, cfg.round_to)
-    off_grid = set(prep.space.off_grid(keep))
+    off_grid = prep.space.off_grid(keep)
+    warnings = allocation_warnings(prep.space, keep, off_grid, metric, target, cfg.round_to)
     for w in warnings:
         status(f"warning: {w}")
     pruned_acc = accuracy(student, data.x_test, data.y_test)
