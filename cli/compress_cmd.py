@@ -36,6 +36,12 @@ def compress(
         None, "--weights", help="Dense state dict (.pt). Omit to train first; 'none' for untrained weights."),
     target_macs: Optional[float] = typer.Option(None, "--target-macs", help="Kept fraction of MACs, in (0, 1]."),
     target_params: Optional[float] = typer.Option(None, "--target-params", help="Kept fraction of parameters."),
+    target_latency: Optional[float] = typer.Option(
+        None, "--target-latency", help="Kept fraction of the dense model's latency, measured on this machine, in (0, 1]."),
+    target_ms: Optional[float] = typer.Option(None, "--target-ms", help="Latency in milliseconds at --latency-batch."),
+    latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size the latency budget holds at."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: the cores available)."),
+    provider: str = typer.Option("cpu", "--provider", help="onnxruntime execution provider: cpu, cuda, ..."),
     allocation: str = typer.Option(
         "meta", "--allocation",
         help="How much to prune where: meta (the meta-learned policy), uniform, global-magnitude, global-taylor, lamp."),
@@ -43,7 +49,8 @@ def compress(
     adapt_steps: int = typer.Option(0, "--adapt-steps", min=0, help="ES-MAML steps on this task before deciding (0: zero-shot)."),
     guard: bool = typer.Option(True, "--guard/--no-guard",
                                help="meta: also try the default repair and the uniform allocation; keep the best on validation."),
-    round_to: int = typer.Option(8, "--round-to", min=1, help="Keep channel counts multiples of this."),
+    round_to: str = typer.Option(
+        "auto", "--round-to", help="Keep channel counts multiples of this; auto: the runtime's channel block."),
     repair_steps: int = typer.Option(RepairConfig.steps, "--repair-steps", help="Distillation steps (0: BN recalibration only)."),
     repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="Distillation learning rate (default: the policy's)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature (default: the policy's)."),
@@ -58,14 +65,15 @@ def compress(
     seed: int = SEED_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Prune MODEL to a MACs or parameter budget, repair it, export ONNX and verify it."""
+    """Prune MODEL to a MACs, parameter or latency budget, repair it, export ONNX and verify it."""
     from metacompress.pipeline import CompressConfig, run_compress
 
     given = {"lr": repair_lr, "temperature": temperature, "alpha": alpha}
     overrides = {k: v for k, v in given.items() if v is not None}
     cfg = CompressConfig(
         model=model, data=data, weights=weights, target_macs=target_macs, target_params=target_params,
-        allocation=allocation, policy=policy, adapt_steps=adapt_steps, guard=guard, round_to=round_to,
+        target_latency=target_latency, target_ms=target_ms, latency_batch=latency_batch, threads=threads,
+        provider=provider, allocation=allocation, policy=policy, adapt_steps=adapt_steps, guard=guard, round_to=round_to,
         repair=RepairConfig(steps=repair_steps, samples_per_class=samples_per_class, **overrides),
         repair_overrides=tuple(overrides),
         students=students, quantize=quantize, train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,
@@ -78,14 +86,23 @@ def _render_report(r: dict) -> None:
     for col in ("", "dense", "compressed", "ratio"):
         t.add_column(col, justify="right")
     d, c = r["dense"], r["compressed"]
+    for b in r["speedup"]:
+        t.add_row(f"latency {b} (ms, measured)", f"{d['latency_ms'][b]:.3f}", f"{c['latency_ms'][b]:.3f}",
+                  f"[bold]{r['speedup'][b]:.2f}x faster[/bold]")
     t.add_row("MACs", f"{d['macs']:,}", f"{c['macs']:,}", f"{c['macs'] / d['macs']:.3f}")
     t.add_row("params", f"{d['params']:,}", f"{c['params']:,}", f"{c['params'] / d['params']:.3f}")
     t.add_row("accuracy", f"{d['accuracy']:.4f}", f"{c['accuracy']:.4f}", f"{c['accuracy'] - d['accuracy']:+.4f}")
-    for b in ("b1", "b32"):
-        t.add_row(f"latency {b} (ms)", f"{d['latency_ms'][b]:.3f}", f"{c['latency_ms'][b]:.3f}",
-                  f"{r['speedup'][b]:.2f}x faster")
     t.add_row("ONNX bytes", f"{d['onnx_bytes']:,}", f"{c['onnx_bytes']:,}", f"{c['onnx_bytes'] / d['onnx_bytes']:.3f}")
     console.print(t)
+    if "latency" in r:
+        lat = r["latency"]
+        b = f"b{lat['batch']}"
+        console.print(f"latency budget {lat['target_fraction']:.3f} of dense at batch {lat['batch']} "
+                      f"({lat['threads']} threads, {lat['provider']}): measured {lat['measured_fraction'][b]:.3f}, "
+                      f"predicted {lat['predicted_fraction'].get(b, float('nan')):.3f}; round_to {r['round_to']}; "
+                      f"latency model {lat['model']['source']} ({lat['model']['build_s']:.1f} s)")
+    for w in r.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")
     o = r["onnx"]
     if "int8" in r:
         q = r["int8"]
@@ -104,13 +121,17 @@ def inspect_model(
     model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
     data: str = typer.Option("digits", "--data", help="Data spec that sizes the model's input and classes."),
     weights: Optional[str] = typer.Option("none", "--weights", help="State dict to load (default: untrained)."),
-    round_to: int = typer.Option(8, "--round-to", min=1),
+    round_to: str = typer.Option("auto", "--round-to", help="Channel multiple; auto: the runtime's channel block."),
+    latency: bool = typer.Option(False, "--latency", help="Also build (or read from cache) and show the latency model."),
+    latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size for --latency."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: the cores available)."),
+    provider: str = typer.Option("cpu", "--provider", help="onnxruntime execution provider: cpu, cuda, ..."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Show prunable groups and per-layer MACs and parameters."""
+    """Show prunable groups and per-layer MACs and parameters (and the latency model with --latency)."""
     from metacompress.dense import inspect_model as inspect_fn
 
-    emit(inspect_fn(model, data, weights, round_to), as_json, _render_inspect)
+    emit(inspect_fn(model, data, weights, round_to, latency, latency_batch, threads, provider), as_json, _render_inspect)
 
 
 def _render_inspect(r: dict) -> None:
@@ -129,3 +150,26 @@ def _render_inspect(r: dict) -> None:
     for layer in r["layers"]:
         t.add_row(layer["name"], layer["type"], f"{layer['macs']:,}", f"{layer['params']:,}")
     console.print(t)
+    if "latency" in r:
+        _render_latency_model(r["latency"])
+
+
+def _render_latency_model(lat: dict) -> None:
+    rt = lat["signature"]
+    console.print(f"latency model ({lat['source']}, built in {lat['build_s']:.1f} s; key {lat['key']}): "
+                  f"{rt['provider']}, {rt['threads']} threads, {rt['cpu']} ({rt['isa']}, channel block {lat['block']}), "
+                  f"onnxruntime {rt['onnxruntime']}")
+    f = Table(title="fit per batch size (weights relative to the dense model's latency)")
+    names = list(next(iter(lat["fits"].values()))["coef"])
+    for col in ("batch", "dense ms", "leave-one-out error", *names):
+        f.add_column(col, justify="right")
+    for b, fit in lat["fits"].items():
+        f.add_row(b, f"{fit['dense_ms']:.3f}", f"{fit['loo_error']:.1%}", *(f"{fit['coef'][n]:.3f}" for n in names))
+    console.print(f)
+    g = Table(title=f"predicted saving when one group alone goes to its floor (batch {lat['batch']}); "
+                    f"all groups at the floor keep {lat['floor_fraction']:.3f} of the latency")
+    for col in ("group", "channels", "step", "floor", "saved ms"):
+        g.add_column(col, justify="right")
+    for grp in lat["groups"]:
+        g.add_row(grp["name"], str(grp["channels"]), str(grp["step"]), str(grp["floor"]), f"{grp['saved_ms_at_floor']:.3f}")
+    console.print(g)

@@ -6,6 +6,7 @@ from typing import Any
 
 from metacompress.compress.groups import discover_groups
 from metacompress.compress.measure import count_params, module_macs
+from metacompress.compress.prune import PruningSpace
 from metacompress.data import load_dataset
 from metacompress.io import save_torch
 from metacompress.pipeline import load_dense
@@ -22,8 +23,14 @@ def train_and_save(spec: str, data_spec: str, out: str, epochs: int = 30, seed: 
             "epochs": epochs, "seed": seed, "out": out}
 
 
-def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round_to: int = 8) -> dict[str, Any]:
-    """Prunable groups and per-layer cost of a model sized for the data."""
+def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round_to: int | str = "auto",
+                  latency: bool = False, batch: int = 1, threads: int | None = None,
+                  provider: str = "cpu") -> dict[str, Any]:
+    """Prunable groups and per-layer cost of a model sized for the data; with ``latency``, the
+    runtime's latency model too (built on this machine, or read from its cache)."""
+    from metacompress.deploy.runtime import resolve_round_to
+
+    round_to = resolve_round_to(round_to, provider)
     data = load_dataset(data_spec)
     model = load_dense(spec, data, weights)
     example = data.x_train[:1]
@@ -34,12 +41,32 @@ def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round
         if not list(m.children()) and (count_params(m) or macs.get(name, 0))
     ]
     groups = discover_groups(model, example, data.num_classes, round_to)
-    return {
+    out = {
         "model": spec, "data": data_spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-        "macs": macs.get("", 0), "params": count_params(model),
+        "macs": macs.get("", 0), "params": count_params(model), "round_to": round_to,
         "groups": [{"name": g.name, "kind": g.kind, "channels": g.channels, "step": g.step, "heads": g.heads,
                     "residual": g.residual, "out_layers": g.out_layers, "in_layers": g.in_layers} for g in groups],
         "layers": layers,
+    }
+    if latency:
+        out["latency"] = _latency_model_info(model, data, round_to, batch, threads, provider)
+    return out
+
+
+def _latency_model_info(model, data, round_to: int, batch: int, threads: int | None, provider: str) -> dict[str, Any]:
+    """The latency model's fit and what each group's pruning saves, as predicted (ms)."""
+    from metacompress.budget import budget_spec, resolve_budget
+
+    spec = budget_spec(latency=0.5, batch=batch, threads=threads, provider=provider)
+    space = PruningSpace(model, data.x_train[:1], data.num_classes, round_to, strict_grid=True)
+    lm = resolve_budget(spec, model, space, data.input_shape).cost
+    saved = lm.per_group_ms(batch)
+    floor = space.floor_keep()
+    return lm.describe() | {
+        "batch": batch,
+        "floor_fraction": round(lm.fraction(floor), 4),
+        "groups": [{"name": g.name, "channels": g.channels, "step": g.step, "floor": f, "saved_ms_at_floor": round(ms, 4)}
+                   for g, f, ms in zip(space.groups, floor, saved)],
     }
 
 

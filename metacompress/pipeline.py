@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from metacompress.budget import Budget, BudgetSpec, budget_spec, resolve_budget
 from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
@@ -50,10 +51,15 @@ class CompressConfig:
     weights: str | None = None          # state-dict file, "none" (untrained), or None (train first)
     target_macs: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None  # kept fraction of the dense model's measured latency
+    target_ms: float | None = None       # milliseconds at latency_batch
+    latency_batch: int = 1
+    threads: int | None = None           # onnxruntime intra-op threads (None: the cores this process may use)
+    provider: str = "cpu"                # onnxruntime execution provider
     allocation: str = "meta"
     policy: str | None = None           # policy folder; None = the shipped default
     adapt_steps: int = 0                # ES-MAML fast adaptation steps on this task
-    round_to: int = 8
+    round_to: int | str = "auto"         # channel multiple; auto: the runtime's channel block
     repair: RepairConfig = field(default_factory=RepairConfig)
     repair_overrides: tuple[str, ...] = ()  # repair fields the user set explicitly (beat the policy)
     guard: bool = True                  # meta: keep the policy's repair only if it wins on validation
@@ -64,15 +70,12 @@ class CompressConfig:
     out: str = "out"
     dynamo: bool = True
     latency_repeats: int = 20
+    latency_seconds: float = 3.0        # at least this long timing each batch size (interleaved rounds)
     trust_pickle: bool = False
 
-    def budget(self) -> tuple[str, float]:
-        if (self.target_macs is None) == (self.target_params is None):
-            raise UserError("give exactly one budget: --target-macs or --target-params")
-        metric, value = ("macs", self.target_macs) if self.target_macs is not None else ("params", self.target_params)
-        if not 0.0 < value <= 1.0:
-            raise UserError(f"--target-{metric} must be in (0, 1] (the kept fraction), got {value:g}")
-        return metric, float(value)
+    def budget(self) -> BudgetSpec:
+        return budget_spec(self.target_macs, self.target_params, self.target_latency, self.target_ms,
+                           batch=self.latency_batch, threads=self.threads, provider=self.provider)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Prepared:
     dense: nn.Module
     space: PruningSpace
     dense_accuracy: float
+    budget: Budget
 
 
 class Timer:
@@ -127,23 +131,37 @@ def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epo
 
 
 def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
+    """Load the data and the dense model, find its groups and resolve the budget (a latency budget
+    builds or reads the runtime's latency model)."""
+    from metacompress.deploy.runtime import resolve_round_to
+
     timer = timer or Timer()
+    spec = cfg.budget()
+    round_to = resolve_round_to(cfg.round_to, cfg.provider)
     with timer.stage("load"):
         data = load_dataset(cfg.data)
         dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle)
     with timer.stage("measure"):
-        space = PruningSpace(dense, data.x_train[:1], data.num_classes, cfg.round_to)
+        space = PruningSpace(dense, data.x_train[:1], data.num_classes, round_to, strict_grid=spec.is_latency)
         dense_acc = accuracy(dense, data.x_test, data.y_test)
-    return Prepared(data, dense, space, dense_acc)
+    with timer.stage("latency model") if spec.is_latency else _nothing():
+        budget = resolve_budget(spec, dense, space, data.input_shape)
+    return Prepared(data, dense, space, dense_acc, budget)
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, RepairConfig]:
     """Kept units per group that meet the budget, the channel importance, and repair settings."""
-    metric, target = cfg.budget()
+    budget = prep.budget
+    target = budget.feasible_target
     calib = prep.data.calibration_batch(128, cfg.seed)
     if cfg.allocation in RULES:
         ratio_fn = rule_allocation(cfg.allocation, prep.space, prep.dense, calib)
-        keep = prep.space.project(ratio_fn, target, metric)
+        keep = budget.project(prep.space, ratio_fn)
         return keep, CHANNEL_IMPORTANCE[cfg.allocation], cfg.repair
     if cfg.allocation != "meta":
         raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
@@ -156,8 +174,8 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
     features, experts = policy_inputs(prep.dense, prep.space, calib, EXPERT_RULES)
     if cfg.adapt_steps > 0:
         theta = _adapt(theta, cfg, prep, target, features, experts, policy.kinds_seen)
-    decision = decide(theta, features, target, cfg.repair, experts.ratios(target, metric), policy.kinds_seen)
-    keep = prep.space.project(decision.ratio_fn(), target, metric)
+    decision = decide(theta, features, target, cfg.repair, experts.ratios(target, budget.cost), policy.kinds_seen)
+    keep = budget.project(prep.space, decision.ratio_fn())
     chosen = decision.repair
     for name in cfg.repair_overrides:  # explicit flags beat the policy
         setattr(chosen, name, getattr(cfg.repair, name))
@@ -211,8 +229,7 @@ def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: 
     """
     from metacompress.policy.guard import guard_choice, versus_fallback
 
-    metric, target = cfg.budget()
-    uniform = prep.space.project(rule_allocation("uniform", prep.space, prep.dense, calib=None), target, metric)
+    uniform = prep.budget.project(prep.space, rule_allocation("uniform", prep.space, prep.dense, calib=None))
     options = {"policy": (keep, learned), "policy-allocation": (keep, cfg.repair), "uniform": (uniform, cfg.repair)}
     models: dict[str, nn.Module] = {}
     tried: dict[str, dict[str, Any]] = {}
@@ -271,37 +288,46 @@ def _publish(tmp: Path, out: Path, names: list[str]) -> None:
         (tmp / name).replace(out / name)
 
 
-def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], metric: str, target: float,
-                        round_to: int) -> list[str]:
+def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], budget: Budget) -> list[str]:
     """What an allocation hides that a user deploying it should know: a budget that whole units
-    cannot meet within the tolerance, and the groups ``off`` the rounding grid (which cost speed;
-    ``space.off_grid(keep)``)."""
+    cannot meet within the tolerance, the groups ``off`` the rounding grid (which cost speed;
+    ``space.off_grid(keep)``), and a latency target missed as measured or below the floor."""
+    if budget.latency is not None:
+        return list(budget.latency.warnings)
     out = []
-    kept = space.kept_fraction(keep, metric)
-    if abs(kept - target) > BUDGET_TOL * target:
-        out.append(f"target {metric} {target:g} is not reachable in whole units within {BUDGET_TOL:.0%}: "
+    kept = space.kept_fraction(keep, budget.cost)
+    if abs(kept - budget.target) > BUDGET_TOL * budget.target:
+        out.append(f"target {budget.metric} {budget.target:g} is not reachable in whole units within {BUDGET_TOL:.0%}: "
                    f"the nearest allocation keeps {kept:.3f}")
     if off:
-        out.append(f"{len(off)} group(s) meet the budget only off the round_to={round_to} grid "
+        out.append(f"{len(off)} group(s) meet the budget only off the round_to={space.round_to} grid "
                    f"({', '.join(off[:3])}{', ...' if len(off) > 3 else ''}): runtimes pad such widths, so expect "
                    f"less speedup than the MACs suggest; a larger target avoids it")
     return out
 
 
-def run_compress(cfg: CompressConfig) -> dict[str, Any]:
-    """Run every stage and write ``model.onnx``, ``model.pt`` and ``report.json`` into ``cfg.out``."""
-    from metacompress.deploy import export_onnx, verify_onnx
-    from metacompress.deploy.bench import benchmark_latency
-    from metacompress.deploy.quantize import quantize_onnx
-    from metacompress.deploy.simplify import simplify_onnx
+@dataclass
+class Compressed:
+    """What the stages before export produce."""
 
-    metric, target = cfg.budget()
+    prep: Prepared
+    student: nn.Module
+    keep: list[int]
+    repair: RepairConfig
+    pruned_accuracy: float
+    students: list[dict[str, Any]]
+    guard: dict[str, Any] | None = None
+    soup: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def compress_stages(cfg: CompressConfig, timer: Timer) -> Compressed:
+    """load -> measure -> allocate -> prune -> (guard) -> repair -> (fuse): the compressed model."""
     cfg.repair.validate()
     if cfg.students < 1:
         raise UserError(f"--students must be >= 1, got {cfg.students}")
     if cfg.quantize not in QUANTIZE_MODES:
         raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
-    timer = Timer()
     prep = prepare(cfg, timer)
     data = prep.data
     with timer.stage("allocate"):
@@ -312,8 +338,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     if cfg.allocation == "meta" and cfg.guard:
         with timer.stage("guard"):
             keep, repair_cfg, student, guard, first = guard_repair(cfg, prep, keep, repair_cfg, student)
-    off_grid = prep.space.off_grid(keep)
-    warnings = allocation_warnings(prep.space, keep, off_grid, metric, target, cfg.round_to)
+    warnings = allocation_warnings(prep.space, keep, prep.space.off_grid(keep), prep.budget)
     for w in warnings:
         status(f"warning: {w}")
     pruned_acc = accuracy(student, data.x_test, data.y_test)
@@ -325,80 +350,62 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
             soup = soup_students(student, students, data)
     else:
         student.load_state_dict(students[0]["state_dict"])
+    return Compressed(prep, student, keep, repair_cfg, pruned_acc, students, guard, soup, warnings)
+
+
+def export_and_verify(cfg: CompressConfig, c: Compressed, tmp: Path, timer: Timer) -> dict[str, Any]:
+    """Write model.onnx (and model.int8.onnx), check both against PyTorch in onnxruntime and time
+    them against the dense model, interleaved, at batch 1, 32 and the latency batch."""
+    from metacompress.deploy import export_onnx, verify_onnx
+    from metacompress.deploy.bench import benchmark_latency
+    from metacompress.deploy.quantize import quantize_onnx
+    from metacompress.deploy.runtime import default_threads
+    from metacompress.deploy.simplify import simplify_onnx
+
+    data, example = c.prep.data, c.prep.data.x_test[:1]
+    out: dict[str, Any] = {}
+    with timer.stage("export"):
+        out["export"] = export_onnx(c.student, example, tmp / "raw.onnx", dynamo=cfg.dynamo)
+        out["export"].update(simplify_onnx(tmp / "raw.onnx", tmp / "model.onnx"))
+        out["dense_export"] = export_onnx(c.prep.dense, example, tmp / "dense.onnx", dynamo=cfg.dynamo)
+        if cfg.quantize != "none":
+            out["quant"] = quantize_onnx(tmp / "model.onnx", tmp / "model.int8.onnx", cfg.quantize,
+                                         calibration=data.calibration_batch(256, cfg.seed)[0].numpy())
+    with timer.stage("verify"):
+        out["verify"] = verify_onnx(tmp / "model.onnx", c.student, data.x_test, data.y_test)
+        out["dense_verify"] = verify_onnx(tmp / "dense.onnx", c.prep.dense, data.x_test, data.y_test)
+        sessions = {"dense": tmp / "dense.onnx", "compressed": tmp / "model.onnx"}
+        if cfg.quantize != "none":
+            sessions["int8"] = tmp / "model.int8.onnx"
+            out["quant"].update(verify_onnx(tmp / "model.int8.onnx", c.student, data.x_test, data.y_test))
+        batches = sorted({1, 32, cfg.latency_batch})
+        out["latency"] = benchmark_latency(sessions, data.input_shape, batches=batches, repeats=cfg.latency_repeats,
+                                           threads=cfg.threads or default_threads(), provider=cfg.provider,
+                                           min_seconds=cfg.latency_seconds)
+    return out
+
+
+def run_compress(cfg: CompressConfig) -> dict[str, Any]:
+    """Run every stage and write ``model.onnx``, ``model.pt`` and ``report.json`` into ``cfg.out``."""
+    from metacompress.report import compress_report
+
+    timer = Timer()
+    c = compress_stages(cfg, timer)
     out = Path(cfg.out)
     tmp = _stage_dir(out)
     try:
-        example = data.x_test[:1]
-        with timer.stage("export"):
-            exp = export_onnx(student, example, tmp / "raw.onnx", dynamo=cfg.dynamo)
-            exp.update(simplify_onnx(tmp / "raw.onnx", tmp / "model.onnx"))
-            dense_exp = export_onnx(prep.dense, example, tmp / "dense.onnx", dynamo=cfg.dynamo)
-            outputs = ["model.onnx", "model.pt", "report.json"]
-            if cfg.quantize != "none":
-                quant = quantize_onnx(tmp / "model.onnx", tmp / "model.int8.onnx", cfg.quantize,
-                                      calibration=data.calibration_batch(256, cfg.seed)[0].numpy())
-                outputs.append("model.int8.onnx")
-        with timer.stage("verify"):
-            ver = verify_onnx(tmp / "model.onnx", student, data.x_test, data.y_test)
-            dense_ver = verify_onnx(tmp / "dense.onnx", prep.dense, data.x_test, data.y_test)
-            sessions = {"dense": tmp / "dense.onnx", "compressed": tmp / "model.onnx"}
-            if cfg.quantize != "none":
-                sessions["int8"] = tmp / "model.int8.onnx"
-                quant.update(verify_onnx(tmp / "model.int8.onnx", student, data.x_test, data.y_test))
-            lat = benchmark_latency(sessions, data.input_shape, batches=(1, 32), repeats=cfg.latency_repeats)
-        dense_macs, macs = prep.space.dense_macs, count_macs(student, example)
-        report = {
-            "model": cfg.model,
-            "data": cfg.data,
-            "out": str(out),
-            "policy": cfg.allocation,
-            "target_macs": target if metric == "macs" else None,
-            "target_params": target if metric == "params" else None,
-            "achieved_macs_ratio": round(macs / dense_macs, 4),
-            "achieved_params_ratio": round(count_params(student) / prep.space.dense_params, 4),
-            "dense": {
-                "macs": dense_macs, "params": prep.space.dense_params, "accuracy": prep.dense_accuracy,
-                "latency_ms": {b: lat["dense"][b]["median_ms"] for b in ("b1", "b32")},
-                "onnx_bytes": dense_exp["bytes"],
-            },
-            "compressed": {
-                "macs": macs, "params": count_params(student), "accuracy": ver["accuracy"],
-                "accuracy_before_repair": pruned_acc,
-                "latency_ms": {b: lat["compressed"][b]["median_ms"] for b in ("b1", "b32")},
-                "onnx_bytes": exp["bytes"],
-            },
-            "speedup": {b: round(lat["dense"][b]["median_ms"] / lat["compressed"][b]["median_ms"], 3)
-                        for b in ("b1", "b32")},
-            "onnx": {"max_abs_diff": ver["max_abs_diff"], "top1_agreement": ver["top1_agreement"],
-                     "opset": exp["opset"], "exporter": exp["exporter"],
-                     "dense_max_abs_diff": dense_ver["max_abs_diff"]},
-            "groups": [{"name": g.name, "kind": g.kind, "channels": g.channels, "kept": k,
-                        "on_grid": g.name not in off_grid} for g, k in zip(prep.space.groups, keep)],
-            "repair": repair_cfg.to_dict(),
-            "seed": cfg.seed,
-        }
-        if warnings:
-            report["warnings"] = warnings
-        if guard is not None:
-            report["guard"] = guard
-        if soup is not None:
-            report["students"] = [{k: v for k, v in st.items() if k not in ("state_dict", "val_correct")}
-                                  for st in students]
-            report["soup"] = soup | {"test_accuracy": ver["accuracy"]}
-        if cfg.quantize != "none":
-            report["int8"] = {
-                "mode": quant["mode"], "onnx_bytes": quant["bytes"], "size_ratio": round(quant["size_ratio"], 4),
-                "accuracy": quant["accuracy"], "top1_agreement": quant["top1_agreement"],
-                "latency_ms": {b: lat["int8"][b]["median_ms"] for b in ("b1", "b32")},
-            }
+        results = export_and_verify(cfg, c, tmp, timer)
+        report = compress_report(cfg, c, results)
         with timer.stage("save"):
-            save_compressed(tmp / "model.pt", student, cfg.model, data.input_shape, data.num_classes,
+            save_compressed(tmp / "model.pt", c.student, cfg.model, c.prep.data.input_shape, c.prep.data.num_classes,
                             meta={"policy": cfg.allocation, "data": cfg.data})
         report["timings_s"] = timer.timings
         write_json(tmp / "report.json", report)
-        _publish(tmp, out, outputs)
+        _publish(tmp, out, ["model.onnx", "model.pt", "report.json"] + (["model.int8.onnx"] if "quant" in results else []))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if c.prep.budget.latency is not None:
+            c.prep.budget.latency.close()
     if not is_builtin(cfg.model) and not cfg.model.startswith("torchvision:"):
         report["note"] = f"reloading model.pt needs the factory {cfg.model} again"
     return report

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
+# latency models built by tests go to a fresh cache, never the user's
+os.environ.setdefault("METACOMPRESS_CACHE", tempfile.mkdtemp(prefix="metacompress-test-cache-"))
 # the test models are tiny: one thread is faster than two, and does not thrash a busy machine
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)

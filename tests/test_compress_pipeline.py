@@ -156,14 +156,16 @@ def test_report_warns_when_whole_units_cannot_meet_the_budget(tmp_path):
         "def factory(input_shape, num_classes):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_classes))\n")
     report = run_compress(CompressConfig(model=f"{tmp_path / 'tiny.py'}:factory", data="digits", target_macs=0.3,
-                                         allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "o")))
+                                         allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "o"),
+                                         round_to=8))
     assert report["achieved_macs_ratio"] == 0.25
     assert [g["kept"] for g in report["groups"]] == [4] and not report["groups"][0]["on_grid"]
     assert len(report["warnings"]) == 2
     assert "not reachable in whole units within 2%: the nearest allocation keeps 0.250" in report["warnings"][0]
     assert "off the round_to=8 grid" in report["warnings"][1]
     ok = run_compress(CompressConfig(model=f"{tmp_path / 'tiny.py'}:factory", data="digits", target_macs=0.5,
-                                     allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "ok")))
+                                     allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "ok"),
+                                     round_to=8))
     assert "warnings" not in ok and ok["groups"][0]["on_grid"]
 
 

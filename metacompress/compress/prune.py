@@ -2,14 +2,17 @@
 
 ``PruningSpace`` knows a model's groups and an analytic cost model (MACs and parameters as a
 function of the channels kept per group), so that budget search costs microseconds per
-candidate. ``apply`` then removes the least important units of each group with torch-pruning
-and the real cost is measured; the allocation (how much per group) comes from elsewhere.
+candidate. Any other cost (a runtime's latency model, say) plugs in as a ``CostModel``: the
+space describes every layer's widths (``layers``) and the projection only asks the cost model
+for the kept fraction of an allocation. ``apply`` then removes the least important units of
+each group with torch-pruning; the allocation (how much per group) comes from elsewhere.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,16 +28,54 @@ MAX_RATIO = 0.9  # never remove more than 90 % of a group: whole layers are neve
 BUDGET_TOL = 0.02  # project meets the target within this relative tolerance wherever whole units allow
 
 
+class CostModel(Protocol):
+    """A cost of the pruned model as a function of the units kept per group."""
+
+    name: str
+
+    def fraction(self, keep: Sequence[int]) -> float:
+        """Kept fraction of the dense model's cost when group i keeps ``keep[i]`` units."""
+        ...
+
+
+Metric = Union[str, CostModel]  # "macs", "params" (analytic, built in) or a CostModel
+
+
+@dataclass(frozen=True)
+class LayerTerm:
+    """One conv or linear layer (or an attention block's own matmuls) of the dense model, with
+    the groups that set its output and input widths (-1: not pruned)."""
+
+    name: str
+    kind: str          # conv (k x k), pointwise (1 x 1 conv), depthwise, linear, attention
+    macs: int          # at batch 1, dense
+    out_elems: int     # output activations at batch 1, dense
+    out_channels: int
+    in_channels: int
+    out_group: int
+    in_group: int
+
+
 class PruningSpace:
     """The prunable groups of one dense model plus a cost model over per-group kept units."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, num_classes: int, round_to: int = 8):
+    def __init__(self, model: nn.Module, example: torch.Tensor, num_classes: int, round_to: int = 8,
+                 strict_grid: bool = False):
+        """``strict_grid``: every pruned width is a multiple of ``round_to``, narrow groups too
+        (a group narrower than ``round_to`` is not pruned). A runtime that computes channels in
+        blocks of ``round_to`` pads any other width, and may leave its fast layout for it; by
+        default a group narrower than two steps is pruned unit by unit instead."""
         if round_to < 1:
             raise UserError(f"round_to must be >= 1, got {round_to}")
         self.example = example[:1]
         self.num_classes = num_classes
         self.round_to = round_to
+        self.strict_grid = strict_grid
         self.groups: list[Group] = discover_groups(model, self.example, num_classes, round_to)
+        if strict_grid:
+            for g in self.groups:
+                if g.kind != "attention":
+                    g.step = min(round_to, g.channels)
         self.dense_macs = count_macs(model, self.example)
         self.dense_params = count_params(model)
         self._build_cost_model(model)
@@ -51,6 +92,7 @@ class PruningSpace:
             for name in g.in_layers:
                 in_of[name] = gi
         terms = []  # (macs, params, out_group, in_group, depthwise)
+        layers: list[LayerTerm] = []
         covered = 0
         for name, mod in modules.items():
             if not isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -60,6 +102,7 @@ class PruningSpace:
             depthwise = isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels
             params = mod.weight.numel()
             terms.append((macs, params, out_of.get(name, -1), -1 if depthwise else in_of.get(name, -1), depthwise))
+            layers.append(_layer_term(name, mod, macs, out_of.get(name, -1), -1 if depthwise else in_of.get(name, -1)))
             if mod.bias is not None:
                 terms.append((0, mod.bias.numel(), out_of.get(name, -1), -1, False))
         for gi, g in enumerate(self.groups):
@@ -73,8 +116,10 @@ class PruningSpace:
                                                   modules[parent].named_children())
             gi = out_of.get(name, -1)
             terms.append((own, 0, gi, -1, False))
+            layers.append(LayerTerm(parent, "attention", own, 0, qkv.out_features // 3, qkv.out_features // 3, gi, -1))
             covered += own
         self._terms = terms
+        self.layers = layers
         self._fixed_macs = self.dense_macs - covered
         self._fixed_params = self.dense_params - sum(t[1] for t in terms)
 
@@ -107,8 +152,12 @@ class PruningSpace:
             keep.append(int(min(g.channels, max(self.min_keep(g, fine), k))))
         return keep
 
-    def kept_fraction(self, keep: Sequence[int], metric: str = "macs") -> float:
-        """Fraction of the dense MACs (or params) that ``keep`` keeps."""
+    def kept_fraction(self, keep: Sequence[int], metric: Metric = "macs") -> float:
+        """Fraction of the dense MACs, params or a ``CostModel``'s cost that ``keep`` keeps."""
+        if not isinstance(metric, str):
+            return float(metric.fraction(keep))
+        if metric not in ("macs", "params"):
+            raise ValueError(f"unknown analytic metric '{metric}'")
         idx = 0 if metric == "macs" else 1
         return self.estimate(keep)[idx] / (self.dense_macs, self.dense_params)[idx]
 
@@ -118,19 +167,26 @@ class PruningSpace:
         block, so these groups cost speed the MACs do not show (BENCHMARKS.md, round_to=1)."""
         return [g.name for g, k in zip(self.groups, keep) if k != g.channels and k % g.step]
 
-    def floor(self, metric: str = "macs") -> float:
+    def floor(self, metric: Metric = "macs") -> float:
         """The smallest kept fraction of MACs (or params) reachable without removing whole layers."""
         return self.kept_fraction([self.min_keep(g, fine=True) for g in self.groups], metric)
 
+    def floor_keep(self, fine: bool = False) -> list[int]:
+        """Every group at its smallest width (on its rounding grid unless ``fine``)."""
+        return [self.min_keep(g, fine) for g in self.groups]
+
     # ----- budget projection ------------------------------------------------------------
-    def project(self, ratio_fn: Callable[[float], Sequence[float]], target: float, metric: str = "macs",
-                tol: float = BUDGET_TOL) -> list[int]:
-        """Find kept units that meet ``target`` (kept fraction of MACs or params) within ``tol``.
+    def project(self, ratio_fn: Callable[[float], Sequence[float]], target: float, metric: Metric = "macs",
+                tol: float = BUDGET_TOL, grid_only: bool = False) -> list[int]:
+        """Find kept units that meet ``target`` (kept fraction of ``metric``) within ``tol``.
 
         ``ratio_fn(scale)`` is the allocation: per-group pruning ratios, non-decreasing in
         ``scale`` in [0, 1]. Bisection on ``scale`` keeps the allocation's shape; a greedy pass
         then adds or removes single rounding steps, where the continuous allocation was
-        rounded hardest, until the estimate is within half the tolerance.
+        rounded hardest, until the estimate is within half the tolerance. Off-grid widths (single
+        units) are a fallback when the grid cannot meet the budget, unless ``grid_only``: a
+        runtime that pads them gains nothing from them (a latency budget), so the nearest grid
+        allocation is returned instead.
         """
         if not 0.0 < target <= 1.0:
             raise UserError(f"target must be in (0, 1], got {target}")
@@ -138,11 +194,12 @@ class PruningSpace:
         if target >= 1.0:
             return [g.channels for g in self.groups]
         # rounded channel counts unless the budget is only reachable with finer ones
-        fine = cost([self.min_keep(g) for g in self.groups]) > target * (1 + tol)
+        fine = not grid_only and cost([self.min_keep(g) for g in self.groups]) > target * (1 + tol)
         floor = cost([self.min_keep(g, fine) for g in self.groups])
         if floor > target * (1 + tol):
-            raise UserError(f"target {metric} {target:g} is unreachable without removing whole layers: pruning "
-                            f"every group to its limit keeps {floor:.3f} of the {metric}; ask for >= {floor:.2f}")
+            name = metric if isinstance(metric, str) else metric.name
+            raise UserError(f"target {name} {target:g} is unreachable without removing whole layers: pruning "
+                            f"every group to its limit keeps {floor:.3f} of the {name}; ask for >= {floor:.2f}")
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
@@ -153,7 +210,7 @@ class PruningSpace:
         keep = self.keep_counts(ratio_fn(hi), fine)
         want = [g.channels * (1 - float(np.clip(r, 0, MAX_RATIO))) for r, g in zip(ratio_fn(hi), self.groups)]
         keep = self._greedy_fix(keep, want, cost, target, tol, fine)
-        if abs(cost(keep) - target) > tol * target:
+        if abs(cost(keep) - target) > tol * target and not grid_only:
             # the rounding step is too coarse for this budget: refine with single units
             keep = self._greedy_fix(keep, want, cost, target, tol, fine=True)
         return keep
@@ -186,13 +243,19 @@ class PruningSpace:
 
     # ----- execution --------------------------------------------------------------------
     def apply(self, model: nn.Module, keep: Sequence[int], importance: str = "magnitude",
-              calib: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
-        """Prune ``model`` in place so that group i keeps ``keep[i]`` units (the most important)."""
+              calib: tuple[torch.Tensor, torch.Tensor] | None = None,
+              scores: Sequence[torch.Tensor] | None = None) -> nn.Module:
+        """Prune ``model`` in place so that group i keeps ``keep[i]`` units (the most important).
+
+        ``scores`` (per-unit, per group, from ``unit_scores`` on an unpruned copy) skip scoring:
+        many pruned variants of one model, e.g. to time them, need the scores once.
+        """
         if len(keep) != len(self.groups):
             raise ValueError(f"{len(keep)} keep counts for {len(self.groups)} groups")
         dg = build_graph(model, self.example)
         modules = dict(model.named_modules())
-        scores = unit_scores(model, self.groups, importance, calib=calib, dg=dg, example=self.example)
+        if scores is None:
+            scores = unit_scores(model, self.groups, importance, calib=calib, dg=dg, example=self.example)
         attn = {id(qkv): (proj, heads) for qkv, proj, heads in attention_blocks(model)}
         for g, k, s in zip(self.groups, keep, scores):
             n_remove = g.channels - int(k)
@@ -210,6 +273,19 @@ class PruningSpace:
                 raise UserError(f"pruning group '{g.name}' would remove a whole layer; lower the target")
             group.prune()
         return model
+
+
+def _layer_term(name: str, mod: nn.Module, macs: int, out_group: int, in_group: int) -> LayerTerm:
+    """A conv or linear layer's term; its output size is read off its MACs (no second pass)."""
+    if isinstance(mod, nn.Conv2d):
+        k = mod.kernel_size[0] * mod.kernel_size[1]
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels
+        kind = "depthwise" if depthwise else "pointwise" if k == 1 else "conv"
+        per_output = k * mod.in_channels // mod.groups
+        return LayerTerm(name, kind, macs, macs // max(1, per_output), mod.out_channels, mod.in_channels,
+                         out_group, in_group)
+    return LayerTerm(name, "linear", macs, macs // max(1, mod.in_features), mod.out_features, mod.in_features,
+                     out_group, in_group)
 
 
 def _prune_head_dims(qkv: nn.Linear, proj: nn.Linear, heads: int, drop: list[int]) -> None:

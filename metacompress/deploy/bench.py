@@ -19,20 +19,26 @@ import onnxruntime as ort
 from metacompress.deploy.verify import check_input, load_session
 from metacompress.errors import UserError
 
+MAX_REPEATS = 5000
 
-def _session(ref: Any, threads: int | None, spin: bool) -> ort.InferenceSession:
-    return ref if isinstance(ref, ort.InferenceSession) else load_session(ref, threads, spin)
+
+def _session(ref: Any, threads: int | None, spin: bool, provider: str) -> ort.InferenceSession:
+    return ref if isinstance(ref, ort.InferenceSession) else load_session(ref, threads, spin, provider)
 
 
 def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
                       threads: int | None = None, repeats: int = 20, warmup: int = 3,
-                      seed: int = 0, spin: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+                      seed: int = 0, spin: bool = False, provider: str = "cpu", min_seconds: float = 0.0
+                      ) -> dict[str, dict[str, dict[str, float]]]:
     """Time one forward pass of each model per batch size, interleaved across models.
 
     ``models`` maps a name to an ONNX path or an open session (a session keeps its own thread
     setting; paths are opened with ``threads`` and, unless ``spin``, with worker threads that
-    sleep rather than spin-wait, so that sessions timed in turn do not steal each other's cores).
-    ``input_shape`` is one sample's shape. Returns ``{name: {"b1": {"median_ms", "min_ms",
+    sleep rather than spin-wait, so that sessions timed in turn do not steal each other's cores;
+    on ``provider``).
+    ``input_shape`` is one sample's shape. ``min_seconds``: repeat more than ``repeats`` times
+    until the timed rounds of a batch size last this long (fast models need thousands of
+    repeats before a burst of other work on the machine stops moving the median). Returns ``{name: {"b1": {"median_ms", "min_ms",
     "max_ms"}, "b32": {...}}}``.
     """
     if not models:
@@ -42,7 +48,7 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     if not batches or any(int(b) < 1 for b in batches):
         raise UserError(f"batch sizes must be positive integers, got {list(batches)}")
     shape = tuple(int(d) for d in input_shape)
-    sessions = {name: _session(ref, threads, spin) for name, ref in models.items()}
+    sessions = {name: _session(ref, threads, spin, provider) for name, ref in models.items()}
     for name, sess in sessions.items():
         check_input(sess, shape, what=f"benchmark input for '{name}'")
     names = list(sessions)
@@ -51,11 +57,14 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     for batch in batches:
         x = rng.standard_normal((int(batch), *shape)).astype(np.float32)
         feeds = {name: {sess.get_inputs()[0].name: x} for name, sess in sessions.items()}
-        for _ in range(warmup):
+        start = time.perf_counter()
+        for _ in range(max(1, warmup)):
             for name in names:
                 sessions[name].run(None, feeds[name])
+        per_round = (time.perf_counter() - start) / max(1, warmup)
+        rounds = max(repeats, min(MAX_REPEATS, int(min_seconds / max(per_round, 1e-9))))
         times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(repeats):
+        for r in range(rounds):
             for k in range(len(names)):
                 name = names[(r + k) % len(names)]
                 start = time.perf_counter()

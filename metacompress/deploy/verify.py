@@ -22,8 +22,10 @@ from metacompress.errors import UserError
 from metacompress.io import require_file
 
 
-def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
-    """Open ``path`` in onnxruntime on the CPU; a missing, truncated or non-ONNX file is a UserError.
+def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True,
+                 provider: str = "cpu") -> ort.InferenceSession:
+    """Open ``path`` in onnxruntime (on the CPU unless ``provider`` says otherwise: ``cuda``, ...);
+    a missing, truncated or non-ONNX file is a UserError.
 
     ``threads`` fixes the intra-op thread count (None: onnxruntime's default, all cores); inter-op
     parallelism stays at 1 so that ``threads`` is the whole budget and latencies are comparable.
@@ -31,7 +33,10 @@ def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool
     with other work (or with the next session of an interleaved benchmark) spinning threads fight
     over the cores; resnet18 at batch 1 measured 44-47 ms spinning vs 16 ms not, on 2 threads here.
     """
+    from metacompress.deploy.runtime import PROVIDERS, provider_name
+
     p = require_file(path, "ONNX model")
+    providers = list(dict.fromkeys([provider_name(provider), PROVIDERS["cpu"]]))  # CPU runs what the other cannot
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.inter_op_num_threads = 1
@@ -43,7 +48,7 @@ def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(p), sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types for bad files
         first = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise UserError(f"{p} is not a loadable ONNX model (truncated or not ONNX?): {first}") from None

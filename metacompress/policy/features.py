@@ -24,8 +24,9 @@ from torch import nn
 from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.groups import KINDS
 from metacompress.compress.importance import unit_scores
-from metacompress.compress.prune import PruningSpace
-from metacompress.policy.probes import CURVE_RATIOS, loss_curves, removable_shares, sensitivity_allocation
+from metacompress.compress.prune import Metric, PruningSpace
+from metacompress.policy.probes import (CURVE_RATIOS, loss_curves, removable_share, removable_shares,
+                                        sensitivity_allocation)
 from metacompress.training import has_batchnorm
 
 PROBE_RATIOS = (0.3, 0.6, 0.9)  # points of the loss curve the network sees
@@ -111,20 +112,24 @@ class ExpertAllocations:
         self.rules = rules
         if "sensitivity" in rules:
             self._curves = loss_curves(model, space, calib) if curves is None else curves
-            self._shares = dict(zip(("macs", "params"), removable_shares(space)))
+            self._shares: dict[str, np.ndarray] = {}
         # gradient-based scores (Taylor) cost a forward and a backward pass (~3 forwards) per
         # sample: on a large model the calibration batch shrinks to fit TAYLOR_MACS_BUDGET
         n = int(np.clip(TAYLOR_MACS_BUDGET / max(1, 3 * space.dense_macs), 16, len(calib[0])))
         calib = (calib[0][:n], calib[1][:n])
         self._fns = {rule: rule_allocation(rule, space, model, calib) for rule in rules if rule != "sensitivity"}
 
-    def allocation(self, rule: str, metric: str = "macs"):
-        """One expert's ``scale -> ratios`` function (for ``PruningSpace.project``)."""
+    def allocation(self, rule: str, metric: Metric = "macs"):
+        """One expert's ``scale -> ratios`` function (for ``PruningSpace.project``); the sensitivity
+        expert weighs each group's loss against the share of ``metric`` it can remove."""
         if rule == "sensitivity":
-            return sensitivity_allocation(self._curves, self._shares[metric])
+            name = metric if isinstance(metric, str) else metric.name
+            if name not in self._shares:
+                self._shares[name] = removable_share(self.space, metric)
+            return sensitivity_allocation(self._curves, self._shares[name])
         return self._fns[rule]
 
-    def ratios(self, budget: float, metric: str = "macs") -> np.ndarray:
+    def ratios(self, budget: float, metric: Metric = "macs") -> np.ndarray:
         """(groups x rules) pruning ratios each rule gives at ``budget``."""
         channels = np.array([g.channels for g in self.space.groups], dtype=float)
         cols = [1 - np.asarray(self.space.project(self.allocation(rule, metric), budget, metric)) / channels

@@ -31,7 +31,7 @@ from torch import nn
 
 from metacompress.compress.groups import Group
 from metacompress.compress.importance import unit_scores
-from metacompress.compress.prune import MAX_RATIO, PruningSpace
+from metacompress.compress.prune import MAX_RATIO, Metric, PruningSpace
 from metacompress.training import batchnorm_layers
 
 CURVE_RATIOS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # up to MAX_RATIO
@@ -133,6 +133,21 @@ def removable_shares(space: PruningSpace) -> tuple[np.ndarray, np.ndarray]:
         mac_share.append((macs0 - m) / macs0)
         param_share.append((params0 - p) / params0)
     return np.array(mac_share), np.array(param_share)
+
+
+def removable_share(space: PruningSpace, metric: Metric = "macs") -> np.ndarray:
+    """Fraction of the cost (``metric``: macs, params or a latency ``CostModel``) that disappears
+    when a group alone shrinks to nothing."""
+    if isinstance(metric, str):
+        return removable_shares(space)[("macs", "params").index(metric)]
+    full = [g.channels for g in space.groups]
+    base = space.kept_fraction(full, metric)
+    shares = []
+    for i in range(len(space.groups)):
+        keep = list(full)
+        keep[i] = 0
+        shares.append(base - space.kept_fraction(keep, metric))
+    return np.array(shares) / base
 
 
 def sensitivity_allocation(curves: np.ndarray, share: np.ndarray) -> Callable[[float], Sequence[float]]:

@@ -1,0 +1,203 @@
+"""Budgets: what a user asks to keep (MACs, parameters, latency, milliseconds), as the cost model
+that ``PruningSpace.project`` is handed and, for time, as a target the exported model must meet
+when measured.
+
+MACs and parameters are analytic: the projection meets them exactly. Latency is predicted by the
+runtime's latency model (``deploy.latency``), and a prediction can be off: every allocation made
+under a latency budget is therefore pruned, exported and timed against the dense model
+(interleaved), and re-projected with the measured error until it is within ``LATENCY_TOL`` or
+``MAX_ROUNDS`` are spent. This happens on the architecture, before repair: weights do not change
+the runtime's speed, so no repair is wasted on a width that misses. Where the target lies below
+what width pruning reaches (per-op overhead, layers that cannot shrink), the floor is used and a
+warning gives its measured value.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch import nn
+
+from metacompress.compress.prune import Metric, PruningSpace
+from metacompress.errors import UserError
+from metacompress.progress import status
+
+LATENCY_TOL = 0.05   # measured latency within 5 % of the target
+MAX_ROUNDS = 4       # measured re-projections per allocation
+METRICS = ("macs", "params", "latency", "ms")
+
+
+@dataclass
+class BudgetSpec:
+    """The budget as asked: ``metric`` in METRICS and its value (a kept fraction, or ms)."""
+
+    metric: str
+    value: float
+    batch: int = 1
+    threads: int | None = None
+    provider: str = "cpu"
+
+    @property
+    def is_latency(self) -> bool:
+        return self.metric in ("latency", "ms")
+
+
+def budget_spec(macs: float | None = None, params: float | None = None, latency: float | None = None,
+                ms: float | None = None, **runtime: Any) -> BudgetSpec:
+    """Check that exactly one budget is given and in range (UserError otherwise)."""
+    given = {m: v for m, v in zip(METRICS, (macs, params, latency, ms)) if v is not None}
+    flags = "--target-macs, --target-params, --target-latency or --target-ms"
+    if len(given) != 1:
+        raise UserError(f"give exactly one budget: {flags}" + (f" (got {len(given)})" if given else ""))
+    metric, value = next(iter(given.items()))
+    if not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise UserError(f"--target-{metric} must be a number, got {value!r}")
+    if metric == "ms" and value <= 0:
+        raise UserError(f"--target-ms must be > 0 (milliseconds), got {value:g}")
+    if metric != "ms" and not 0.0 < value <= 1.0:
+        raise UserError(f"--target-{metric} must be in (0, 1] (the kept fraction), got {value:g}")
+    spec = BudgetSpec(metric, float(value), **runtime)
+    if spec.batch < 1:
+        raise UserError(f"--latency-batch must be >= 1, got {spec.batch}")
+    if spec.threads is not None and spec.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {spec.threads}")
+    return spec
+
+
+@dataclass
+class Budget:
+    """A resolved budget: the kept fraction ``target`` of the cost ``cost``."""
+
+    metric: str            # macs, params or latency
+    target: float
+    cost: Metric
+    latency: "LatencyTarget | None" = None
+
+    def project(self, space: PruningSpace, ratio_fn: Callable[[float], Sequence[float]]) -> list[int]:
+        """Kept units per group that meet the budget (measured, for latency)."""
+        if self.latency is not None:
+            return self.latency.project(ratio_fn)
+        return space.project(ratio_fn, self.target, self.cost)
+
+    @property
+    def feasible_target(self) -> float:
+        """The target, raised to the latency floor where it lies below (what allocation rules and
+        the policy are asked for: a budget they can meet)."""
+        return self.target if self.latency is None else max(self.target, self.latency.floor_fraction * 1.03)
+
+
+@dataclass
+class Round:
+    keep: list[int]
+    goal: float            # the predicted fraction projected onto
+    predicted: float
+    measured: float
+
+
+@dataclass
+class LatencyTarget:
+    """Projection onto a latency target, checked by measuring the exported architecture."""
+
+    model: Any             # deploy.latency.LatencyModel
+    dense: nn.Module
+    space: PruningSpace
+    target: float
+    input_shape: tuple[int, ...]
+    threads: int
+    provider: str = "cpu"
+    history: list[list[Round]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    _workdir: tempfile.TemporaryDirectory | None = None
+    _scores: list | None = None
+
+    @property
+    def floor_fraction(self) -> float:
+        return self.model.fraction(self.space.floor_keep())
+
+    def project(self, ratio_fn: Callable[[float], Sequence[float]]) -> list[int]:
+        full = [g.channels for g in self.space.groups]
+        if self.target >= 1.0:
+            return full
+        floor_keep, floor = self.space.floor_keep(), self.floor_fraction
+        goal, rounds = self.target, []
+        for _ in range(MAX_ROUNDS):
+            keep = floor_keep if goal <= floor else self.space.project(ratio_fn, goal, self.model, grid_only=True)
+            if rounds and keep == rounds[-1].keep:
+                break
+            rounds.append(Round(keep, goal, self.model.fraction(keep), self.measure(keep)))
+            status(f"latency: predicted {rounds[-1].predicted:.3f}, measured {rounds[-1].measured:.3f} "
+                   f"of the dense model (target {self.target:.3f})")
+            if abs(rounds[-1].measured / self.target - 1) <= LATENCY_TOL:
+                break
+            goal = float(np.clip(goal * self.target / rounds[-1].measured, floor, 1.0))
+        self.history.append(rounds)
+        best = min(rounds, key=lambda r: (abs(r.measured / self.target - 1), r.measured))
+        self._warn_if_missed(best, floor_keep)
+        return best.keep
+
+    def _warn_if_missed(self, best: Round, floor_keep: list[int]) -> None:
+        if abs(best.measured / self.target - 1) <= LATENCY_TOL:
+            return
+        if best.keep == floor_keep and best.measured > self.target:
+            msg = (f"target latency {self.target:.3f} is below what width pruning reaches here: the floor "
+                   f"(every group at its smallest width) measures {best.measured:.3f} of the dense latency; "
+                   f"pruned to the floor")
+        else:
+            msg = (f"measured latency {best.measured:.3f} misses the target {self.target:.3f} by more than "
+                   f"{LATENCY_TOL:.0%} after {MAX_ROUNDS} rounds: the channel grid is too coarse here or the "
+                   f"machine too noisy")
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+
+    def measure(self, keep: Sequence[int]) -> float:
+        """The pruned architecture's latency over the dense model's, timed interleaved."""
+        from metacompress.compress.importance import unit_scores
+        from metacompress.deploy.export import export_onnx
+        from metacompress.deploy.latency import measure_ratio
+
+        if self._workdir is None:
+            self._workdir = tempfile.TemporaryDirectory(prefix="mc-budget-")
+            export_onnx(self.dense, self.space.example, self._path("dense"), dynamo=False)
+            self._scores = unit_scores(self.dense, self.space.groups, "magnitude", example=self.space.example)
+        variant = self.space.apply(copy.deepcopy(self.dense), keep, scores=self._scores)
+        export_onnx(variant, self.space.example, self._path("variant"), dynamo=False)
+        ratio, _ = measure_ratio(self._path("dense"), self._path("variant"), self.input_shape, self.model.batch,
+                                 self.threads, self.provider)
+        return ratio
+
+    def _path(self, name: str) -> Path:
+        return Path(self._workdir.name) / f"{name}.onnx"
+
+    def close(self) -> None:
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def report(self) -> list[list[dict[str, Any]]]:
+        return [[{"goal": round(r.goal, 4), "predicted": round(r.predicted, 4), "measured": round(r.measured, 4)}
+                 for r in rounds] for rounds in self.history]
+
+
+def resolve_budget(spec: BudgetSpec, dense: nn.Module, space: PruningSpace, input_shape: Sequence[int],
+                   cache: bool = True) -> Budget:
+    """The budget as a cost model on ``space``: analytic, or the runtime's latency model (built here
+    or read from the cache) with the measured projection."""
+    if not spec.is_latency:
+        return Budget(spec.metric, spec.value, spec.metric)
+    from metacompress.deploy.latency import build_latency_model
+    from metacompress.deploy.runtime import default_threads
+
+    threads = spec.threads or default_threads()
+    model = build_latency_model(dense, space, input_shape, batch=spec.batch, threads=threads,
+                                provider=spec.provider, cache=cache)
+    target = spec.value if spec.metric == "latency" else spec.value / model.dense_ms(spec.batch)
+    latency = LatencyTarget(model, dense, space, min(1.0, target), tuple(input_shape), threads, spec.provider)
+    if target >= 1.0:
+        latency.warnings.append(f"the dense model already runs in {model.dense_ms(spec.batch):.3f} ms at batch "
+                                f"{spec.batch}, within --target-ms {spec.value:g}: nothing to prune")
+    return Budget("latency", min(1.0, target), model, latency)

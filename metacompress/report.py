@@ -1,0 +1,82 @@
+"""``report.json`` of a compress run: what was asked, what was measured (DESIGN.md's contract)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from metacompress.budget import LATENCY_TOL
+from metacompress.compress.measure import count_macs, count_params
+
+if TYPE_CHECKING:
+    from metacompress.pipeline import CompressConfig, Compressed
+
+
+def _ms(lat: dict, name: str, batches: list[str]) -> dict[str, float]:
+    return {b: lat[name][b]["median_ms"] for b in batches}
+
+
+def compress_report(cfg: "CompressConfig", c: "Compressed", r: dict[str, Any]) -> dict[str, Any]:
+    """The report of one run from the compressed model ``c`` and the export/verify results ``r``."""
+    prep, student = c.prep, c.student
+    spec = cfg.budget()
+    lat, ver, exp = r["latency"], r["verify"], r["export"]
+    batches = list(lat["dense"])
+    macs = count_macs(student, prep.data.x_test[:1])
+    off = set(prep.space.off_grid(c.keep))
+    report: dict[str, Any] = {
+        "model": cfg.model, "data": cfg.data, "out": str(cfg.out), "policy": cfg.allocation,
+        "target_macs": spec.value if spec.metric == "macs" else None,
+        "target_params": spec.value if spec.metric == "params" else None,
+        "target_latency": spec.value if spec.metric == "latency" else None,
+        "target_ms": spec.value if spec.metric == "ms" else None,
+        "speedup": {b: round(lat["dense"][b]["median_ms"] / lat["compressed"][b]["median_ms"], 3) for b in batches},
+        "achieved_macs_ratio": round(macs / prep.space.dense_macs, 4),
+        "achieved_params_ratio": round(count_params(student) / prep.space.dense_params, 4),
+        "round_to": prep.space.round_to,
+        "dense": {"macs": prep.space.dense_macs, "params": prep.space.dense_params, "accuracy": prep.dense_accuracy,
+                  "latency_ms": _ms(lat, "dense", batches), "onnx_bytes": r["dense_export"]["bytes"]},
+        "compressed": {"macs": macs, "params": count_params(student), "accuracy": ver["accuracy"],
+                       "accuracy_before_repair": c.pruned_accuracy, "latency_ms": _ms(lat, "compressed", batches),
+                       "onnx_bytes": exp["bytes"]},
+        "onnx": {"max_abs_diff": ver["max_abs_diff"], "top1_agreement": ver["top1_agreement"], "opset": exp["opset"],
+                 "exporter": exp["exporter"], "dense_max_abs_diff": r["dense_verify"]["max_abs_diff"]},
+        "groups": [{"name": g.name, "kind": g.kind, "channels": g.channels, "kept": k, "on_grid": g.name not in off}
+                   for g, k in zip(prep.space.groups, c.keep)],
+        "repair": c.repair.to_dict(),
+        "seed": cfg.seed,
+    }
+    if prep.budget.latency is not None:
+        report["latency"] = latency_section(cfg, c, lat)
+    if c.warnings:
+        report["warnings"] = c.warnings
+    if c.guard is not None:
+        report["guard"] = c.guard
+    if c.soup is not None:
+        report["students"] = [{k: v for k, v in st.items() if k not in ("state_dict", "val_correct")}
+                              for st in c.students]
+        report["soup"] = c.soup | {"test_accuracy": ver["accuracy"]}
+    if "quant" in r:
+        q = r["quant"]
+        report["int8"] = {"mode": q["mode"], "onnx_bytes": q["bytes"], "size_ratio": round(q["size_ratio"], 4),
+                          "accuracy": q["accuracy"], "top1_agreement": q["top1_agreement"],
+                          "latency_ms": _ms(lat, "int8", batches)}
+    return report
+
+
+def latency_section(cfg: "CompressConfig", c: "Compressed", lat: dict) -> dict[str, Any]:
+    """The latency budget: asked, predicted by the latency model, measured on the final model."""
+    budget = c.prep.budget
+    model, target = budget.latency.model, budget.latency
+    measured = {b: round(lat["compressed"][b]["median_ms"] / lat["dense"][b]["median_ms"], 4) for b in lat["dense"]}
+    return {
+        "batch": cfg.latency_batch, "threads": target.threads, "provider": target.provider,
+        "target_fraction": round(budget.target, 4),
+        "predicted_fraction": {f"b{b}": round(model.predict_fraction(c.keep, b), 4) for b in sorted(model.fits)},
+        "predicted_ms": {f"b{b}": round(model.predict_ms(c.keep, b), 4) for b in sorted(model.fits)},
+        "measured_fraction": measured,
+        "measured_ms": _ms(lat, "compressed", list(lat["dense"])),
+        "within_tolerance": abs(measured[f"b{cfg.latency_batch}"] / budget.target - 1) <= LATENCY_TOL,
+        "tolerance": LATENCY_TOL,
+        "correction_rounds": target.report(),
+        "model": {k: v for k, v in model.describe().items() if k != "signature"} | {"runtime": model.signature},
+    }

@@ -1,0 +1,253 @@
+"""Latency budgets: the runtime's channel block, the latency model (fit, cache), the measured
+projection (correction loop, floor) and the CLI's budget checks.
+
+Timings on a shared CI machine are noise, so nothing here asserts a speed: the loop is driven by
+a stand-in measurement, the fit by synthetic ratios, and real timings only fill a report whose
+fields and bookkeeping are checked. Speed targets live in benchmarks/latency_budget.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from metacompress.budget import LATENCY_TOL, MAX_ROUNDS, Budget, LatencyTarget, budget_spec
+from metacompress.compress.prune import PruningSpace
+from metacompress.deploy import latency as latency_mod
+from metacompress.deploy import runtime
+from metacompress.deploy.latency import TERMS, build_latency_model, fit_terms, loo_error
+from metacompress.errors import UserError
+from metacompress.zoo import build_model
+
+from test_cli import assert_user_error, run
+
+
+@pytest.fixture
+def cnn():
+    torch.manual_seed(0)
+    model = build_model("vgg-small", (1, 16, 16), 10).eval()
+    return model, PruningSpace(model, torch.randn(1, 1, 16, 16), 10, round_to=16, strict_grid=True)
+
+
+@pytest.fixture
+def quick_timing(monkeypatch, tmp_path):
+    """Latency models built from a fraction of a second of timing, cached under tmp_path."""
+    monkeypatch.setattr(latency_mod, "TIMING_BUDGET_S", {1: 0.05, 32: 0.05})
+    monkeypatch.setattr(latency_mod, "SAMPLES", 6)
+    monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# ----- round_to auto ----------------------------------------------------------------------
+@pytest.mark.parametrize("flags, block", [({"avx512f", "avx2"}, 16), ({"avx2", "fma"}, 8), ({"avx"}, 8), (set(), 8)])
+def test_round_to_auto_is_the_runtime_channel_block(monkeypatch, flags, block):
+    """onnxruntime computes convolutions in NCHWc blocks of 16 channels on AVX-512, 8 on AVX/AVX2;
+    elsewhere 8 (runtime.DEFAULT_BLOCK)."""
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    assert runtime.resolve_round_to("auto") == block
+    assert runtime.resolve_round_to("AUTO") == block
+    assert runtime.resolve_round_to("12") == 12 and runtime.resolve_round_to(4) == 4
+
+
+@pytest.mark.parametrize("bad", ["x", "0", -3, "1.5"])
+def test_round_to_rejects_bad_values(bad):
+    with pytest.raises(UserError, match="--round-to must be 'auto' or a positive integer"):
+        runtime.resolve_round_to(bad)
+
+
+def test_unknown_provider_is_a_user_error():
+    with pytest.raises(UserError, match="execution provider 'nope' is not available"):
+        runtime.provider_name("nope")
+
+
+# ----- the latency model -------------------------------------------------------------------
+def test_layer_terms_describe_the_model(cnn):
+    model, space = cnn
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    terms = {t.name: t for t in space.layers}
+    assert set(convs) <= set(terms)
+    first = next(iter(convs))
+    seen = {}
+    convs[first].register_forward_hook(lambda m, i, o: seen.update(numel=o.numel()))
+    model(torch.randn(1, 1, 16, 16))
+    assert terms[first].out_elems == seen["numel"]
+    assert terms[first].kind == "conv" and terms[first].in_group == -1 and terms[first].out_group >= 0
+
+
+def test_fit_recovers_known_weights_and_predicts_relative_latency():
+    """Noiseless ratios made from known weights are fitted exactly (leave-one-out error ~0)."""
+    rng = np.random.default_rng(0)
+    truth = np.array([0.1, 0.6, 0.0, 0.0, 0.2, 0.0, 0.1])     # constant + one per TERMS entry
+    terms = np.vstack([np.ones(len(TERMS)), rng.uniform(0.1, 1.0, (12, len(TERMS)))])
+    ratios = (truth[0] + terms @ truth[1:]) / truth.sum()
+    coef = fit_terms(terms, ratios)
+    assert np.all(coef >= 0)
+    pred = (coef[0] + terms @ coef[1:]) / coef.sum()
+    assert np.allclose(pred, ratios, rtol=1e-6)
+    assert loo_error(terms, ratios) < 1e-6
+
+
+def test_terms_pad_widths_to_the_block():
+    """A conv kept at 8 of 32 channels costs what 16 cost, and 24 what all 32 cost: the runtime
+    pads widths up to its block."""
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10)).eval()
+    space = PruningSpace(model, torch.randn(1, 1, 8, 8), 10, round_to=8)
+    lm = latency_mod.LatencyModel(space, 16, {}, "k", {}, 1)
+    conv = TERMS.index("conv")
+    first = next(i for i, g in enumerate(space.groups) if g.name == "0")
+    keep = [g.channels for g in space.groups]
+    keep[first] = 8
+    eight = lm.terms(keep)[conv]
+    keep[first] = 16
+    sixteen = lm.terms(keep)[conv]
+    keep[first] = 24
+    assert 0.0 < eight == sixteen < lm.terms(keep)[conv] == 1.0
+
+
+def test_latency_model_is_cached_and_invalidated_by_its_key(cnn, quick_timing, monkeypatch):
+    model, space = cnn
+    built = build_latency_model(model, space, (1, 16, 16), batch=1, threads=1)
+    assert built.source == "built" and set(built.fits) == {1, 32}
+    assert len(list(quick_timing.glob("latency/*.json"))) == 1
+    full = [g.channels for g in space.groups]
+    assert built.fraction(full) == pytest.approx(1.0)
+    assert built.fraction(space.floor_keep()) < 1.0
+
+    def no_timing(*a, **k):
+        raise AssertionError("a cached latency model must not time anything")
+
+    monkeypatch.setattr(latency_mod, "export_variants", no_timing)
+    cached = build_latency_model(model, space, (1, 16, 16), batch=1, threads=1)
+    assert cached.source == "cached" and cached.key == built.key
+    assert cached.fraction(space.floor_keep()) == pytest.approx(built.fraction(space.floor_keep()))
+    monkeypatch.undo()
+    monkeypatch.setattr(latency_mod, "TIMING_BUDGET_S", {1: 0.05, 32: 0.05, 8: 0.05})
+    monkeypatch.setattr(latency_mod, "SAMPLES", 6)
+    monkeypatch.setenv("METACOMPRESS_CACHE", str(quick_timing))
+    for change in ({"threads": 2}, {"batch": 8}):
+        other = build_latency_model(model, space, (1, 16, 16), **({"batch": 1, "threads": 1} | change))
+        assert other.source == "built" and other.key != built.key
+    # a change of runtime (onnxruntime version, CPU) changes the key too
+    monkeypatch.setattr(latency_mod, "runtime_signature", lambda p, t: {"onnxruntime": "0.0", "threads": t})
+    assert build_latency_model(model, space, (1, 16, 16), batch=1, threads=1).key != built.key
+
+
+def test_corrupt_cache_is_rebuilt(cnn, quick_timing):
+    model, space = cnn
+    built = build_latency_model(model, space, (1, 16, 16), threads=1)
+    path = quick_timing / "latency" / f"{built.key}.json"
+    path.write_text("{not json")
+    again = build_latency_model(model, space, (1, 16, 16), threads=1)
+    assert again.source == "built" and json.loads(path.read_text())["key"] == built.key
+
+
+# ----- the measured projection --------------------------------------------------------------
+class FakeModel:
+    """A latency model whose prediction is the kept MACs fraction (a stand-in for the real fit)."""
+
+    name = "latency"
+    batch = 1
+
+    def __init__(self, space: PruningSpace):
+        self.space = space
+
+    def fraction(self, keep):
+        return self.space.kept_fraction(keep, "macs")
+
+
+def _target(cnn, target: float, runtime_factor) -> LatencyTarget:
+    model, space = cnn
+    lt = LatencyTarget(FakeModel(space), model, space, target, (1, 16, 16), threads=1)
+    lt.measure = lambda keep: runtime_factor(lt.model.fraction(keep))  # the "runtime" errs by a factor
+    return lt
+
+
+def test_correction_loop_meets_the_target_as_measured(cnn):
+    """The runtime is 20 % slower than predicted: the loop re-projects and lands within 5 %."""
+    lt = _target(cnn, 0.5, lambda p: min(1.0, 1.2 * p))
+    keep = Budget("latency", 0.5, lt.model, lt).project(lt.space, lambda s: [s * 0.9] * len(lt.space.groups))
+    rounds = lt.history[-1]
+    assert 1 < len(rounds) <= MAX_ROUNDS
+    assert abs(rounds[0].measured / 0.5 - 1) > LATENCY_TOL
+    assert abs(lt.measure(keep) / 0.5 - 1) <= LATENCY_TOL
+    assert not lt.warnings
+    assert all(k == g.channels or k % g.step == 0 for k, g in zip(keep, lt.space.groups))  # on the grid
+
+
+def test_correction_loop_terminates_and_warns_when_it_cannot_converge(cnn):
+    """A runtime that answers noise: the loop stops after MAX_ROUNDS and says so."""
+    rng = np.random.default_rng(0)
+    lt = _target(cnn, 0.5, lambda p: float(rng.uniform(0.1, 1.0)))
+    lt.project(lambda s: [s * 0.9] * len(lt.space.groups))
+    assert len(lt.history[-1]) <= MAX_ROUNDS
+    assert len(lt.warnings) == 1 and "misses the target" in lt.warnings[0]
+
+
+def test_target_below_the_floor_prunes_to_the_floor_and_warns(cnn):
+    lt = _target(cnn, 0.02, lambda p: p + 0.1)   # per-op overhead: the floor is far above 0.02
+    keep = lt.project(lambda s: [s * 0.9] * len(lt.space.groups))
+    assert keep == lt.space.floor_keep()
+    floor = lt.measure(keep)
+    assert len(lt.warnings) == 1
+    assert "below what width pruning reaches" in lt.warnings[0] and f"{floor:.3f}" in lt.warnings[0]
+
+
+# ----- budgets at the boundary ----------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({}, "give exactly one budget"),
+    ({"macs": 0.5, "latency": 0.5}, "give exactly one budget"),
+    ({"latency": 1.5}, "--target-latency must be in (0, 1]"),
+    ({"latency": 0.0}, "--target-latency must be in (0, 1]"),
+    ({"ms": -2.0}, "--target-ms must be > 0"),
+    ({"latency": float("nan")}, "--target-latency must be a number"),
+    ({"latency": 0.5, "batch": 0}, "--latency-batch must be >= 1"),
+    ({"latency": 0.5, "threads": 0}, "--threads must be >= 1"),
+])
+def test_budget_spec_rejects_bad_budgets(kwargs, fragment):
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        budget_spec(**kwargs)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--target-macs", "0.5", "--target-latency", "0.5"], "give exactly one budget"),
+    (["--target-ms", "3", "--target-params", "0.5"], "give exactly one budget"),
+    (["--target-latency", "2"], "--target-latency must be in (0, 1]"),
+    (["--target-ms", "0"], "--target-ms must be > 0"),
+    (["--target-latency", "0.5", "--provider", "nope"], "execution provider 'nope'"),
+    (["--target-latency", "0.5", "--round-to", "wide"], "--round-to must be 'auto'"),
+])
+def test_cli_budget_errors_exit_2_without_output(tmp_path, args, fragment):
+    out = tmp_path / "o"
+    res = run("compress", "mlp", "--data", "digits", "--weights", "none", "--out", out, *args)
+    assert_user_error(res, fragment)
+    assert not out.exists()
+
+
+def test_compress_to_a_latency_budget_reports_prediction_and_measurement(tmp_path, quick_timing):
+    """End to end in-process on a small CNN: the report holds the latency section, the widths are
+    on the runtime's grid, and the stated tolerance agrees with the stated numbers."""
+    from metacompress.compress.distill import RepairConfig
+    from metacompress.pipeline import CompressConfig, run_compress
+
+    cfg = CompressConfig(model="vgg-small", data="digits@16", weights="none", target_latency=0.6, allocation="uniform",
+                         repair=RepairConfig(steps=0), out=str(tmp_path / "o"), threads=1, latency_seconds=0.2,
+                         latency_repeats=3)
+    report = run_compress(cfg)
+    lat = report["latency"]
+    assert report["target_latency"] == 0.6 and report["target_macs"] is None
+    assert report["round_to"] == runtime.channel_block("cpu")
+    assert lat["batch"] == 1 and lat["threads"] == 1 and lat["provider"] == "cpu"
+    assert set(lat["predicted_fraction"]) == {"b1", "b32"} and set(lat["measured_fraction"]) == {"b1", "b32"}
+    assert 0 < lat["predicted_fraction"]["b1"] < 1
+    assert lat["within_tolerance"] == (abs(lat["measured_fraction"]["b1"] / 0.6 - 1) <= LATENCY_TOL)
+    assert lat["model"]["source"] == "built" and 1 <= len(lat["correction_rounds"][0]) <= MAX_ROUNDS
+    assert all(g["on_grid"] for g in report["groups"])
+    assert all(g["kept"] == g["channels"] or g["kept"] % report["round_to"] == 0 for g in report["groups"])
+    assert report["speedup"]["b1"] == pytest.approx(
+        report["dense"]["latency_ms"]["b1"] / report["compressed"]["latency_ms"]["b1"], rel=1e-2)
+    assert (tmp_path / "o" / "model.onnx").is_file()
