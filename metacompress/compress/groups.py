@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from metacompress.errors import UserError
 
@@ -64,9 +65,87 @@ def attention_blocks(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]
     return list(hints.get("attention", []))
 
 
+class _ChannelShuffleProbe(TorchFunctionMode):
+    """Records where a forward pass shuffles channels: a view of (N, C, H, W) as (N, G, C/G, H, W)
+    followed by a transpose or permute that swaps the two channel factors (ShuffleNet)."""
+
+    VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+    SWAPS = {torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.split: set[str] = set()
+        self.sites: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        x = args[0] if args else None
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+            return out
+        where = self.stack[-1] if self.stack else "<model>"
+        if func in self.VIEWS and x.dim() == 4 and out.dim() == 5 and out.shape[0] == x.shape[0] \
+                and out.shape[3:] == x.shape[2:] and out.shape[1] > 1 and out.shape[1] * out.shape[2] == x.shape[1]:
+            self.split.add(where)
+        elif func in self.SWAPS and x.dim() == 5 and where in self.split and _swaps_1_2(func, args, kwargs, x.dim()):
+            if where not in self.sites:
+                self.sites.append(where)
+        return out
+
+
+def _swaps_1_2(func, args, kwargs, ndim: int) -> bool:
+    """Whether a transpose/permute call exchanges dims 1 and 2 (the group and per-group axes)."""
+    rest = list(args[1:]) + list((kwargs or {}).values())
+    if func in (torch.Tensor.permute, torch.permute):
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        dims = [d % ndim for d in dims]
+        return len(dims) == ndim and dims[1] == 2 and dims[2] == 1
+    return len(rest) >= 2 and {rest[0] % ndim, rest[1] % ndim} == {1, 2}
+
+
+def channel_shuffle_sites(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Module paths whose forward shuffles channels (one batch-1 forward pass, hooks removed after)."""
+    probe = _ChannelShuffleProbe()
+
+    def enter(name: str):
+        return lambda module, args: probe.stack.append(name or "<model>")  # returns None: args unchanged
+
+    def leave(module, args, output) -> None:  # returns None: the output is kept
+        probe.stack.pop()
+
+    handles = []
+    for name, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(enter(name)))
+        handles.append(mod.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), probe:
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return probe.sites
+
+
+def refuse_unsupported(model: nn.Module, example: torch.Tensor) -> None:
+    """Refuse, before any pruning work, constructs whose channels cannot be pruned correctly.
+
+    Channel shuffle (ShuffleNet) permutes channels through view + transpose + view: torch-pruning
+    1.6 maps a reshape's indices only as a flatten (and divides by zero on this one), and a
+    shuffled concat couples every block's outputs through a permutation that it cannot express;
+    pruning would give a wrong model, so we stop with the reason instead (upstream: ShuffleNet is
+    open as VainF/Torch-Pruning#14).
+    """
+    sites = channel_shuffle_sites(model, example)
+    if sites:
+        raise UserError(f"cannot prune channel shuffle (view to N x G x C/G x H x W + transpose) in '{sites[0]}'"
+                        f"{f' and {len(sites) - 1} more modules' if len(sites) > 1 else ''}: torch-pruning cannot map "
+                        "channel indices through the permutation, so pruning would give a wrong model")
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     model.eval()
+    refuse_unsupported(model, example)
     try:
         return tp.DependencyGraph().build_dependency(
             model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters")
