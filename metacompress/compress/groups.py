@@ -5,6 +5,13 @@ it, the next layer's inputs, and everything tied to them through residual additi
 group has one *root* layer, named by its module path, which is how allocations address it.
 Attention blocks are handled here too: their qkv projection is pruned by head dimension,
 the same dims in every head of q, k and v, so that the block keeps its shape.
+
+Grouped convolutions (``groups > 1``, not depthwise: ResNeXt, RegNet) split their channels into
+G conv groups of equal width, and torch-pruning slices their input weights by keeping the first
+kept indices of conv group 0 (``ConvPruner.prune_in_channels``), which is only right when every
+conv group loses the same in-group offsets. A group that touches such a conv therefore carries
+``conv_groups`` G and a ``quantum`` (kept units are always a multiple of it): ``apply`` drops
+the same offsets in each of the G conv groups, so ``groups`` stays valid and the slicing exact.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from metacompress.errors import UserError
 
@@ -35,6 +43,8 @@ class Group:
     kernel: int = 1           # kernel area of the root layer
     stride: int = 1
     residual: bool = False    # coupled through a residual addition (several producers)
+    conv_groups: int = 1      # G: units form G equal conv groups, pruned at the same offsets in each
+    quantum: int = 1          # kept units are always a multiple of this (even when rounding falls back)
     extra: dict = field(default_factory=dict)
 
 
@@ -55,9 +65,87 @@ def attention_blocks(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]
     return list(hints.get("attention", []))
 
 
+class _ChannelShuffleProbe(TorchFunctionMode):
+    """Records where a forward pass shuffles channels: a view of (N, C, H, W) as (N, G, C/G, H, W)
+    followed by a transpose or permute that swaps the two channel factors (ShuffleNet)."""
+
+    VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+    SWAPS = {torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.split: set[str] = set()
+        self.sites: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        x = args[0] if args else None
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+            return out
+        where = self.stack[-1] if self.stack else "<model>"
+        if func in self.VIEWS and x.dim() == 4 and out.dim() == 5 and out.shape[0] == x.shape[0] \
+                and out.shape[3:] == x.shape[2:] and out.shape[1] > 1 and out.shape[1] * out.shape[2] == x.shape[1]:
+            self.split.add(where)
+        elif func in self.SWAPS and x.dim() == 5 and where in self.split and _swaps_1_2(func, args, kwargs, x.dim()):
+            if where not in self.sites:
+                self.sites.append(where)
+        return out
+
+
+def _swaps_1_2(func, args, kwargs, ndim: int) -> bool:
+    """Whether a transpose/permute call exchanges dims 1 and 2 (the group and per-group axes)."""
+    rest = list(args[1:]) + list((kwargs or {}).values())
+    if func in (torch.Tensor.permute, torch.permute):
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        dims = [d % ndim for d in dims]
+        return len(dims) == ndim and dims[1] == 2 and dims[2] == 1
+    return len(rest) >= 2 and {rest[0] % ndim, rest[1] % ndim} == {1, 2}
+
+
+def channel_shuffle_sites(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Module paths whose forward shuffles channels (one batch-1 forward pass, hooks removed after)."""
+    probe = _ChannelShuffleProbe()
+
+    def enter(name: str):
+        return lambda module, args: probe.stack.append(name or "<model>")  # returns None: args unchanged
+
+    def leave(module, args, output) -> None:  # returns None: the output is kept
+        probe.stack.pop()
+
+    handles = []
+    for name, mod in model.named_modules():
+        handles.append(mod.register_forward_pre_hook(enter(name)))
+        handles.append(mod.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), probe:
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return probe.sites
+
+
+def refuse_unsupported(model: nn.Module, example: torch.Tensor) -> None:
+    """Refuse, before any pruning work, constructs whose channels cannot be pruned correctly.
+
+    Channel shuffle (ShuffleNet) permutes channels through view + transpose + view: torch-pruning
+    1.6 maps a reshape's indices only as a flatten (and divides by zero on this one), and a
+    shuffled concat couples every block's outputs through a permutation that it cannot express;
+    pruning would give a wrong model, so we stop with the reason instead (upstream: ShuffleNet is
+    open as VainF/Torch-Pruning#14).
+    """
+    sites = channel_shuffle_sites(model, example)
+    if sites:
+        raise UserError(f"cannot prune channel shuffle (view to N x G x C/G x H x W + transpose) in '{sites[0]}'"
+                        f"{f' and {len(sites) - 1} more modules' if len(sites) > 1 else ''}: torch-pruning cannot map "
+                        "channel indices through the permutation, so pruning would give a wrong model")
+
+
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     model.eval()
+    refuse_unsupported(model, example)
     try:
         return tp.DependencyGraph().build_dependency(
             model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters")
@@ -89,6 +177,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
                 (outs if dg.is_out_channel_pruning_fn(dep.handler) else ins).append(names[mod])
             elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and mod in names:
                 norms.append(names[mod])
+        conv_groups, quantum = _conv_grouping(g, root, dg)
         if root in attn:
             proj, heads = attn[root]
             head_dim = root.out_features // 3 // heads
@@ -104,16 +193,51 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
             channels = root.out_channels
         else:
             kind, kernel, stride, channels = "linear", 1, 1, root.out_features
-        groups.append(Group(names[root], channels, kind, outs, ins, norms, step=_step(channels, round_to),
-                            kernel=kernel, stride=stride, residual=len(outs) > 1))
+        groups.append(Group(names[root], channels, kind, outs, ins, norms, step=_step(channels, round_to, quantum),
+                            kernel=kernel, stride=stride, residual=len(outs) > 1, conv_groups=conv_groups,
+                            quantum=quantum))
     if not groups:
         raise UserError("the model has no prunable groups (no conv or linear layer besides the classifier)")
     return groups
 
 
-def _step(channels: int, round_to: int) -> int:
-    """Rounding step: ``round_to``, except for groups too narrow to keep two steps of it."""
-    return round_to if channels >= 2 * round_to else 1
+def _step(channels: int, round_to: int, quantum: int = 1) -> int:
+    """Rounding step: a multiple of both ``round_to`` and ``quantum``, except for groups too narrow
+    to keep two steps of it, which step by ``quantum`` alone (the finest size that stays valid)."""
+    step = round_to * quantum // _gcd(round_to, quantum)
+    return step if channels >= 2 * step else quantum
+
+
+def _grouped_conv(mod: nn.Module) -> int:
+    """G of a grouped, non-depthwise conv, else 1. Depthwise convs (groups == out_channels) are
+    coupled input-to-output by torch-pruning and shrink ``groups`` with their channels instead."""
+    if isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups != mod.out_channels:
+        return mod.groups
+    return 1
+
+
+def _conv_grouping(group, root: nn.Module, dg: tp.DependencyGraph) -> tuple[int, int]:
+    """(G, quantum) for a torch-pruning group: G is the lcm of the grouped convs it touches.
+
+    Same offsets in each of lcm(G1, G2) blocks are also the same offsets in each of G1 and G2
+    blocks, so one pattern serves every grouped conv of the group. When a grouped conv sees the
+    group's channels through an index mapping (a concatenation, a slice), the per-block pattern
+    would not line up with its conv groups: the group is then frozen (quantum = all channels).
+    """
+    channels = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
+    conv_groups = 1
+    for dep, idxs in group:
+        mod = dep.target.module
+        g = _grouped_conv(mod)
+        if g == 1:
+            continue
+        dim = mod.out_channels if dg.is_out_channel_pruning_fn(dep.handler) else mod.in_channels
+        if dim != channels or list(idxs) != list(range(channels)):
+            return 1, channels
+        conv_groups = conv_groups * g // _gcd(conv_groups, g)
+    if channels % conv_groups:
+        return 1, channels
+    return conv_groups, conv_groups
 
 
 def _gcd(a: int, b: int) -> int:

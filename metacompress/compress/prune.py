@@ -75,7 +75,8 @@ class PruningSpace:
         if strict_grid:
             for g in self.groups:
                 if g.kind != "attention":
-                    g.step = min(round_to, g.channels)
+                    step = round_to * g.quantum // math.gcd(round_to, g.quantum)
+                    g.step = step if g.channels >= step else g.channels
         self.dense_macs = count_macs(model, self.example)
         self.dense_params = count_params(model)
         self._build_cost_model(model)
@@ -137,8 +138,14 @@ class PruningSpace:
         return macs, params
 
     # ----- rounding ---------------------------------------------------------------------
+    @staticmethod
+    def unit_step(g: Group, fine: bool = False) -> int:
+        """Rounding step of ``g``: its step, or its quantum (single units unless a grouped conv
+        needs whole multiples of its conv groups) when ``fine``."""
+        return g.quantum if fine else g.step
+
     def min_keep(self, g: Group, fine: bool = False) -> int:
-        step = 1 if fine else g.step
+        step = self.unit_step(g, fine)
         floor = max(1, math.ceil(g.channels * (1 - MAX_RATIO)))
         return min(g.channels, step * math.ceil(floor / step))
 
@@ -146,7 +153,7 @@ class PruningSpace:
         """Units kept per group for pruning ratios, rounded to each group's step (or to 1: ``fine``)."""
         keep = []
         for r, g in zip(ratios, self.groups):
-            step = 1 if fine else g.step
+            step = self.unit_step(g, fine)
             r = float(np.clip(r, 0.0, MAX_RATIO))
             k = step * round(g.channels * (1 - r) / step)
             keep.append(int(min(g.channels, max(self.min_keep(g, fine), k))))
@@ -225,7 +232,7 @@ class PruningSpace:
             grow = c < target
             best, best_gap = None, None
             for i, g in enumerate(self.groups):
-                step = 1 if fine else g.step
+                step = self.unit_step(g, fine)
                 new = keep[i] + (step if grow else -step)
                 new = min(g.channels, new) if grow else max(self.min_keep(g, fine), new)
                 if new == keep[i]:
@@ -261,7 +268,7 @@ class PruningSpace:
             n_remove = g.channels - int(k)
             if n_remove <= 0:
                 continue
-            drop = torch.argsort(s)[:n_remove].tolist()
+            drop = drop_indices(s, n_remove, g.conv_groups)
             root = modules[g.name]
             if g.kind == "attention":
                 proj, heads = attn[id(root)]
@@ -286,6 +293,23 @@ def _layer_term(name: str, mod: nn.Module, macs: int, out_group: int, in_group: 
                          out_group, in_group)
     return LayerTerm(name, "linear", macs, macs // max(1, mod.in_features), mod.out_features, mod.in_features,
                      out_group, in_group)
+
+
+def drop_indices(scores: torch.Tensor, n_remove: int, conv_groups: int = 1) -> list[int]:
+    """The ``n_remove`` least important units; with G conv groups, the same offsets in each.
+
+    torch-pruning's ``ConvPruner.prune_in_channels`` keeps the first ``kept // groups`` kept
+    indices as the in-group offsets of every conv group, so a grouped conv is only pruned right
+    when each conv group loses the same offsets; the offsets are ranked by their score averaged
+    over the G conv groups (as torch-pruning's own ``BasePruner`` does with ``in_channel_groups``).
+    """
+    if conv_groups <= 1:
+        return sorted(torch.argsort(scores)[:n_remove].tolist())
+    if n_remove % conv_groups or len(scores) % conv_groups:
+        raise ValueError(f"cannot remove {n_remove} of {len(scores)} units evenly from {conv_groups} conv groups")
+    width = len(scores) // conv_groups
+    offsets = torch.argsort(scores.view(conv_groups, width).mean(0))[:n_remove // conv_groups].tolist()
+    return sorted(b * width + o for b in range(conv_groups) for o in offsets)
 
 
 def _prune_head_dims(qkv: nn.Linear, proj: nn.Linear, heads: int, drop: list[int]) -> None:

@@ -30,6 +30,13 @@ def is_builtin(spec: str) -> bool:
     return spec in BUILTIN
 
 
+# Auxiliary classifiers that run only in train mode: torch-pruning traces in eval mode and never
+# sees them, so after pruning their inputs no longer fit (googlenet in BN recalibration: "expected
+# input to have 512 channels, but got 352"), and in train mode the model returns a tuple, not logits.
+# They only help training from scratch; the compressed model serves inference.
+TRAIN_ONLY_HEADS_OFF = {"googlenet": {"aux_logits": False}, "inception_v3": {"aux_logits": False}}
+
+
 def _torchvision(name: str, input_shape, num_classes: int, mean: float, std: float) -> nn.Module:
     try:
         import torchvision
@@ -38,7 +45,7 @@ def _torchvision(name: str, input_shape, num_classes: int, mean: float, std: flo
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise UserError(f"unknown torchvision classification model '{name}' (see torchvision.models.list_models())")
     m._require_image(f"torchvision:{name}", input_shape)
-    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    net = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **TRAIN_ONLY_HEADS_OFF.get(name, {}))
     layers: list[nn.Module] = [m.Normalize(mean, std)]
     if input_shape[0] == 1:  # torchvision models take RGB: replicate a grey channel inside the graph
         layers.append(_GreyToRGB())

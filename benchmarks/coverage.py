@@ -1,0 +1,243 @@
+"""Coverage walk: does every torchvision classifier compress? Writes docs/coverage.md.
+
+    python benchmarks/coverage.py [--models a,b] [--timeout 180] [--max-params 100] [--out docs/coverage.md]
+
+Each classifier of ``torchvision.models.list_models(module=torchvision.models)`` is built with
+random weights at the smallest input it accepts among 64, 96 and 224 pixels (synthetic data),
+pruned to 0.5 kept MACs with the uniform allocation and ``round_to=8``, BN-recalibrated on 32
+samples (so that logits are not ~0 and parity means something), exported with the legacy
+exporter and checked in onnxruntime. Status: ``ok``, ``refused: <the UserError a user sees>``,
+``error: <exception>``, ``timeout`` or ``skipped`` (over ``--max-params``: too big for this
+2-core machine). One subprocess per model on one thread, so a hang or a crash costs one row.
+Rows are cached in a JSON-lines file next to the output: a rerun only walks missing models
+(``--fresh`` starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = (64, 96, 224)
+TARGET = 0.5
+ROUND_TO = 8
+DATA = "synthetic:3x{s}x{s}:n=140"
+
+
+def candidate_sizes(name: str) -> list[int]:
+    """Input sizes to try, smallest first: those at least the weights' declared minimum size."""
+    import torchvision
+
+    min_size = max(list(torchvision.models.get_model_weights(name))[0].meta.get("min_size", (1, 1)))
+    return [s for s in SIZES if s >= min_size] or [min_size]
+
+
+def declared_params(name: str) -> float:
+    """Millions of parameters from the weights' metadata: known without building the model."""
+    import torchvision
+
+    return list(torchvision.models.get_model_weights(name))[0].meta["num_params"] / 1e6
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def walk_one(name: str) -> dict:
+    """Compress one model in this process (the worker side); returns its table row."""
+    import torch
+
+    torch.set_num_threads(1)
+    from metacompress.compress.baselines import rule_allocation
+    from metacompress.compress.distill import recalibrate_bn
+    from metacompress.compress.measure import count_macs
+    from metacompress.compress.prune import PruningSpace
+    from metacompress.data import load_dataset
+    from metacompress.deploy import export_onnx, verify_onnx
+    from metacompress.errors import UserError
+    from metacompress.zoo import build_model, check_forward
+
+    row: dict = {"model": name}
+    start = time.perf_counter()
+    try:
+        model, data, why = None, None, ""
+        for size in candidate_sizes(name):
+            data = load_dataset(DATA.format(s=size))
+            torch.manual_seed(0)
+            model = build_model(f"torchvision:{name}", data.input_shape, data.num_classes, data.mean, data.std).eval()
+            try:
+                check_forward(model, data.x_train[:2], data.num_classes, name)
+            except UserError as exc:
+                model, why = None, str(exc)
+                continue
+            if _adaptive_pools_export(model, data.x_train[:1]):
+                row["input"] = size
+                break
+            model, why = None, f"{name}: adaptive pooling output does not divide its input at {size} px (legacy ONNX export)"
+        if model is None:
+            raise UserError(why)
+        example = data.x_train[:1]
+        space = PruningSpace(model, example, data.num_classes, round_to=ROUND_TO)
+        row["dense_macs"] = space.dense_macs
+        row["groups"] = len(space.groups)
+        row["grouped_conv_groups"] = sum(g.conv_groups > 1 for g in space.groups)
+        keep = space.project(rule_allocation("uniform", space, model, calib=None), TARGET, "macs")
+        space.apply(model, keep)
+        recalibrate_bn(model, data.x_train, 32, batch_size=32, seed=0)
+        model.eval()
+        row["macs_ratio"] = count_macs(model, example) / space.dense_macs
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            export_onnx(model, data.x_test[:2], path, dynamo=False)
+            res = verify_onnx(path, model, data.x_test, data.y_test, threads=1)
+        with torch.no_grad():  # parity only bites when logits are not ~0 (see tests/test_torchvision.py)
+            row["logit_std"] = float(model(data.x_test).std())
+        row["max_abs_diff"] = res["max_abs_diff"]
+        row["top1_agreement"] = res["top1_agreement"]
+        row["status"] = verdict(row)
+    except UserError as exc:
+        row["status"] = f"refused: {str(exc).splitlines()[0][:240]}"
+    except Exception as exc:  # noqa: BLE001 - the walk records every failure as a row
+        row["status"] = f"error: {_first_line(exc)}"
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _adaptive_pools_export(model, x) -> bool:
+    """Whether every AdaptiveAvgPool2d's output size divides its input size at this input: the
+    legacy exporter refuses the others (alexnet at 64 px pools 1x1 to 6x6), so try a larger input."""
+    import torch
+    from torch import nn
+
+    fits = [True]
+
+    def check(module, args, out) -> None:
+        h, w = args[0].shape[-2:]
+        if h % out.shape[-2] or w % out.shape[-1]:
+            fits[0] = False
+
+    handles = [m.register_forward_hook(check) for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return fits[0]
+
+
+def verdict(row: dict) -> str:
+    """ok, or which bound a compressed model missed: the MACs ratio (the cost model's estimate
+    was off) or ONNX parity, with the error relative to the logit scale, which tells float32
+    accumulation on large random-init logits (relative ~1e-5) from a broken model (relative ~1)."""
+    misses = []
+    if abs(row["macs_ratio"] - TARGET) > 0.02 * TARGET:
+        misses.append(f"MACs ratio {row['macs_ratio']:.4f} off by more than 2 %")
+    if row["max_abs_diff"] > 1e-4:
+        rel = row["max_abs_diff"] / max(row.get("logit_std", 0.0), 1e-12)
+        misses.append(f"max abs diff {row['max_abs_diff']:.1e} > 1e-4 (relative to logit std: {rel:.0e})")
+    return "ok" if not misses else "error: " + "; ".join(misses)
+
+
+def run_isolated(name: str, timeout: float) -> dict:
+    """Run ``walk_one`` in a child process with a wall-clock limit and one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "METACOMPRESS_PROGRESS": "0"}
+    start = time.perf_counter()
+    try:
+        res = subprocess.run([sys.executable, __file__, "--worker", name], capture_output=True, text=True,
+                             env=env, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "status": f"timeout: over {timeout:.0f} s", "seconds": round(time.perf_counter() - start, 1)}
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return {"model": name, "status": f"error: worker exit {res.returncode}: {tail}",
+                "seconds": round(time.perf_counter() - start, 1)}
+    return json.loads(lines[-1])
+
+
+def _fmt(row: dict, key: str, spec: str) -> str:
+    v = row.get(key)
+    return "" if v is None else format(v, spec)
+
+
+def render(rows: list[dict], command: str, note: str) -> str:
+    """The markdown page: command, counts, then one line per model."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        k = (verdict(r) if "max_abs_diff" in r else r["status"]).split(":")[0]
+        counts[k] = counts.get(k, 0) + 1
+    out = ["# torchvision coverage", "",
+           "Generated by `benchmarks/coverage.py`; do not edit by hand. Command:", "",
+           f"    {command}", "",
+           f"Uniform allocation to {TARGET} kept MACs, round_to={ROUND_TO}, random weights, synthetic data, BN "
+           "recalibrated on 32 samples, legacy ONNX export checked in onnxruntime on 28 test samples. "
+           "`ok` means achieved MACs within 2 % of the target and max abs diff <= 1e-4; the logit std says how much "
+           "that parity means (a std near 0, e.g. squeezenet's ReLU-before-pool head at random init, makes it trivial). "
+           "One thread, 2 shared cores.",
+           "", note, "",
+           "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(rows)})", "",
+           "| model | input | dense MMACs | groups (grouped-conv) | status | MACs ratio | ONNX max abs diff | logit std | s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["model"]):
+        if "max_abs_diff" in r:
+            r = {**r, "status": verdict(r)}
+        macs = _fmt({"m": r["dense_macs"] / 1e6} if "dense_macs" in r else {}, "m", ".1f")
+        groups = f"{r['groups']} ({r.get('grouped_conv_groups', 0)})" if "groups" in r else ""
+        status = r["status"].replace("|", "/")
+        out.append(f"| {r['model']} | {r.get('input', '')} | {macs} | {groups} | {status} | "
+                   f"{_fmt(r, 'macs_ratio', '.4f')} | {_fmt(r, 'max_abs_diff', '.1e')} | {_fmt(r, 'logit_std', '.2g')} | "
+                   f"{r['seconds']} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--models", help="comma-separated subset (default: every torchvision classifier)")
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds per model")
+    ap.add_argument("--max-params", type=float, default=100.0, help="skip models over this many million params")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
+    ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(walk_one(args.worker)))
+        return
+    import torchvision
+
+    names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    cache = Path(args.out).with_suffix(".jsonl")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    rows = {} if args.fresh or not cache.exists() else {
+        r["model"]: r for r in map(json.loads, cache.read_text().splitlines()) if r["model"] in names}
+    for name in names:
+        if name in rows:
+            continue
+        mparams = declared_params(name)
+        if mparams > args.max_params:
+            row = {"model": name, "status": f"skipped: {mparams:.0f} M params > --max-params {args.max_params:g}",
+                   "seconds": 0.0}
+        else:
+            row = run_isolated(name, args.timeout)
+        rows[name] = row
+        print(f"{name}: {row['status']} ({row['seconds']} s)", flush=True)
+        with cache.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    command = "python benchmarks/coverage.py " + " ".join(a for a in sys.argv[1:])
+    note = (f"Models over {args.max_params:g} M parameters are skipped (building, pruning and exporting them "
+            f"at one thread takes minutes each on this machine); each model had {args.timeout:.0f} s.")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(render(list(rows.values()), command.strip(), note))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
