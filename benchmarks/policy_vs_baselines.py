@@ -22,6 +22,7 @@ import torch
 
 os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 
+from metacompress.budget import Budget  # noqa: E402
 from metacompress.compress.distill import RepairConfig  # noqa: E402
 from metacompress.compress.prune import PruningSpace  # noqa: E402
 from metacompress.data import load_dataset  # noqa: E402
@@ -41,7 +42,8 @@ def allocation_seconds(spec: str, data_spec: str, policy: str | None, repeats: i
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        prep = Prepared(data, model, PruningSpace(model, data.x_train[:1], data.num_classes), float("nan"))
+        prep = Prepared(data, model, PruningSpace(model, data.x_train[:1], data.num_classes), float("nan"),
+                        Budget("macs", 0.5, "macs"))
         allocate(cfg, prep)
         times.append(time.perf_counter() - t0)
     return float(np.median(times))

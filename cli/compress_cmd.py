@@ -159,12 +159,16 @@ def _render_latency_model(lat: dict) -> None:
     console.print(f"latency model ({lat['source']}, built in {lat['build_s']:.1f} s; key {lat['key']}): "
                   f"{rt['provider']}, {rt['threads']} threads, {rt['cpu']} ({rt['isa']}, channel block {lat['block']}), "
                   f"onnxruntime {rt['onnxruntime']}")
-    f = Table(title="fit per batch size (weights relative to the dense model's latency)")
-    names = list(next(iter(lat["fits"].values()))["coef"])
-    for col in ("batch", "dense ms", "leave-one-out error", *names):
-        f.add_column(col, justify="right")
-    for b, fit in lat["fits"].items():
-        f.add_row(b, f"{fit['dense_ms']:.3f}", f"{fit['loo_error']:.1%}", *(f"{fit['coef'][n]:.3f}" for n in names))
+    f = Table(title="fit per batch size: weight of each term, relative to the dense model's latency")
+    f.add_column("")
+    for b in lat["fits"]:
+        f.add_column(b, justify="right")
+    fits = list(lat["fits"].values())
+    f.add_row("dense ms (measured)", *(f"{fit['dense_ms']:.3f}" for fit in fits))
+    f.add_row("leave-one-out error", *(f"{fit['loo_error']:.1%}" for fit in fits))
+    f.add_row("variants timed", *(str(fit["samples"]) for fit in fits))
+    for name in fits[0]["coef"]:
+        f.add_row(name, *(f"{fit['coef'][name]:.3f}" for fit in fits))
     console.print(f)
     g = Table(title=f"predicted saving when one group alone goes to its floor (batch {lat['batch']}); "
                     f"all groups at the floor keep {lat['floor_fraction']:.3f} of the latency")

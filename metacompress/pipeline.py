@@ -28,7 +28,7 @@ from metacompress.budget import Budget, BudgetSpec, budget_spec, resolve_budget
 from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
-from metacompress.compress.measure import count_macs, count_params
+from metacompress.compress.groups import refuse_unsupported
 from metacompress.compress.prune import BUDGET_TOL, PruningSpace
 from metacompress.data import Dataset, load_dataset
 from metacompress.errors import UserError
@@ -102,11 +102,14 @@ class Timer:
 
 
 def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epochs: int = DEFAULT_TRAIN_EPOCHS,
-               trust_pickle: bool = False) -> nn.Module:
-    """Build the model for the data and give it weights: from a file, untrained, or trained now."""
+               trust_pickle: bool = False, for_pruning: bool = False) -> nn.Module:
+    """Build the model for the data and give it weights: from a file, untrained, or trained now
+    (``for_pruning``: first refuse constructs the pruner cannot handle)."""
     torch.manual_seed(seed)
     model = build_model(spec, data.input_shape, data.num_classes, data.mean, data.std)
     check_forward(model, data.x_train[:2], data.num_classes, spec)
+    if for_pruning:
+        refuse_unsupported(model, data.x_train[:1])  # before training: a refused model wastes no epochs
     if weights is None:
         train_dense(model, data, epochs=epochs, seed=seed)
     elif weights != "none":
@@ -140,7 +143,7 @@ def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
     round_to = resolve_round_to(cfg.round_to, cfg.provider)
     with timer.stage("load"):
         data = load_dataset(cfg.data)
-        dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle)
+        dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle, for_pruning=True)
     with timer.stage("measure"):
         space = PruningSpace(dense, data.x_train[:1], data.num_classes, round_to, strict_grid=spec.is_latency)
         dense_acc = accuracy(dense, data.x_test, data.y_test)

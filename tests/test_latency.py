@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_cli import assert_user_error, run
 from torch import nn
 
 from metacompress.budget import LATENCY_TOL, MAX_ROUNDS, Budget, LatencyTarget, budget_spec
@@ -22,8 +23,6 @@ from metacompress.deploy import runtime
 from metacompress.deploy.latency import TERMS, build_latency_model, fit_terms, loo_error
 from metacompress.errors import UserError
 from metacompress.zoo import build_model
-
-from test_cli import assert_user_error, run
 
 
 @pytest.fixture

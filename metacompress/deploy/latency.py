@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from scipy.optimize import nnls
 from torch import nn
 
