@@ -361,6 +361,7 @@ def export_and_verify(cfg: CompressConfig, c: Compressed, tmp: Path, timer: Time
     them against the dense model, interleaved, at batch 1, 32 and the latency batch."""
     from metacompress.deploy import export_onnx, verify_onnx
     from metacompress.deploy.bench import benchmark_latency
+    from metacompress.deploy.latency import SESSIONS
     from metacompress.deploy.quantize import quantize_onnx
     from metacompress.deploy.runtime import default_threads
     from metacompress.deploy.simplify import simplify_onnx
@@ -384,7 +385,7 @@ def export_and_verify(cfg: CompressConfig, c: Compressed, tmp: Path, timer: Time
         batches = sorted({1, 32, cfg.latency_batch})
         out["latency"] = benchmark_latency(sessions, data.input_shape, batches=batches, repeats=cfg.latency_repeats,
                                            threads=cfg.threads or default_threads(), provider=cfg.provider,
-                                           min_seconds=cfg.latency_seconds)
+                                           min_seconds=cfg.latency_seconds, sessions_per_model=SESSIONS)
     return out
 
 

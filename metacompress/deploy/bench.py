@@ -28,8 +28,8 @@ def _session(ref: Any, threads: int | None, spin: bool, provider: str) -> ort.In
 
 def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
                       threads: int | None = None, repeats: int = 20, warmup: int = 3,
-                      seed: int = 0, spin: bool = False, provider: str = "cpu", min_seconds: float = 0.0
-                      ) -> dict[str, dict[str, dict[str, float]]]:
+                      seed: int = 0, spin: bool = False, provider: str = "cpu", min_seconds: float = 0.0,
+                      sessions_per_model: int = 1) -> dict[str, dict[str, dict[str, float]]]:
     """Time one forward pass of each model per batch size, interleaved across models.
 
     ``models`` maps a name to an ONNX path or an open session (a session keeps its own thread
@@ -38,8 +38,12 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     on ``provider``).
     ``input_shape`` is one sample's shape. ``min_seconds``: repeat more than ``repeats`` times
     until the timed rounds of a batch size last this long (fast models need thousands of
-    repeats before a burst of other work on the machine stops moving the median). Returns ``{name: {"b1": {"median_ms", "min_ms",
-    "max_ms"}, "b32": {...}}}``.
+    repeats before a burst of other work on the machine stops moving the median).
+    ``sessions_per_model``: open each path this many times and report the median of the
+    sessions' medians: one session of a model can run a few percent faster or slower than
+    another of the same file for as long as it lives (measured: 15.8-17.1 ms for three sessions
+    of one resnet18), which no number of repeats averages out. Returns ``{name: {"b1":
+    {"median_ms", "min_ms", "max_ms"}, "b32": {...}}}``.
     """
     if not models:
         raise UserError("no models to benchmark")
@@ -48,12 +52,14 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     if not batches or any(int(b) < 1 for b in batches):
         raise UserError(f"batch sizes must be positive integers, got {list(batches)}")
     shape = tuple(int(d) for d in input_shape)
-    sessions = {name: _session(ref, threads, spin, provider) for name, ref in models.items()}
-    for name, sess in sessions.items():
+    copies = max(1, int(sessions_per_model))
+    sessions = {(name, i): _session(ref, threads, spin, provider)
+                for name, ref in models.items() for i in range(copies if not isinstance(ref, ort.InferenceSession) else 1)}
+    for (name, _), sess in sessions.items():
         check_input(sess, shape, what=f"benchmark input for '{name}'")
     names = list(sessions)
     rng = np.random.default_rng(seed)
-    result: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
+    result: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
     for batch in batches:
         x = rng.standard_normal((int(batch), *shape)).astype(np.float32)
         feeds = {name: {sess.get_inputs()[0].name: x} for name, sess in sessions.items()}
@@ -63,16 +69,17 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
                 sessions[name].run(None, feeds[name])
         per_round = (time.perf_counter() - start) / max(1, warmup)
         rounds = max(repeats, min(MAX_REPEATS, int(min_seconds / max(per_round, 1e-9))))
-        times: dict[str, list[float]] = {name: [] for name in names}
+        times: dict[tuple[str, int], list[float]] = {key: [] for key in names}
         for r in range(rounds):
             for k in range(len(names)):
-                name = names[(r + k) % len(names)]
+                key = names[(r + k) % len(names)]
                 start = time.perf_counter()
-                sessions[name].run(None, feeds[name])
-                times[name].append((time.perf_counter() - start) * 1e3)
-        for name in names:
-            ts = times[name]
-            result[name][f"b{batch}"] = {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts)}
+                sessions[key].run(None, feeds[key])
+                times[key].append((time.perf_counter() - start) * 1e3)
+        for name in models:
+            runs = [ts for (n, _), ts in times.items() if n == name]
+            result[name][f"b{batch}"] = {"median_ms": statistics.median(statistics.median(ts) for ts in runs),
+                                         "min_ms": min(map(min, runs)), "max_ms": max(map(max, runs))}
     return result
 
 

@@ -7,6 +7,10 @@ the dense model's layers at their kept widths:
 
 - convolution MACs with channels padded up to the runtime's block (``runtime.channel_block``),
   split by kind (k x k, 1 x 1, depthwise), since each kind runs its own kernel at its own speed;
+- the MACs of convolutions the runtime cannot run in its blocked layout, at their real widths:
+  onnxruntime's NCHWc path takes a convolution only when its input width is a multiple of the
+  block (or below one block) and a depthwise one only when its width is; others run a slower
+  generic kernel with layout reorders around them (a dense model with 24-wide layers has some);
 - linear and attention MACs;
 - activations written, padded alike (memory traffic of the memory-bound ops around the layers);
 
@@ -47,10 +51,11 @@ from metacompress.errors import UserError
 from metacompress.io import write_json
 from metacompress.progress import track
 
-VERSION = 1
-TERMS = ("conv", "pointwise", "depthwise", "linear", "attention", "activations")
+VERSION = 2
+TERMS = ("conv", "pointwise", "depthwise", "linear", "attention", "unblocked", "activations")
 PADDED = ("conv", "pointwise", "depthwise")   # kinds the runtime computes in channel blocks
 SAMPLES = 20                                  # pruned variants timed per build
+SESSIONS = 3                                  # sessions per model when one allocation is checked
 TIMING_BUDGET_S = {1: 8.0, 32: 20.0}          # seconds of timing per batch size (others: 20)
 
 
@@ -87,19 +92,36 @@ class LatencyModel:
 
     # ----- prediction -----------------------------------------------------------------
     def terms(self, keep: Sequence[int], normalise: bool = True) -> np.ndarray:
-        """The allocation's TERMS (each relative to the dense model's unless not ``normalise``)."""
+        """The allocation's TERMS; ``normalise``: MAC terms over the dense model's MACs (all kinds
+        together, so a kind the dense model lacks still counts), activations over its activations."""
         f = self.space.fractions(keep)      # last entry 1.0: index -1 is "not pruned"
         out_w = self._width(f[self._out_g], self._out_ch)
         in_w = self._width(f[self._in_g], self._in_ch)
         depthwise = self._kind == TERMS.index("depthwise")
         scale = np.where(depthwise | (self._kind == TERMS.index("attention")), out_w, out_w * in_w)
+        kind = self._kind.copy()
+        unblocked = self._unblocked(f)
+        kind[unblocked] = TERMS.index("unblocked")
+        raw = np.round(f[self._out_g] * self._out_ch) / np.maximum(1.0, self._out_ch)
+        raw_in = np.round(f[self._in_g] * self._in_ch) / np.maximum(1.0, self._in_ch)
+        scale[unblocked] = np.where(depthwise, raw, raw * raw_in)[unblocked]
         values = np.zeros(len(TERMS))
-        np.add.at(values, self._kind, self._macs * scale)
+        np.add.at(values, kind, self._macs * scale)
         values[TERMS.index("activations")] = float(np.sum(self._elems * out_w))
         if not normalise:
             return values
-        dense = self._dense_terms
-        return np.divide(values, dense, out=np.zeros_like(values), where=dense > 0)
+        act = TERMS.index("activations")
+        scale = np.full(len(TERMS), max(1.0, float(np.delete(self._dense_terms, act).sum())))  # MACs: one scale
+        scale[act] = max(1.0, float(self._dense_terms[act]))
+        return values / scale
+
+    def _unblocked(self, f: np.ndarray) -> np.ndarray:
+        """Convolutions outside the runtime's blocked layout at these kept fractions."""
+        cin = np.round(f[self._in_g] * self._in_ch)
+        cout = np.round(f[self._out_g] * self._out_ch)
+        depthwise = self._kind == TERMS.index("depthwise")
+        regular = (cin >= self.block) & (cin % self.block != 0)
+        return self._padded & np.where(depthwise, cout % self.block != 0, regular)
 
     def _width(self, fraction: np.ndarray, channels: np.ndarray) -> np.ndarray:
         """Kept width as a fraction of the dense width, padded to the block where the runtime pads."""
@@ -108,10 +130,13 @@ class LatencyModel:
         return np.where(self._padded, padded, kept / np.maximum(1.0, channels))
 
     def predict_fraction(self, keep: Sequence[int], batch: int | None = None) -> float:
-        """Predicted latency of the allocation over the dense model's, at ``batch``."""
+        """Predicted latency of the allocation over the dense model's measured latency, at ``batch``.
+
+        Not renormalised by the prediction for the dense widths: a dense model can be slower than
+        its smooth extrapolation (a 24-wide layer that leaves the blocked layout, a working set
+        past a cache), and that must not shift every pruned prediction with it."""
         coef = np.asarray(self._fit(batch).coef)
-        ratio = coef[0] + float(coef[1:] @ self.terms(keep))
-        return ratio / float(coef.sum())
+        return float(coef[0] + coef[1:] @ self.terms(keep))
 
     def predict_ms(self, keep: Sequence[int], batch: int | None = None) -> float:
         return self.predict_fraction(keep, batch) * self._fit(batch).dense_ms
@@ -151,8 +176,9 @@ class LatencyModel:
 
 # ----- fitting --------------------------------------------------------------------------
 def fit_terms(terms: np.ndarray, ratios: np.ndarray) -> np.ndarray:
-    """Non-negative weights (constant first) so that ``const + terms @ w`` matches ``ratios`` in
-    relative error; the dense model (all terms 1, ratio 1) is one of the rows."""
+    """Non-negative weights (constant first) so that ``const + terms @ w`` matches ``ratios`` (each
+    variant's latency over the dense model's) in relative error; the dense model (all terms 1,
+    ratio 1) is one of the rows."""
     a = np.column_stack([np.ones(len(terms)), terms]) / ratios[:, None]
     coef, _ = nnls(a, np.ones(len(ratios)))
     return coef
@@ -164,7 +190,7 @@ def loo_error(terms: np.ndarray, ratios: np.ndarray) -> float:
     for i in range(1, len(ratios)):       # row 0 is the dense model, always kept
         rest = np.arange(len(ratios)) != i
         coef = fit_terms(terms[rest], ratios[rest])
-        pred = (coef[0] + terms[i] @ coef[1:]) / coef.sum()
+        pred = coef[0] + terms[i] @ coef[1:]
         errors.append(abs(pred - ratios[i]) / ratios[i])
     return float(np.median(errors)) if errors else 0.0
 
@@ -287,8 +313,10 @@ def _read_cache(path: Path) -> dict[int, BatchFit] | None:
 
 def measure_ratio(dense_path: Path, path: Path, input_shape: Sequence[int], batch: int, threads: int,
                   provider: str = "cpu", budget_s: float = 4.0) -> tuple[float, float]:
-    """(latency of ``path`` over the dense model's, dense ms), interleaved medians at ``batch``."""
+    """(latency of ``path`` over the dense model's, dense ms), interleaved medians at ``batch``,
+    each over SESSIONS sessions of the file (``bench.benchmark_latency``)."""
     res = benchmark_latency({"d": dense_path, "c": path}, input_shape, batches=(batch,), threads=threads,
-                            repeats=7, warmup=2, provider=provider, min_seconds=budget_s)
+                            repeats=7, warmup=2, provider=provider, min_seconds=budget_s,
+                            sessions_per_model=SESSIONS)
     d, c = res["d"][f"b{batch}"]["median_ms"], res["c"][f"b{batch}"]["median_ms"]
     return c / d, d
