@@ -58,7 +58,7 @@ def _latency_model_info(model, data, round_to: int, batch: int, threads: int | N
     from metacompress.budget import budget_spec, resolve_budget
 
     spec = budget_spec(latency=0.5, batch=batch, threads=threads, provider=provider)
-    space = PruningSpace(model, data.x_train[:1], data.num_classes, round_to, strict_grid=True)
+    space = PruningSpace(model, data.x_train[:1], data.num_classes, round_to)
     lm = resolve_budget(spec, model, space, data.input_shape).cost
     saved = lm.per_group_ms(batch)
     floor = space.floor_keep()

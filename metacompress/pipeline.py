@@ -145,7 +145,7 @@ def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
         data = load_dataset(cfg.data)
         dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle, for_pruning=True)
     with timer.stage("measure"):
-        space = PruningSpace(dense, data.x_train[:1], data.num_classes, round_to, strict_grid=spec.is_latency)
+        space = PruningSpace(dense, data.x_train[:1], data.num_classes, round_to)
         dense_acc = accuracy(dense, data.x_test, data.y_test)
     with timer.stage("latency model") if spec.is_latency else _nothing():
         budget = resolve_budget(spec, dense, space, data.input_shape)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from metacompress.compress.baselines import RULES, rule_allocation
 from metacompress.compress.measure import count_macs, count_params
@@ -95,3 +96,37 @@ def test_attention_heads_stay_consistent():
     attn = pruned.blocks[0].attn
     assert attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
     assert attn.proj.in_features == attn.num_heads * attn.head_dim
+
+
+class _Concat(nn.Module):
+    """Two branches concatenated into one conv (DenseNet, Inception): that conv's input width is
+    set by both branches' groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 16, 3, padding=1)
+        self.b = nn.Conv2d(1, 24, 3, padding=1)
+        self.bn = nn.BatchNorm2d(40)
+        self.c = nn.Conv2d(40, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = self.bn(torch.cat([self.a(x), self.b(x)], 1)).relu()
+        return self.head(self.c(h).relu().mean((2, 3)))
+
+
+@pytest.mark.parametrize("cut", [{"a": 8}, {"b": 12}, {"a": 4, "b": 20, "c": 16}])
+def test_cost_model_is_exact_through_a_concatenation(cut):
+    """The estimated MACs and parameters equal the pruned model's when a layer's input is a concat
+    of several groups (each group's share of the width, not one group's fraction of all of it)."""
+    torch.manual_seed(0)
+    model = _Concat().eval()
+    example = torch.randn(1, 1, 8, 8)
+    space = PruningSpace(model, example, 10, round_to=1)
+    keep = [cut.get(g.name, g.channels) for g in space.groups]
+    c = next(t for t in space.layers if t.name == "c")
+    assert len(c.in_shares) == 2
+    macs, params = space.estimate(keep)
+    pruned = space.apply(copy.deepcopy(model), keep)
+    assert macs == pytest.approx(count_macs(pruned, example), rel=1e-9)
+    assert params == pytest.approx(count_params(pruned), rel=1e-9)

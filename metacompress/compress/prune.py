@@ -53,30 +53,20 @@ class LayerTerm:
     out_channels: int
     in_channels: int
     out_group: int
-    in_group: int
+    in_group: int      # the group that sets its input width; -1: none, or several (``in_shares``)
+    in_shares: tuple[tuple[int, float], ...] = ()  # input fed by several groups (a concat): (group, share)
 
 
 class PruningSpace:
     """The prunable groups of one dense model plus a cost model over per-group kept units."""
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, num_classes: int, round_to: int = 8,
-                 strict_grid: bool = False):
-        """``strict_grid``: every pruned width is a multiple of ``round_to``, narrow groups too
-        (a group narrower than ``round_to`` is not pruned). A runtime that computes channels in
-        blocks of ``round_to`` pads any other width, and may leave its fast layout for it; by
-        default a group narrower than two steps is pruned unit by unit instead."""
+    def __init__(self, model: nn.Module, example: torch.Tensor, num_classes: int, round_to: int = 8):
         if round_to < 1:
             raise UserError(f"round_to must be >= 1, got {round_to}")
         self.example = example[:1]
         self.num_classes = num_classes
         self.round_to = round_to
-        self.strict_grid = strict_grid
         self.groups: list[Group] = discover_groups(model, self.example, num_classes, round_to)
-        if strict_grid:
-            for g in self.groups:
-                if g.kind != "attention":
-                    step = round_to * g.quantum // math.gcd(round_to, g.quantum)
-                    g.step = step if g.channels >= step else g.channels
         self.dense_macs = count_macs(model, self.example)
         self.dense_params = count_params(model)
         self._build_cost_model(model)
@@ -86,13 +76,16 @@ class PruningSpace:
         per_module = module_macs(model, self.example)
         modules = dict(model.named_modules())
         out_of: dict[str, int] = {}
-        in_of: dict[str, int] = {}
+        in_of: dict[str, list[int]] = {}
+        norm_of: dict[str, list[int]] = {}
         for gi, g in enumerate(self.groups):
             for name in g.out_layers:
                 out_of[name] = gi
             for name in g.in_layers:
-                in_of[name] = gi
-        terms = []  # (macs, params, out_group, in_group, depthwise)
+                in_of.setdefault(name, []).append(gi)
+            for name in g.norm_layers:
+                norm_of.setdefault(name, []).append(gi)
+        terms = []  # (macs, params, out_group, input: a group index or (shares, rest))
         layers: list[LayerTerm] = []
         covered = 0
         for name, mod in modules.items():
@@ -101,14 +94,15 @@ class PruningSpace:
             macs = per_module.get(name, 0)
             covered += macs
             depthwise = isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels
-            params = mod.weight.numel()
-            terms.append((macs, params, out_of.get(name, -1), -1 if depthwise else in_of.get(name, -1), depthwise))
-            layers.append(_layer_term(name, mod, macs, out_of.get(name, -1), -1 if depthwise else in_of.get(name, -1)))
+            width = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
+            source = -1 if depthwise else self._input_of(in_of.get(name, []), width)
+            terms.append((macs, mod.weight.numel(), out_of.get(name, -1), source))
+            layers.append(_layer_term(name, mod, macs, out_of.get(name, -1), source))
             if mod.bias is not None:
-                terms.append((0, mod.bias.numel(), out_of.get(name, -1), -1, False))
-        for gi, g in enumerate(self.groups):
-            for name in g.norm_layers:
-                terms.append((0, count_params(modules[name]), gi, -1, False))
+                terms.append((0, mod.bias.numel(), out_of.get(name, -1), -1))
+        for name, gis in norm_of.items():  # a norm over a concat is shared by the groups that feed it
+            norm = modules[name]
+            terms.append((0, count_params(norm), -1, self._input_of(gis, getattr(norm, "num_features", 0))))
         # attention score/value matmuls scale with the head dims kept
         for qkv, _, _ in attention_blocks(model):
             name = next(n for n, m in modules.items() if m is qkv)
@@ -116,13 +110,32 @@ class PruningSpace:
             own = per_module.get(parent, 0) - sum(per_module.get(f"{parent}.{c}", 0) for c, _ in
                                                   modules[parent].named_children())
             gi = out_of.get(name, -1)
-            terms.append((own, 0, gi, -1, False))
+            terms.append((own, 0, gi, -1))
             layers.append(LayerTerm(parent, "attention", own, 0, qkv.out_features // 3, qkv.out_features // 3, gi, -1))
             covered += own
         self._terms = terms
         self.layers = layers
         self._fixed_macs = self.dense_macs - covered
         self._fixed_params = self.dense_params - sum(t[1] for t in terms)
+
+    def _input_of(self, gis: list[int], width: int) -> int | tuple[tuple[tuple[int, float], ...], float]:
+        """What sets a layer's input width: one group (its index; -1 for none), or for an input
+        concatenated from several groups each group's share of the width and the unpruned rest."""
+        if len(gis) <= 1:
+            return gis[0] if gis else -1
+        shares = [(gi, self.groups[gi].channels / max(1, width)) for gi in gis]
+        total = sum(s for _, s in shares)
+        if total > 1.0:
+            shares = [(gi, s / total) for gi, s in shares]
+        return tuple(shares), max(0.0, 1.0 - total)
+
+    @staticmethod
+    def input_fraction(f: np.ndarray, source) -> float:
+        """Kept fraction of a layer's input width (``source`` from ``_input_of``) under fractions ``f``."""
+        if isinstance(source, (int, np.integer)):
+            return f[source]
+        shares, rest = source
+        return rest + sum(s * f[gi] for gi, s in shares)
 
     def fractions(self, keep: Sequence[int]) -> np.ndarray:
         return np.array([k / g.channels for k, g in zip(keep, self.groups)] + [1.0])
@@ -131,8 +144,8 @@ class PruningSpace:
         """Estimated (MACs, params) when group i keeps ``keep[i]`` units."""
         f = self.fractions(keep)
         macs, params = float(self._fixed_macs), float(self._fixed_params)
-        for m, p, go, gi, _ in self._terms:
-            scale = f[go] * f[gi]
+        for m, p, go, source in self._terms:
+            scale = f[go] * self.input_fraction(f, source)
             macs += m * scale
             params += p * scale
         return macs, params
@@ -282,17 +295,18 @@ class PruningSpace:
         return model
 
 
-def _layer_term(name: str, mod: nn.Module, macs: int, out_group: int, in_group: int) -> LayerTerm:
+def _layer_term(name: str, mod: nn.Module, macs: int, out_group: int, source) -> LayerTerm:
     """A conv or linear layer's term; its output size is read off its MACs (no second pass)."""
+    in_group, in_shares = (source, ()) if isinstance(source, int) else (-1, source[0])
     if isinstance(mod, nn.Conv2d):
         k = mod.kernel_size[0] * mod.kernel_size[1]
         depthwise = mod.groups > 1 and mod.groups == mod.in_channels
         kind = "depthwise" if depthwise else "pointwise" if k == 1 else "conv"
         per_output = k * mod.in_channels // mod.groups
         return LayerTerm(name, kind, macs, macs // max(1, per_output), mod.out_channels, mod.in_channels,
-                         out_group, in_group)
+                         out_group, in_group, in_shares)
     return LayerTerm(name, "linear", macs, macs // max(1, mod.in_features), mod.out_features, mod.in_features,
-                     out_group, in_group)
+                     out_group, in_group, in_shares)
 
 
 def drop_indices(scores: torch.Tensor, n_remove: int, conv_groups: int = 1) -> list[int]:

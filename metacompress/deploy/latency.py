@@ -51,7 +51,7 @@ from metacompress.errors import UserError
 from metacompress.io import write_json
 from metacompress.progress import track
 
-VERSION = 2
+VERSION = 3
 TERMS = ("conv", "pointwise", "depthwise", "linear", "attention", "unblocked", "activations")
 PADDED = ("conv", "pointwise", "depthwise")   # kinds the runtime computes in channel blocks
 SAMPLES = 20                                  # pruned variants timed per build
@@ -86,7 +86,7 @@ class LatencyModel:
         self._out_ch = np.array([lt.out_channels for lt in layers], dtype=float)
         self._in_ch = np.array([lt.in_channels for lt in layers], dtype=float)
         self._out_g = np.array([lt.out_group for lt in layers], dtype=int)
-        self._in_g = np.array([lt.in_group for lt in layers], dtype=int)
+        self._inputs = _input_matrix(layers, len(space.groups))
         self._padded = np.isin(self._kind, [TERMS.index(k) for k in PADDED])
         self._dense_terms = self.terms([g.channels for g in space.groups], normalise=False)
 
@@ -95,15 +95,16 @@ class LatencyModel:
         """The allocation's TERMS; ``normalise``: MAC terms over the dense model's MACs (all kinds
         together, so a kind the dense model lacks still counts), activations over its activations."""
         f = self.space.fractions(keep)      # last entry 1.0: index -1 is "not pruned"
+        fin = self._inputs @ f
         out_w = self._width(f[self._out_g], self._out_ch)
-        in_w = self._width(f[self._in_g], self._in_ch)
+        in_w = self._width(fin, self._in_ch)
         depthwise = self._kind == TERMS.index("depthwise")
         scale = np.where(depthwise | (self._kind == TERMS.index("attention")), out_w, out_w * in_w)
         kind = self._kind.copy()
         unblocked = self._unblocked(f)
         kind[unblocked] = TERMS.index("unblocked")
         raw = np.round(f[self._out_g] * self._out_ch) / np.maximum(1.0, self._out_ch)
-        raw_in = np.round(f[self._in_g] * self._in_ch) / np.maximum(1.0, self._in_ch)
+        raw_in = np.round(fin * self._in_ch) / np.maximum(1.0, self._in_ch)
         scale[unblocked] = np.where(depthwise, raw, raw * raw_in)[unblocked]
         values = np.zeros(len(TERMS))
         np.add.at(values, kind, self._macs * scale)
@@ -117,7 +118,7 @@ class LatencyModel:
 
     def _unblocked(self, f: np.ndarray) -> np.ndarray:
         """Convolutions outside the runtime's blocked layout at these kept fractions."""
-        cin = np.round(f[self._in_g] * self._in_ch)
+        cin = np.round((self._inputs @ f) * self._in_ch)
         cout = np.round(f[self._out_g] * self._out_ch)
         depthwise = self._kind == TERMS.index("depthwise")
         regular = (cin >= self.block) & (cin % self.block != 0)
@@ -172,6 +173,20 @@ class LatencyModel:
                                    "samples": len(f.samples),
                                    "coef": dict(zip(("constant",) + TERMS, (round(c, 4) for c in f.coef)))}
                          for b, f in sorted(self.fits.items())}}
+
+
+def _input_matrix(layers, n_groups: int) -> np.ndarray:
+    """(layers x groups+1): row l times the groups' kept fractions (last entry 1.0) is layer l's
+    kept input fraction; a concatenated input mixes its groups by their share of the width."""
+    m = np.zeros((len(layers), n_groups + 1))
+    for i, lt in enumerate(layers):
+        if lt.in_shares:
+            for gi, share in lt.in_shares:
+                m[i, gi] += share
+            m[i, -1] += max(0.0, 1.0 - sum(s for _, s in lt.in_shares))
+        else:
+            m[i, lt.in_group] = 1.0
+    return m
 
 
 # ----- fitting --------------------------------------------------------------------------
@@ -236,22 +251,22 @@ def export_variants(dense: nn.Module, space: PruningSpace, allocations: list[lis
 
 def time_variants(paths: list[Path], input_shape: Sequence[int], batches: Sequence[int], threads: int,
                   provider: str) -> Measured:
-    """Time all files interleaved, with repeats sized to each batch size's timing budget."""
+    """Time all files interleaved, with repeats sized to each batch size's timing budget. The dense
+    model (``paths[0]``), which every ratio divides by, is timed in SESSIONS sessions (median)."""
     dense_ms: dict[int, float] = {}
     ratios: dict[int, list[float]] = {}
+    names = {f"d{i}": paths[0] for i in range(SESSIONS)} | {f"m{i}": p for i, p in enumerate(paths[1:])}
     for b in batches:
-        names = {f"m{i}": p for i, p in enumerate(paths)}
         res = benchmark_latency(names, input_shape, batches=(b,), threads=threads, repeats=5, warmup=2,
                                 provider=provider, min_seconds=TIMING_BUDGET_S.get(b, 20.0))
-        med = [res[f"m{i}"][f"b{b}"]["median_ms"] for i in range(len(paths))]
-        dense_ms[b] = med[0]
-        ratios[b] = [m / med[0] for m in med]
+        dense_ms[b] = float(np.median([res[f"d{i}"][f"b{b}"]["median_ms"] for i in range(SESSIONS)]))
+        ratios[b] = [1.0] + [res[f"m{i}"][f"b{b}"]["median_ms"] / dense_ms[b] for i in range(len(paths) - 1)]
     return Measured(dense_ms, ratios)
 
 
 def build_latency_model(dense: nn.Module, space: PruningSpace, input_shape: Sequence[int], batch: int = 1,
                         batches: Sequence[int] = (1, 32), threads: int = 1, provider: str = "cpu",
-                        cache: bool = True, samples: int = SAMPLES, seed: int = 0) -> LatencyModel:
+                        cache: bool = True, samples: int | None = None, seed: int = 0) -> LatencyModel:
     """The latency model of ``dense`` (on ``space``'s groups) at ``batch`` (and ``batches``):
     from the cache when one matches, else measured and fitted here (and cached)."""
     if batch < 1 or threads < 1:
@@ -266,7 +281,7 @@ def build_latency_model(dense: nn.Module, space: PruningSpace, input_shape: Sequ
         if fits is not None:
             return LatencyModel(space, block, fits, key, signature, batch, source="cached")
     t0 = time.perf_counter()
-    allocations = sample_allocations(space, samples, seed)
+    allocations = sample_allocations(space, samples or SAMPLES, seed)
     with tempfile.TemporaryDirectory(prefix="mc-latency-") as tmp:
         paths = export_variants(dense, space, allocations, Path(tmp))
         measured = time_variants(paths, input_shape, batches, threads, provider)
@@ -291,7 +306,7 @@ def cache_dir() -> Path:
 
 
 def cache_key(space: PruningSpace, input_shape: Sequence[int], batches: Sequence[int], signature: dict) -> str:
-    structure = [[lt.name, lt.kind, lt.macs, lt.out_channels, lt.in_channels, lt.out_group, lt.in_group]
+    structure = [[lt.name, lt.kind, lt.macs, lt.out_channels, lt.in_channels, lt.out_group, lt.in_group, lt.in_shares]
                  for lt in space.layers]
     groups = [[g.name, g.channels, g.step] for g in space.groups]
     blob = json.dumps({"version": VERSION, "layers": structure, "groups": groups, "dense_macs": space.dense_macs,
