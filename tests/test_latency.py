@@ -189,11 +189,15 @@ def test_correction_loop_terminates_and_warns_when_it_cannot_converge(cnn):
     assert len(lt.warnings) == 1 and "misses the target" in lt.warnings[0]
 
 
-def test_target_below_the_floor_prunes_to_the_floor_and_warns(cnn):
-    lt = _target(cnn, 0.02, lambda p: p + 0.1)   # per-op overhead: the floor is far above 0.02
+def test_target_below_the_floor_compresses_to_the_floor_plus_tolerance_and_warns(cnn):
+    """Per-op overhead puts the floor far above 0.02: the allocation aims at the measured floor
+    + 5 %, keeping more units than the floor itself, and the warning gives the floor's value."""
+    lt = _target(cnn, 0.02, lambda p: p + 0.1)
+    floor_keep = lt.space.floor_keep()
+    floor = lt.measure(floor_keep)
     keep = lt.project(lambda s: [s * 0.9] * len(lt.space.groups))
-    assert keep == lt.space.floor_keep()
-    floor = lt.measure(keep)
+    assert sum(keep) > sum(floor_keep)
+    assert abs(lt.measure(keep) / (floor * (1 + LATENCY_TOL)) - 1) <= LATENCY_TOL
     assert len(lt.warnings) == 1
     assert "below what width pruning reaches" in lt.warnings[0] and f"{floor:.3f}" in lt.warnings[0]
 
