@@ -31,6 +31,7 @@ from metacompress.progress import status
 LATENCY_TOL = 0.05   # measured latency within 5 % of the target
 AIM = 0.5            # the loop stops early only within AIM * LATENCY_TOL: margin for the final measurement
 MAX_ROUNDS = 4       # measured re-projections per allocation
+IDLE_SAVING = 1e-4   # a group whose pruning saves less (fraction of the dense latency) is left whole
 METRICS = ("macs", "params", "latency", "ms")
 
 
@@ -120,13 +121,17 @@ class LatencyTarget:
 
     @property
     def floor_fraction(self) -> float:
+        """Predicted latency with every group at its smallest width."""
         return self.model.fraction(self.space.floor_keep())
 
     def project(self, ratio_fn: Callable[[float], Sequence[float]]) -> list[int]:
         full = [g.channels for g in self.space.groups]
         if self.target >= 1.0:
             return full
-        floor_keep, floor = self.space.floor_keep(), self.floor_fraction
+        idle = self.idle_groups()
+        ratio_fn = _freeze(ratio_fn, idle)
+        floor_keep = [k if i not in idle else c for i, (k, c) in enumerate(zip(self.space.floor_keep(), full))]
+        floor = self.model.fraction(floor_keep)
         target = self._reachable_target(floor_keep, floor)
         goal, rounds = target, []
         for _ in range(MAX_ROUNDS):
@@ -146,6 +151,19 @@ class LatencyTarget:
                        f"{LATENCY_TOL:.0%} after {len(rounds)} rounds: the channel grid is too coarse here or the "
                        f"machine too noisy")
         return best.keep
+
+    def idle_groups(self) -> set[int]:
+        """Groups whose pruning saves no predicted time (a width the runtime pads back up to its
+        block): pruning them would cost accuracy for nothing, so a latency budget leaves them."""
+        full = [g.channels for g in self.space.groups]
+        base = self.model.fraction(full)
+        idle = set()
+        for i, g in enumerate(self.space.groups):
+            keep = list(full)
+            keep[i] = self.space.min_keep(g)
+            if base - self.model.fraction(keep) <= IDLE_SAVING:
+                idle.add(i)
+        return idle
 
     def _reachable_target(self, floor_keep: list[int], floor: float) -> float:
         """The target, or where it lies below the floor (every group at its smallest width, as
@@ -193,6 +211,11 @@ class LatencyTarget:
     def report(self) -> list[list[dict[str, Any]]]:
         return [[{"goal": round(r.goal, 4), "predicted": round(r.predicted, 4), "measured": round(r.measured, 4)}
                  for r in rounds] for rounds in self.history]
+
+
+def _freeze(ratio_fn: Callable[[float], Sequence[float]], idle: set[int]) -> Callable[[float], list[float]]:
+    """``ratio_fn`` with the ``idle`` groups never pruned."""
+    return lambda scale: [0.0 if i in idle else float(r) for i, r in enumerate(ratio_fn(scale))]
 
 
 def resolve_budget(spec: BudgetSpec, dense: nn.Module, space: PruningSpace, input_shape: Sequence[int],

@@ -255,3 +255,19 @@ def test_compress_to_a_latency_budget_reports_prediction_and_measurement(tmp_pat
     assert report["speedup"]["b1"] == pytest.approx(
         report["dense"]["latency_ms"]["b1"] / report["compressed"]["latency_ms"]["b1"], rel=1e-2)
     assert (tmp_path / "o" / "model.onnx").is_file()
+
+
+def test_latency_budget_leaves_groups_whose_pruning_saves_no_time():
+    """A 16-wide conv on a runtime with 16-channel blocks runs as 16 channels whatever is kept:
+    a latency budget does not prune it (accuracy lost for nothing)."""
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 10)).eval()
+    space = PruningSpace(model, torch.randn(1, 1, 8, 8), 10, round_to=16)
+    fit = latency_mod.BatchFit(1, 1.0, [0.1, 0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1], 0.0)
+    lm = latency_mod.LatencyModel(space, 16, {1: fit}, "k", {}, 1)
+    lt = LatencyTarget(lm, model, space, 0.5, (1, 8, 8), threads=1)
+    lt.measure = lambda keep: lm.fraction(keep)
+    narrow = next(i for i, g in enumerate(space.groups) if g.channels == 16)
+    assert lt.idle_groups() == {narrow}
+    keep = lt.project(lambda s: [s * 0.9] * len(space.groups))
+    assert keep[narrow] == 16 and sum(keep) < sum(g.channels for g in space.groups)
