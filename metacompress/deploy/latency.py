@@ -51,7 +51,7 @@ from metacompress.errors import UserError
 from metacompress.io import write_json
 from metacompress.progress import track
 
-VERSION = 3
+VERSION = 4
 TERMS = ("conv", "pointwise", "depthwise", "linear", "attention", "unblocked", "activations")
 PADDED = ("conv", "pointwise", "depthwise")   # kinds the runtime computes in channel blocks
 SAMPLES = 20                                  # pruned variants timed per build
@@ -98,6 +98,9 @@ class LatencyModel:
         fin = self._inputs @ f
         out_w = self._width(f[self._out_g], self._out_ch)
         in_w = self._width(fin, self._in_ch)
+        # an input narrower than one block is read as it is (NCHW), not padded
+        narrow = np.round(fin * self._in_ch) < self.block
+        in_w = np.where(narrow, np.round(fin * self._in_ch) / np.maximum(1.0, self._in_ch), in_w)
         depthwise = self._kind == TERMS.index("depthwise")
         scale = np.where(depthwise | (self._kind == TERMS.index("attention")), out_w, out_w * in_w)
         kind = self._kind.copy()
