@@ -155,15 +155,7 @@ class LatencyTarget:
     def idle_groups(self) -> set[int]:
         """Groups whose pruning saves no predicted time (a width the runtime pads back up to its
         block): pruning them would cost accuracy for nothing, so a latency budget leaves them."""
-        full = [g.channels for g in self.space.groups]
-        base = self.model.fraction(full)
-        idle = set()
-        for i, g in enumerate(self.space.groups):
-            keep = list(full)
-            keep[i] = self.space.min_keep(g)
-            if base - self.model.fraction(keep) <= IDLE_SAVING:
-                idle.add(i)
-        return idle
+        return {i for i, saved in enumerate(self.space.group_savings(self.model)) if saved <= IDLE_SAVING}
 
     def _reachable_target(self, floor_keep: list[int], floor: float) -> float:
         """The target, or where it lies below the floor (every group at its smallest width, as

@@ -191,6 +191,17 @@ class PruningSpace:
         """The smallest kept fraction of MACs (or params) reachable without removing whole layers."""
         return self.kept_fraction([self.min_keep(g, fine=True) for g in self.groups], metric)
 
+    def group_savings(self, metric: Metric = "macs") -> list[float]:
+        """Kept fraction of ``metric`` that each group saves when it alone goes to its smallest width."""
+        full = [g.channels for g in self.groups]
+        base = self.kept_fraction(full, metric)
+        out = []
+        for i, g in enumerate(self.groups):
+            keep = list(full)
+            keep[i] = self.min_keep(g)
+            out.append(base - self.kept_fraction(keep, metric))
+        return out
+
     def floor_keep(self, fine: bool = False) -> list[int]:
         """Every group at its smallest width (on its rounding grid unless ``fine``)."""
         return [self.min_keep(g, fine) for g in self.groups]

@@ -159,14 +159,9 @@ class LatencyModel:
 
     def per_group_ms(self, batch: int | None = None) -> list[float]:
         """Predicted time each group saves when it alone is pruned to its floor (ms)."""
-        full = [g.channels for g in self.space.groups]
-        base = self.predict_ms(full, batch)
-        out = []
-        for i, g in enumerate(self.space.groups):
-            keep = list(full)
-            keep[i] = self.space.min_keep(g)
-            out.append(base - self.predict_ms(keep, batch))
-        return out
+        at_batch = copy.copy(self)
+        at_batch.batch = self.batch if batch is None else int(batch)
+        return [saved * self.dense_ms(batch) for saved in self.space.group_savings(at_batch)]
 
     def describe(self) -> dict[str, Any]:
         """What ``inspect --latency`` and the report show."""
