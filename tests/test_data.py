@@ -72,3 +72,56 @@ def test_subsample_per_class():
 def test_unknown_spec():
     with pytest.raises(UserError, match="unknown data spec"):
         load_dataset("mnist")
+
+
+def _write_idx(path, arr: np.ndarray, gz: bool = False, dims=None):
+    import gzip
+    import struct
+
+    code = {np.uint8: 0x08, np.int32: 0x0C}[arr.dtype.type]
+    dims = arr.shape if dims is None else dims
+    head = bytes([0, 0, code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
+    body = arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(head + body)
+
+
+def _idx_folder(root, gz: bool, n: int = 60, classes: int = 3):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    root.mkdir(exist_ok=True)
+    for split, count in (("train", n), ("t10k", n // 2)):
+        _write_idx(root / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (count, 6, 5), dtype=np.uint8), gz)
+        _write_idx(root / f"{split}-labels-idx1-ubyte{suffix}", (np.arange(count) % classes).astype(np.uint8), gz)
+    return root
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_reads_mnist_format_plain_and_gzip(tmp_path, gz):
+    root = _idx_folder(tmp_path / "fm", gz)
+    d = load_dataset(f"idx:{root}")
+    assert d.input_shape == (1, 6, 5) and d.num_classes == 3
+    assert len(d.x_train) + len(d.x_val) == 60 and len(d.x_test) == 30
+    assert 0.0 <= float(d.x_train.min()) and float(d.x_train.max()) <= 1.0
+    small = load_dataset(f"idx:{root}:n=30:size=8")
+    assert small.input_shape == (1, 8, 8) and len(small.x_train) + len(small.x_val) == 30
+
+
+def test_idx_refuses_forged_and_broken_files(tmp_path):
+    root = _idx_folder(tmp_path / "fm", gz=False)
+    # a header that declares 10^12 images is refused before any allocation
+    _write_idx(root / "train-images-idx3-ubyte", np.zeros((2, 6, 5), np.uint8), dims=(10**9, 1000, 1000))
+    with pytest.raises(UserError, match="GiB"):
+        load_dataset(f"idx:{root}")
+    _write_idx(root / "train-images-idx3-ubyte", np.zeros((2, 6, 5), np.uint8), dims=(60, 6, 5))
+    with pytest.raises(UserError, match="header declares"):
+        load_dataset(f"idx:{root}")
+    (root / "train-images-idx3-ubyte").write_bytes(b"not an idx file")
+    with pytest.raises(UserError, match="bad magic"):
+        load_dataset(f"idx:{root}")
+    (root / "train-images-idx3-ubyte").unlink()
+    with pytest.raises(UserError, match="lacks the train images"):
+        load_dataset(f"idx:{root}")
+    with pytest.raises(UserError, match="not found"):
+        load_dataset(f"idx:{tmp_path / 'missing'}")
+    with pytest.raises(UserError, match="malformed idx spec"):
+        load_dataset(f"idx:{root}:n=many")

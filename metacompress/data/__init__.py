@@ -8,6 +8,8 @@
   (images) or ``synthetic:20`` (features); ``synthetic:3x32x32:classes=5:n=2000`` sets more.
 - ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test``; images NCHW, NHWC or flat.
 - ``imagefolder:DIR``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (needs torchvision).
+- ``idx:DIR[:n=N][:size=S]``: MNIST-format idx files (plain or .gz), e.g. Fashion-MNIST from
+  ``/usr/share/datasets/fashion-mnist``; ``n`` keeps N training images, ``size`` resizes.
 
 A fixed validation split is always carved from the training split.
 """

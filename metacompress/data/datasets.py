@@ -196,6 +196,33 @@ def _imagefolder(root: str) -> Dataset:
     return _finish(f"imagefolder:{root}", out[0][0], out[0][1], out[1][0], out[1][1])
 
 
+def _idx(arg: str) -> Dataset:
+    """``idx:DIR[:n=N][:size=S]``: MNIST-format files; ``n`` keeps a stratified subset of the
+    training images, ``size`` resizes images to S x S."""
+    from metacompress.data.idx import load_idx_arrays
+
+    root, *parts = arg.split(":")
+    try:
+        opts = {k: int(v) for k, v in (p.split("=", 1) for p in parts)}
+    except ValueError:
+        raise UserError(f"malformed idx spec 'idx:{arg}': use idx:DIR[:n=N][:size=S]") from None
+    n, size = opts.pop("n", 0), opts.pop("size", 0)
+    if opts or n < 0 or size < 0:
+        raise UserError(f"idx options must be n=N and size=S with positive integers, got '{arg}'")
+    a = load_idx_arrays(root)
+    x_tr, y_tr = a["x_train"], a["y_train"]
+    classes = int(max(y_tr.max(), a["y_test"].max())) + 1
+    if n and n < len(x_tr):
+        if n < 2 * classes:
+            raise UserError(f"idx:{arg}: n={n} is too small for {classes} classes (at least {2 * classes})")
+        x_tr, _, y_tr, _ = _split(x_tr, y_tr, 1 - n / len(x_tr), seed=0)
+    x_te = a["x_test"]
+    if size:
+        x_tr, x_te = (F.interpolate(torch.from_numpy(np.ascontiguousarray(x)), size=(size, size), mode="bilinear",
+                                    align_corners=False).numpy() for x in (x_tr, x_te))
+    return _finish(f"idx:{arg}", x_tr, y_tr, x_te, a["y_test"], classes)
+
+
 def load_dataset(spec: str) -> Dataset:
     """Build a Dataset from a spec string (see the package docstring for the forms)."""
     kind, _, arg = spec.partition(":")
@@ -215,4 +242,7 @@ def load_dataset(spec: str) -> Dataset:
         return _npz(arg)
     if kind == "imagefolder" and arg:
         return _imagefolder(arg)
-    raise UserError(f"unknown data spec '{spec}': use digits, digits@32, synthetic:SHAPE, npz:PATH or imagefolder:DIR")
+    if kind == "idx" and arg:
+        return _idx(arg)
+    raise UserError(f"unknown data spec '{spec}': use digits, digits@32, synthetic:SHAPE, npz:PATH, "
+                    "imagefolder:DIR or idx:DIR")
