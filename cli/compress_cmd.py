@@ -14,7 +14,7 @@ from metacompress.compress.distill import RepairConfig
 @command("train")
 def train(
     model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
-    data: str = typer.Option("digits", "--data", help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, imagefolder:DIR, idx:DIR."),
+    data: str = typer.Option("digits", "--data", help="Data: digits[@N], synthetic:SHAPE, npz:PATH, imagefolder:DIR, idx:DIR."),
     out: str = typer.Option(..., "--out", help="Where to write the dense state dict (.pt)."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="Training epochs."),
     seed: int = SEED_OPTION,
@@ -31,7 +31,7 @@ def train(
 @command("compress")
 def compress(
     model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
-    data: str = typer.Option("digits", "--data", help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, imagefolder:DIR, idx:DIR."),
+    data: str = typer.Option("digits", "--data", help="Data: digits[@N], synthetic:SHAPE, npz:PATH, imagefolder:DIR, idx:DIR."),
     weights: Optional[str] = typer.Option(
         None, "--weights", help="Dense state dict (.pt). Omit to train first; 'none' for untrained weights."),
     target_macs: Optional[float] = typer.Option(None, "--target-macs", help="Kept fraction of MACs, in (0, 1]."),

@@ -72,6 +72,45 @@ def budget_spec(macs: float | None = None, params: float | None = None, latency:
     return spec
 
 
+class MACs(BudgetSpec):
+    """Keep ``fraction`` of the dense model's multiply-accumulates (met exactly, in whole units)."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(**vars(budget_spec(macs=fraction)))
+
+
+class Params(BudgetSpec):
+    """Keep ``fraction`` of the dense model's parameters."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(**vars(budget_spec(params=fraction)))
+
+
+class Latency(BudgetSpec):
+    """Keep ``fraction`` of the dense model's latency, measured in onnxruntime on this machine at
+    ``batch`` with ``threads`` (default: the cores this process may use)."""
+
+    def __init__(self, fraction: float, batch: int = 1, threads: int | None = None, provider: str = "cpu") -> None:
+        super().__init__(**vars(budget_spec(latency=fraction, batch=batch, threads=threads, provider=provider)))
+
+
+class Milliseconds(BudgetSpec):
+    """Run in at most ``ms`` milliseconds at ``batch``, measured as for ``Latency``."""
+
+    def __init__(self, ms: float, batch: int = 1, threads: int | None = None, provider: str = "cpu") -> None:
+        super().__init__(**vars(budget_spec(ms=ms, batch=batch, threads=threads, provider=provider)))
+
+
+def as_budget(target: BudgetSpec | float) -> BudgetSpec:
+    """A budget object, or a bare number read as the kept MACs fraction."""
+    if isinstance(target, BudgetSpec):
+        return target
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        return MACs(float(target))
+    raise UserError(f"target must be a kept MACs fraction or one of MACs(f), Params(f), Latency(f), "
+                    f"Milliseconds(ms); got {type(target).__name__}")
+
+
 @dataclass
 class Budget:
     """A resolved budget: the kept fraction ``target`` of the cost ``cost``."""

@@ -134,18 +134,24 @@ def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epo
 
 
 def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
-    """Load the data and the dense model, find its groups and resolve the budget (a latency budget
-    builds or reads the runtime's latency model)."""
-    from metacompress.deploy.runtime import resolve_round_to
-
+    """Load the data and the dense model named by ``cfg``, then ``prepare_model``."""
     timer = timer or Timer()
     spec = cfg.budget()
-    round_to = resolve_round_to(cfg.round_to, cfg.provider)
     with timer.stage("load"):
         data = load_dataset(cfg.data)
         dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle, for_pruning=True)
+    return prepare_model(dense, data, spec, cfg.round_to, timer)
+
+
+def prepare_model(dense: nn.Module, data: Dataset, spec: BudgetSpec, round_to: int | str = "auto",
+                  timer: Timer | None = None) -> Prepared:
+    """Find the dense model's groups and resolve the budget (a latency budget builds or reads the
+    runtime's latency model)."""
+    from metacompress.deploy.runtime import resolve_round_to
+
+    timer = timer or Timer()
     with timer.stage("measure"):
-        space = PruningSpace(dense, data.x_train[:1], data.num_classes, round_to)
+        space = PruningSpace(dense, data.x_train[:1], data.num_classes, resolve_round_to(round_to, spec.provider))
         dense_acc = accuracy(dense, data.x_test, data.y_test)
     with timer.stage("latency model") if spec.is_latency else _nothing():
         budget = resolve_budget(spec, dense, space, data.input_shape)
@@ -168,18 +174,15 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
         return keep, CHANNEL_IMPORTANCE[cfg.allocation], cfg.repair
     if cfg.allocation != "meta":
         raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
+    from metacompress.policy.allocate import policy_allocation
     from metacompress.policy.features import policy_inputs
-    from metacompress.policy.network import EXPERT_RULES, decide, regime_of
+    from metacompress.policy.network import EXPERT_RULES, regime_of
     from metacompress.policy.store import load_policy
 
     policy = load_policy(cfg.policy)
-    theta = policy.theta
-    features, experts = policy_inputs(prep.dense, prep.space, calib, EXPERT_RULES)
-    if cfg.adapt_steps > 0:
-        theta = _adapt(theta, cfg, prep, target, features, experts, policy.kinds_seen)
-    decision = decide(theta, features, target, cfg.repair, experts.ratios(target, budget.cost), policy.kinds_seen)
-    keep = budget.project(prep.space, decision.ratio_fn())
-    chosen = decision.repair
+    inputs = policy_inputs(prep.dense, prep.space, calib, EXPERT_RULES)
+    theta = _adapt(policy, cfg, prep, target, inputs) if cfg.adapt_steps > 0 else None
+    keep, chosen = policy_allocation(policy, prep.dense, prep.space, calib, budget, cfg.repair, theta, inputs)
     for name in cfg.repair_overrides:  # explicit flags beat the policy
         setattr(chosen, name, getattr(cfg.repair, name))
     status(f"policy ({regime_of(cfg.repair)} regime): repair lr {chosen.lr:.3g}, T {chosen.temperature:.3g}, "
@@ -187,18 +190,20 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
     return keep, "magnitude", chosen
 
 
-def _adapt(theta, cfg: CompressConfig, prep: Prepared, target: float, features, experts, kinds_seen):
+def _adapt(policy, cfg: CompressConfig, prep: Prepared, target: float, inputs: tuple) -> Any:
     """ES-MAML: a few ES steps of the policy on this very task (validation split reward)."""
     from metacompress.policy.meta_train import adapt
     from metacompress.policy.network import regime_of
     from metacompress.policy.tasks import Context, Task, TaskPool, Teacher
 
     data = prep.data
-    pool = TaskPool(cfg.repair, kinds_seen)
+    features, experts = inputs
+    pool = TaskPool(cfg.repair, policy.kinds_seen)
     teacher = Teacher(cfg.model, cfg.data, (), cfg.seed)
     pool.register(teacher, Context(teacher, data, prep.dense, prep.space, features,
                                    accuracy(prep.dense, data.x_val, data.y_val), prep.dense_accuracy, experts))
-    return adapt(theta, pool, Task(teacher, target, regime_of(cfg.repair), cfg.seed), cfg.adapt_steps, seed=cfg.seed)
+    return adapt(policy.theta, pool, Task(teacher, target, regime_of(cfg.repair), cfg.seed), cfg.adapt_steps,
+                 seed=cfg.seed)
 
 
 def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) -> nn.Module:
@@ -331,7 +336,11 @@ def compress_stages(cfg: CompressConfig, timer: Timer) -> Compressed:
         raise UserError(f"--students must be >= 1, got {cfg.students}")
     if cfg.quantize not in QUANTIZE_MODES:
         raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
-    prep = prepare(cfg, timer)
+    return compress_prepared(cfg, prepare(cfg, timer), timer)
+
+
+def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Compressed:
+    """allocate -> prune -> (guard) -> repair -> (fuse) on a prepared dense model."""
     data = prep.data
     with timer.stage("allocate"):
         keep, importance, repair_cfg = allocate(cfg, prep)

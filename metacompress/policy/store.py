@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.groups import KINDS
@@ -33,6 +34,26 @@ class Policy:
     defaults: RepairConfig = field(default_factory=RepairConfig)
     provenance: dict[str, Any] = field(default_factory=dict)
     kinds_seen: tuple[str, ...] | None = None  # group kinds met in meta-training (None: all of them)
+
+    def allocate(self, model: nn.Module, calib: tuple[torch.Tensor, torch.Tensor], target: float,
+                 round_to: int = 1) -> dict[str, int]:
+        """Kept units per prunable group of ``model`` for ``target`` kept MACs, from a
+        calibration batch ``(x, y)`` (about 128 samples); the model is not modified.
+
+        >>> load_policy().allocate(model, (x[:128], y[:128]), 0.5)
+        {'layer1.0.conv1': 32, ...}
+        """
+        from metacompress.budget import MACs, resolve_budget
+        from metacompress.compress.prune import PruningSpace
+        from metacompress.policy.allocate import policy_allocation
+
+        x, y = calib
+        with torch.no_grad():
+            classes = int(model.eval()(x[:1]).shape[1])
+        space = PruningSpace(model, x[:1], classes, round_to)
+        keep, _ = policy_allocation(self, model, space, (x, y), resolve_budget(MACs(target), model, space, x.shape[1:]),
+                                    self.defaults)
+        return {g.name: k for g, k in zip(space.groups, keep)}
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
