@@ -82,9 +82,24 @@ _POOL: TaskPool | None = None
 _NOT_FINGERPRINTED = ("iterations", "workers", "out", "checkpoint_every")
 
 
-def _reward(args: tuple[np.ndarray, Task, bool]) -> float:
-    theta, task, learned_repair = args
-    return _POOL.reward(theta, task, learned_repair)
+def _score(job: tuple[np.ndarray | None, Task, bool]) -> float:
+    """Validation accuracy of the policy ``theta`` on ``task`` (``None``: of the uniform baseline)."""
+    theta, task, learned_repair = job
+    if theta is None:
+        return _POOL.baseline(task).val
+    return _POOL.policy(theta, task, learned_repair).val
+
+
+def _rewards(jobs: list[tuple[np.ndarray, Task, bool]], baselines: dict[Task, float]) -> np.ndarray:
+    """Each job's reward (policy minus uniform baseline, as ``TaskPool.reward``), over all ranks.
+
+    The baselines not yet in ``baselines`` (a cache every rank holds alike) are jobs of the same
+    sharded map, so that no rank computes one that another also computes.
+    """
+    missing = list(dict.fromkeys(t for _, t, _ in jobs if t not in baselines))
+    scores = distributed.sharded_map(_score, [(None, t, False) for t in missing] + jobs)
+    baselines.update(zip(missing, scores[:len(missing)]))
+    return np.array([s - baselines[t] for s, (_, t, _) in zip(scores[len(missing):], jobs)])
 
 
 def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
@@ -138,6 +153,7 @@ def _train(cfg: MetaTrainConfig, resume: bool) -> dict[str, Any]:
             torch.set_rng_state(state["torch_rng"])
     _POOL = TaskPool(defaults)
     _warm_teachers(teachers)
+    baselines: dict[Task, float] = {}
     t0 = time.perf_counter()
 
     def select(iteration: int) -> None:
@@ -145,7 +161,7 @@ def _train(cfg: MetaTrainConfig, resume: bool) -> dict[str, Any]:
         nonlocal best
         theta = full(np.asarray(es.theta, dtype=np.float64))
         jobs = [(theta, t, cfg.reward_repair == "policy") for t in select_tasks]
-        reward = float(np.mean(distributed.sharded_map(_reward, jobs)))
+        reward = float(np.mean(_rewards(jobs, baselines)))
         if not selection or reward > max(s["reward"] for s in selection):
             best = theta
         selection.append({"iteration": iteration, "reward": reward})
@@ -156,9 +172,11 @@ def _train(cfg: MetaTrainConfig, resume: bool) -> dict[str, Any]:
     for it in (track(iterations, "meta-training policy", total=len(iterations)) if distributed.is_main() else iterations):
         tasks = dist.sample(rng, cfg.tasks_per_iteration)
         candidates = es.ask()
-        jobs = [(full(np.asarray(c)), t, cfg.reward_repair == "policy") for c in candidates for t in tasks]
-        rewards = np.asarray(distributed.sharded_map(_reward, jobs)).reshape(len(candidates), len(tasks))
-        fitness = rewards.mean(1)
+        # task-major order: with a population that is a multiple of the world size, each rank gets whole
+        # members on every task, so ranks carry equal work even when the tasks' costs differ
+        jobs = [(full(np.asarray(c)), t, cfg.reward_repair == "policy") for t in tasks for c in candidates]
+        rewards = _rewards(jobs, baselines).reshape(len(tasks), len(candidates))
+        fitness = rewards.mean(0)
         metrics = es.tell(fitness)
         center = float(np.mean(fitness))
         history.append({"iteration": it, "mean_reward": center, "best_reward": float(fitness.max()),
