@@ -8,8 +8,8 @@ iteration, and a 64-rank efficiency estimate for policy ES from measured job tim
 - MAML: meta-steps per second on sinusoid (meta-batch 25) at 1 and 2 ranks;
 - bytes: the payload each rank puts into the iteration's all-reduce (ES: one float64 per job;
   MAML: the float32 meta-gradient plus the loss metric);
-- 64 ranks: per-job times measured here, resampled into iterations of population 64 (and 60) x 4
-  tasks dealt out as the trainer does (see ``es_efficiency``).
+- 64 ranks: per-job times measured here, resampled into iterations of several populations x tasks
+  dealt out as the trainer does (see ``es_efficiency``).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def es_efficiency(by_task: dict[Task, list[float]], baselines: list[float], late
                   population: int, tasks: int, rng: np.random.Generator, trials: int = 2000) -> float:
     """Median efficiency of ES iterations on ``ranks`` ranks, resampled from measured job times.
 
-    An iteration's jobs are its tasks' baselines then population x tasks members (task-major),
+    An iteration's jobs are population x tasks members (task-major) then its tasks' baselines,
     dealt out strided as ``meta.distributed.sharded_map`` does; it lasts as long as the busiest
     rank plus one all-reduce (a ring: 2 (ranks - 1) hops of ``latency``). Efficiency = the
     iteration's total work / (ranks x its duration).
@@ -111,9 +111,10 @@ def es_efficiency(by_task: dict[Task, list[float]], baselines: list[float], late
     pools = [np.asarray(v) for v in by_task.values() if len(v) >= 2]
     eff = []
     for _ in range(trials):
-        times = [rng.choice(baselines) for _ in range(tasks)]
+        times = []
         for i in rng.integers(len(pools), size=tasks):
             times += list(rng.choice(pools[i], size=population))
+        times += [rng.choice(baselines) for _ in range(tasks)]
         per_rank = np.array([sum(times[r::ranks]) for r in range(ranks)])
         eff.append(sum(times) / (ranks * (per_rank.max() + 2 * (ranks - 1) * latency)))
     return float(np.median(eff))
@@ -135,7 +136,8 @@ def main() -> None:
     member = np.concatenate([np.asarray(v) for v in by_task.values()])
     cv = np.mean([np.std(v) / np.mean(v) for v in by_task.values() if len(v) >= 2])
     rng, trials = np.random.default_rng(0), 200 if args.quick else 2000
-    eff = {(w, p): es_efficiency(by_task, baselines, latency, w, p, 4, rng, trials) for w, p in ((64, 64), (64, 60))}
+    shapes = ((64, 64, 4), (64, 60, 4), (64, 64, 16), (64, 62, 16), (64, 126, 16))  # ranks, population, tasks
+    eff = {shape: es_efficiency(by_task, baselines, latency, *shape, rng, trials) for shape in shapes}
     print("| work | 1 rank | 2 ranks | speedup | all-reduce payload per iteration and rank |")
     print("|---|---:|---:|---:|---|")
     print(f"| policy ES, reward jobs/s ({jobs} jobs/iteration) | {es1:.2f} | {es2:.2f} | {es2 / es1:.2f}x | "
@@ -146,8 +148,11 @@ def main() -> None:
     print(f"policy job: median {np.median(member):.3f} s over {len(member)} jobs, mean within-task coefficient of "
           f"variation {cv:.2f}; uniform-baseline job: median {np.median(baselines):.3f} s; gloo all-reduce of "
           f"64 float64 between 2 local ranks: {1e6 * latency:.0f} us (median)")
-    for (w, p), e in eff.items():
-        print(f"estimated policy ES efficiency at {w} ranks, population {p} x 4 tasks (+4 baseline jobs): {100 * e:.1f} %")
+    print()
+    print("| ranks | population x tasks per iteration | jobs per rank | estimated ES efficiency |")
+    print("|---:|---|---:|---:|")
+    for (w, p, t), e in eff.items():
+        print(f"| {w} | {p} x {t} (+{t} baselines) | {(p * t + t) / w:.2f} | {100 * e:.1f} % |")
 
 if __name__ == "__main__":
     main()

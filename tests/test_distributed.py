@@ -83,6 +83,14 @@ def test_a_killed_rank_is_named(tmp_path):
         distributed.launch_local(work, 2)
     assert distributed.launch_local(lambda: distributed.sharded_map(float, [1, 2, 3]), 2) == [1.0, 2.0, 3.0]
 
+    def fails_on_rank_1() -> None:
+        if distributed.rank_and_world()[0] == 1:
+            raise ValueError("disk full")
+        distributed.barrier()
+
+    with pytest.raises(distributed.WorkerLost, match=r"rank 1 \(pid \d+\) exited with code 1: ValueError: disk full"):
+        distributed.launch_local(fails_on_rank_1, 2)
+
 
 # ----- MAML family: sharded meta-batches -----------------------------------------------------
 @pytest.mark.parametrize("algo", ["maml", "reptile"])

@@ -167,17 +167,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank: int, world: int, address: str, fn: Callable[..., Any], args: tuple) -> None:
-    """A forked rank: join the group, run ``fn``, leave without running the parent's atexit code."""
+def _child(rank: int, world: int, address: str, fn: Callable[..., Any], args: tuple, report: Any) -> None:
+    """A forked rank: join the group, run ``fn``, leave without running the parent's atexit code.
+
+    A failure is sent to rank 0 through ``report`` (rank 0 names it if the run stops because of
+    it) rather than printed, so an error every rank meets is reported once, by rank 0.
+    """
     code = 0
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=address, rank=rank, world_size=world, timeout=_timeout())
         fn(*args)
         dist.destroy_process_group()
-    except BaseException as exc:  # reported by the parent, which names this rank
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        os.write(2, f"rank {rank}: {type(exc).__name__}: {first}\n".encode())
+    except BaseException as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        report.send(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
         code = 1
     os._exit(code)
 
@@ -199,17 +203,20 @@ def launch_local(fn: Callable[..., T], world: int, *args: Any) -> T:
         return fn(*args)
     address = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("fork")
-    children = [ctx.Process(target=_child, args=(r, world, address, fn, args), daemon=True) for r in range(1, world)]
+    pipes = [ctx.Pipe(duplex=False) for _ in range(1, world)]
+    children = [ctx.Process(target=_child, args=(r, world, address, fn, args, pipes[r - 1][1]), daemon=True)
+                for r in range(1, world)]
     for c in children:
         c.start()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=address, rank=0, world_size=world, timeout=_timeout())
         try:
+            collective("joining the process group", lambda: dist.init_process_group(
+                "gloo", init_method=address, rank=0, world_size=world, timeout=_timeout()))
             result = fn(*args)
         except WorkerLost as exc:
-            dead = _dead_children(children)
+            dead = _dead_children(children, [recv for recv, _ in pipes])
             raise WorkerLost(f"{dead}; {exc}" if dead else str(exc)) from None
         for c in children:
             c.join()
@@ -224,10 +231,12 @@ def launch_local(fn: Callable[..., T], world: int, *args: Any) -> T:
             c.join()
 
 
-def _dead_children(children: list) -> str:
-    """'rank 1 was killed by SIGKILL' for every child that has ended with a failure."""
-    for c in children:
+def _dead_children(children: list, reports: list) -> str:
+    """'rank 1 (pid 42) was killed by SIGKILL' for every child that has ended with a failure."""
+    dead = []
+    for rank, (c, report) in enumerate(zip(children, reports), start=1):
         c.join(timeout=2)
-    ranks = {c.pid: r for r, c in enumerate(children, start=1)}
-    return "; ".join(f"rank {ranks[c.pid]} (pid {c.pid}) {_describe_exit(c.exitcode)}"
-                     for c in children if c.exitcode not in (None, 0))
+        if c.exitcode not in (None, 0):
+            why = f": {report.recv()}" if report.poll() else ""
+            dead.append(f"rank {rank} (pid {c.pid}) {_describe_exit(c.exitcode)}{why}")
+    return "; ".join(dead)

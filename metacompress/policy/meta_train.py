@@ -94,12 +94,14 @@ def _rewards(jobs: list[tuple[np.ndarray, Task, bool]], baselines: dict[Task, fl
     """Each job's reward (policy minus uniform baseline, as ``TaskPool.reward``), over all ranks.
 
     The baselines not yet in ``baselines`` (a cache every rank holds alike) are jobs of the same
-    sharded map, so that no rank computes one that another also computes.
+    sharded map, so that no rank computes one that another also computes. They come last: when the
+    policy jobs do not fill every rank equally, the baselines land on the ranks with fewer.
+    (They shift every member's fitness equally, so they move the reports, not the ES step.)
     """
     missing = list(dict.fromkeys(t for _, t, _ in jobs if t not in baselines))
-    scores = distributed.sharded_map(_score, [(None, t, False) for t in missing] + jobs)
-    baselines.update(zip(missing, scores[:len(missing)]))
-    return np.array([s - baselines[t] for s, (_, t, _) in zip(scores[len(missing):], jobs)])
+    scores = distributed.sharded_map(_score, jobs + [(None, t, False) for t in missing])
+    baselines.update(zip(missing, scores[len(jobs):]))
+    return np.array([s - baselines[t] for s, (_, t, _) in zip(scores, jobs)])
 
 
 def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
