@@ -10,7 +10,7 @@ from rich.table import Table
 from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
 from metacompress.errors import UserError
 from metacompress.io import load_weights, save_torch
-from metacompress.meta import ALGORITHMS, parse_task_spec
+from metacompress.meta import ALGORITHMS, distributed, parse_task_spec
 from metacompress.meta.runner import evaluate_checkpoint, train_checkpoint
 from metacompress.progress import track
 
@@ -34,17 +34,31 @@ def meta_train(
     inner_lr: float = typer.Option(None, "--inner-lr", help="Inner learning rate (family default)."),
     outer_lr: float = typer.Option(None, "--outer-lr", help="Outer learning rate (default per algorithm)."),
     joint_steps: int = typer.Option(None, "--joint-steps", help="Joint-baseline steps (default --meta-steps)."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Write the run state (OUT.ckpt) every "
+                                         "so many meta-steps (0: never)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT.ckpt if it exists (same settings)."),
     out: Path = OUT_OPTION,
     seed: int = SEED_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Meta-train an algorithm (and the joint transfer baseline) on a task family's meta-train split."""
+    """Meta-train an algorithm (and the joint transfer baseline) on a task family's meta-train split.
+
+    Under ``torchrun`` each rank computes the meta-gradient of its shard of every meta-batch;
+    rank 0 writes the outputs.
+    """
     for value, name in ((meta_steps, "--meta-steps"), (meta_batch, "--meta-batch"),
                         (inner_steps, "--inner-steps"), (joint_steps, "--joint-steps")):
         _positive(value, name)
+    if checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be 0 or positive, got {checkpoint_every}")
     spec = parse_task_spec(tasks)
+    distributed.init_from_env()
+    state = Path(f"{out}.ckpt") if checkpoint_every or resume else None
     ckpt = train_checkpoint(spec, algo, meta_steps, seed, inner_lr, outer_lr, inner_steps, meta_batch,
-                            joint_steps, progress=lambda it: track(it, f"meta-train {algo}", meta_steps))
+                            joint_steps, progress=lambda it: track(it, f"meta-train {algo}", meta_steps),
+                            state_path=state, checkpoint_every=checkpoint_every, resume=resume)
+    if not distributed.is_main():
+        return
     save_torch(ckpt, out)
     losses = ckpt["history"]["query_loss"]
     tail = losses[-max(1, len(losses) // 10):]

@@ -18,16 +18,25 @@ def train(
     config: str = typer.Option(..., "--config", help="YAML recipe, e.g. recipes/policy-default.yaml."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the recipe."),
     out: Optional[str] = typer.Option(None, "--out", help="Output folder (default: the recipe's)."),
+    resume: bool = typer.Option(True, "--resume/--restart", help="Continue from the output folder's checkpoint "
+                                "if there is one (default), or start over."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Meta-train a policy with evolution strategies over the recipe's task distribution."""
+    """Meta-train a policy with evolution strategies over the recipe's task distribution.
+
+    Runs on the recipe's ``workers`` processes, or on every rank of ``torchrun --nproc_per_node N -m
+    metacompress policy train ...``; rank 0 writes the outputs and prints.
+    """
+    from metacompress.meta.distributed import is_main
     from metacompress.policy.meta_train import MetaTrainConfig, meta_train
     from metacompress.recipes import load_recipe
 
     d = load_recipe(config, overrides or [])
     if out:
         d["out"] = out
-    result = meta_train(MetaTrainConfig.from_dict(d))
+    result = meta_train(MetaTrainConfig.from_dict(d), resume=resume)
+    if not is_main():
+        return
     emit({k: v for k, v in result.items() if k != "history"}, as_json, lambda r: console.print(
         f"policy written to {r['out']} after {r['iterations']} iterations; mean reward over the last 10: "
         f"{100 * r['final_mean_reward_last10']:+.2f} points over uniform"))

@@ -252,8 +252,8 @@ def test_selection_keeps_the_iterate_that_scores_best(tmp_path, monkeypatch, tow
 
     start = init_params(0)
     monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(mt, "_reward", lambda job: (-float(np.abs(job[0] - start).sum()) if toward_start
-                                                    else float(job[0].sum())))
+    monkeypatch.setattr(mt, "_score", lambda job: 0.0 if job[0] is None else (  # None: the uniform baseline
+        -float(np.abs(job[0] - start).sum()) if toward_start else float(job[0].sum())))
     cfg = mt.MetaTrainConfig(teachers=[{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 16, "depth": 1}]}],
                              iterations=3, tasks_per_iteration=1, population=4, workers=1, lr=0.1,
                              select_every=1, select_budgets=(0.3,), out=str(tmp_path / "pol"))

@@ -55,12 +55,26 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
 
 
 def meta_train(learner: MetaLearner, dist: TaskDistribution, meta_steps: int, meta_batch: int,
-               seed: int, progress: Callable[[Iterable[int]], Iterable[int]] = iter) -> list[float]:
-    """``meta_steps`` outer updates on meta-batches drawn from ``dist``; returns the query losses."""
+               seed: int, progress: Callable[[Iterable[int]], Iterable[int]] = iter,
+               resume_from: dict[str, Any] | None = None,
+               on_step: Callable[[list[float], torch.Generator], None] | None = None) -> list[float]:
+    """``meta_steps`` outer updates on meta-batches drawn from ``dist``; returns the query losses.
+
+    ``resume_from`` ({"history", "generator"}) continues a run at step ``len(history)`` with the
+    task generator where it was; ``on_step(history, generator)`` runs after every step (checkpoints).
+    """
     if meta_steps <= 0 or meta_batch <= 0:
         raise UserError(f"meta-steps and meta-batch must be positive, got {meta_steps} and {meta_batch}")
     g = torch.Generator().manual_seed(seed)
-    return [learner.meta_step(dist.sample(meta_batch, g))["query_loss"] for _ in progress(range(meta_steps))]
+    history: list[float] = []
+    if resume_from is not None:
+        g.set_state(resume_from["generator"])
+        history = list(resume_from["history"])
+    for _ in progress(range(len(history), meta_steps)):
+        history.append(learner.meta_step(dist.sample(meta_batch, g))["query_loss"])
+        if on_step is not None:
+            on_step(history, g)
+    return history
 
 
 def _replace_head(model: nn.Module, n_out: int) -> nn.Module:

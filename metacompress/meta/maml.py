@@ -180,6 +180,13 @@ class MetaLearner:
     def meta_step(self, tasks: list[Task]) -> dict[str, float]:
         raise NotImplementedError  # pragma: no cover - every learner defines its outer update
 
+    def _metrics(self, loss: torch.Tensor, acc: torch.Tensor, total: int) -> dict[str, float]:
+        """Query loss (and accuracy) summed over this shard's tasks, divided by the batch size."""
+        metrics = {"query_loss": float(loss.sum()) / total}
+        if self.task_type == "classification":
+            metrics["query_accuracy"] = float(acc.sum()) / total
+        return metrics
+
     def config(self) -> dict[str, Any]:
         """Plain settings needed to rebuild this learner (stored in checkpoints)."""
         return {"algo": self.name, "task_type": self.task_type, "inner_lr": self.inner_lr,
@@ -203,6 +210,13 @@ class MetaLearner:
 
 def _detach(v: Any) -> Any:
     return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+def _global_metrics(local: dict[str, float]) -> dict[str, float]:
+    """Sum per-rank metrics that are already divided by the global batch size (one all-reduce)."""
+    names = sorted(local)
+    t = distributed.all_reduce_sum(torch.tensor([local[k] for k in names], dtype=torch.float64), "metric all-reduce")
+    return dict(zip(names, t.tolist()))
 
 
 class MAML(MetaLearner):
@@ -230,27 +244,33 @@ class MAML(MetaLearner):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "first_order": self.first_order, "learn_inner_lr": self.learn_inner_lr}
 
-    def meta_gradients(self, tasks: list[Task]) -> dict[str, float]:
-        """Accumulate the meta-gradient of the mean post-adaptation query loss into ``.grad``."""
+    def meta_gradients(self, tasks: list[Task], total: int | None = None) -> dict[str, float]:
+        """Accumulate the meta-gradient of the query loss into ``.grad``: summed over ``tasks`` and
+        divided by ``total`` (default ``len(tasks)``: the mean), so that a rank's shard of a
+        meta-batch of ``total`` tasks contributes its part of the batch's mean.
+
+        The metrics are sums over ``tasks`` divided by ``total`` as well (see ``_metrics``).
+        """
         steps, create_graph = self.inner_steps, not self.first_order
+        total = len(tasks) if total is None else total
 
         def fn(p: Params, lr: dict, xs, ys, xq, yq):
             return self._task_query(p, lr, xs, ys, xq, yq, steps, create_graph)
 
         self.optimizer.zero_grad(set_to_none=True)
+        if not tasks:  # an empty shard: zero gradients, so that the all-reduce still matches
+            return self._metrics(torch.zeros(0), torch.zeros(0), total)
         loss, acc = self._map_tasks(fn, tasks, (self.params, self.inner_lrs))
-        loss.mean().backward()
-        metrics = {"query_loss": float(loss.detach().mean())}
-        if self.task_type == "classification":
-            metrics["query_accuracy"] = float(acc.detach().mean())
-        return metrics
+        (loss.sum() / total).backward()
+        return self._metrics(loss.detach(), acc.detach(), total)
 
     def meta_step(self, tasks: list[Task]) -> dict[str, float]:
-        """One outer Adam step on the meta-batch (gradients averaged across ranks if distributed)."""
-        metrics = self.meta_gradients(tasks)
-        distributed.average_gradients(self.optimizer)
+        """One outer Adam step on the meta-batch; with a process group each rank computes its shard
+        and the meta-gradients are summed across ranks (every rank then takes the same step)."""
+        metrics = self.meta_gradients(distributed.shard(tasks), total=len(tasks))
+        distributed.sum_gradients(self.optimizer)
         self.optimizer.step()
-        return metrics
+        return _global_metrics(metrics)
 
 
 class FOMAML(MAML):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from metacompress.meta import distributed
-from metacompress.meta.maml import MetaLearner, Params, Vectorize
+from metacompress.meta.maml import MetaLearner, Params, Vectorize, _global_metrics
 from metacompress.meta.tasks import Task, TaskType
 
 
@@ -33,8 +33,10 @@ class Reptile(MetaLearner):
         self.optimizer = torch.optim.SGD(list(self.params.values()), lr=self.outer_lr)
 
     def meta_step(self, tasks: list[Task]) -> dict[str, float]:
-        """Set ``.grad = theta - mean(phi)`` and take one SGD step (averaged across ranks)."""
-        steps = self.inner_steps
+        """Set ``.grad = theta - mean(phi)`` and take one SGD step; with a process group each rank
+        adapts on its shard and the summed differences are added up across ranks."""
+        steps, total = self.inner_steps, len(tasks)
+        shard = distributed.shard(tasks)
         params = {k: v.detach() for k, v in self.params.items()}
 
         def fn(p: Params, lr: dict[str, Any], xs, ys, xq, yq):
@@ -43,13 +45,15 @@ class Reptile(MetaLearner):
             return (self._loss(out, yq), self._accuracy(out, yq),
                     *(p[k] - fast[k] for k in self.adapt_names))
 
-        with torch.no_grad():
-            loss, acc, *deltas = self._map_tasks(fn, tasks, (params, self.inner_lrs))
-        for name, d in zip(self.adapt_names, deltas):
-            self.params[name].grad = d.mean(0)
-        distributed.average_gradients(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        if shard:
+            with torch.no_grad():
+                loss, acc, *deltas = self._map_tasks(fn, shard, (params, self.inner_lrs))
+            for name, d in zip(self.adapt_names, deltas):
+                self.params[name].grad = d.sum(0) / total
+            metrics = self._metrics(loss, acc, total)
+        else:
+            metrics = self._metrics(torch.zeros(0), torch.zeros(0), total)
+        distributed.sum_gradients(self.optimizer)
         self.optimizer.step()
-        metrics = {"query_loss": float(loss.mean())}
-        if self.task_type == "classification":
-            metrics["query_accuracy"] = float(acc.mean())
-        return metrics
+        return _global_metrics(metrics)

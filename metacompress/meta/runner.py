@@ -8,12 +8,14 @@ and strings, so it loads with ``weights_only=True``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from metacompress.errors import UserError
+from metacompress.meta import checkpoint
 from metacompress.meta.baselines import ALGORITHMS, JointPretrain, build_learner, compare, meta_train
 from metacompress.meta.maml import MetaLearner
 from metacompress.meta.tasks import TaskDistribution, TaskSpec, build_distribution, default_model
@@ -38,12 +40,19 @@ def _input_shape(dist: TaskDistribution) -> tuple[int, ...]:
 def train_checkpoint(spec: TaskSpec, algo: str, meta_steps: int, seed: int, inner_lr: float | None = None,
                      outer_lr: float | None = None, inner_steps: int | None = None,
                      meta_batch: int | None = None, joint_steps: int | None = None,
-                     progress: Callable[[Iterable[int]], Iterable[int]] = iter) -> dict[str, Any]:
+                     progress: Callable[[Iterable[int]], Iterable[int]] = iter,
+                     state_path: str | os.PathLike | None = None, checkpoint_every: int = 0,
+                     resume: bool = False) -> dict[str, Any]:
     """Meta-train ``algo`` on the meta-train split of ``spec`` *and* the joint baseline.
 
     The joint model is trained here (``joint_steps`` Adam steps, default ``meta_steps``, batches of
     ``meta_batch`` x the task size) so that a checkpoint alone reproduces every row of
     ``meta-eval``. The result holds only tensors, numbers and strings (``weights_only`` safe).
+
+    With ``state_path`` the meta-training loop's run state is written there every
+    ``checkpoint_every`` steps (and after the last); ``resume`` continues from it when it exists,
+    ending with the weights an uninterrupted run would have. Under a process group every rank
+    runs this with the same arguments: meta-batches are sharded (see ``meta.distributed``).
     """
     if algo not in ALGORITHMS:
         raise UserError(f"unknown algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
@@ -52,15 +61,25 @@ def train_checkpoint(spec: TaskSpec, algo: str, meta_steps: int, seed: int, inne
     hp.update({k: v for k, v in given.items() if v is not None})
     if algo == "reptile" and outer_lr is None:
         hp["outer_lr"] = REPTILE_OUTER_LR
-    if hp["inner_steps"] <= 0 or meta_steps <= 0 or hp["meta_batch"] <= 0:
+    if hp["inner_steps"] <= 0 or meta_steps <= 0 or hp["meta_batch"] <= 0 or checkpoint_every < 0:
         raise UserError(f"steps must be positive: meta-steps {meta_steps}, inner steps {hp['inner_steps']}, "
-                        f"meta-batch {hp['meta_batch']}")
+                        f"meta-batch {hp['meta_batch']}, checkpoint every {checkpoint_every}")
     dist = build_distribution(spec, "train")
     shape = _input_shape(dist)
     torch.manual_seed(seed)
     learner = build_learner(algo, default_model(spec.family, shape, dist.n_out), dist.task_type,
                             inner_lr=hp["inner_lr"], outer_lr=hp["outer_lr"], inner_steps=int(hp["inner_steps"]))
-    history = meta_train(learner, dist, meta_steps, int(hp["meta_batch"]), seed, progress)
+    fp = checkpoint.fingerprint({"format": FORMAT, "tasks": spec.text, "algo": algo, "seed": seed, **hp})
+    resume_from, on_step = None, None
+    if state_path is not None:
+        resume_from = _load_run_state(state_path, fp, learner) if resume else None
+
+        def on_step(history: list[float], g: torch.Generator) -> None:
+            if len(history) == meta_steps or (checkpoint_every and len(history) % checkpoint_every == 0):
+                checkpoint.save({"learner": learner.state_dict(), "history": history, "generator": g.get_state(),
+                                 "torch_rng": torch.get_rng_state(), "step": len(history)}, state_path, fp)
+
+    history = meta_train(learner, dist, meta_steps, int(hp["meta_batch"]), seed, progress, resume_from, on_step)
     torch.manual_seed(seed + 1)
     joint = JointPretrain(default_model(spec.family, shape, dist.joint_outputs), dist.task_type)
     task_size = len(dist.sample(1, torch.Generator().manual_seed(0))[0].y_support)
@@ -70,6 +89,19 @@ def train_checkpoint(spec: TaskSpec, algo: str, meta_steps: int, seed: int, inne
             "seed": seed, "meta_batch": int(hp["meta_batch"]), "config": learner.config(),
             "state": learner.state_dict(), "joint": joint.model.state_dict(),
             "history": {"query_loss": history, "joint_loss": joint_hist}}
+
+
+def _load_run_state(path: str | os.PathLike, fp: str, learner: MetaLearner) -> dict[str, Any] | None:
+    """Restore ``learner`` and the global RNG from the run state at ``path``; the loop's part is returned."""
+    try:
+        state = checkpoint.load(path, fp)
+    except checkpoint.CheckpointMismatch as exc:
+        raise UserError(str(exc)) from None
+    if state is None:
+        return None
+    learner.load_state_dict(state["learner"])
+    torch.set_rng_state(state["torch_rng"])
+    return state
 
 
 def load_checkpoint(ckpt: dict[str, Any]) -> tuple[MetaLearner, JointPretrain]:

@@ -3,8 +3,11 @@
 Each iteration samples a batch of compression tasks, evaluates every antithetic perturbation
 of the policy weights on all of them (paired: same tasks, same seeds), and steps along the
 rank-shaped ES gradient. Rewards are validation accuracy after repair minus the uniform
-allocation's with default repair. Work is spread over worker processes, each with its own
-teacher cache; the run is reproducible under its seed for a fixed worker count.
+allocation's with default repair. The (member x task) jobs are sharded over ranks (torchrun's, or
+``workers`` processes on this machine), each with its own teacher contexts; every rank draws the
+same tasks and perturbations from the seed and only the scalar rewards are exchanged
+(``meta.distributed``), so the run is reproducible under its seed whatever the number of ranks.
+The run state is checkpointed every ``checkpoint_every`` iterations and a run resumes from it.
 
 With ``select_every``, the weights are also scored every so many iterations (and at the start)
 on fixed selection tasks, on a task seed training never draws, and the best of these is what
@@ -17,18 +20,17 @@ the meta-learned weights.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from metacompress.compress.distill import RepairConfig
 from metacompress.errors import UserError
-from metacompress.io import load_weights, save_torch
+from metacompress.meta import checkpoint, distributed
 from metacompress.meta.es import ES
 from metacompress.policy.network import EXPERT_RULES, REGIMES, Shapes, anchored, init_params
 from metacompress.policy.store import Policy, load_policy, save_policy
@@ -46,7 +48,7 @@ class MetaTrainConfig:
     lr: float = 0.03
     budgets: tuple[float, float] = (0.1, 0.7)
     regime_weights: tuple[float, ...] = (0.3, 0.3, 0.3, 0.1)
-    workers: int = 2
+    workers: int = 2                        # ranks on this machine when not under torchrun (which sets its own)
     seed: int = 0
     repair_defaults: dict[str, Any] = field(default_factory=dict)
     init: str | None = None                 # warm start from this policy (a previous stage)
@@ -56,6 +58,7 @@ class MetaTrainConfig:
     anchor: str | None = None               # start the allocation at this expert alone (network.anchored)
     select_every: int = 0                   # score on the selection tasks every so many iterations; 0: never
     select_budgets: tuple[float, ...] = (0.5, 0.3, 0.15)  # selection tasks: every teacher x these x every regime
+    checkpoint_every: int = 1               # write the run state every so many iterations (and after the last)
     out: str = "out/policy"
 
     @classmethod
@@ -72,50 +75,53 @@ class MetaTrainConfig:
         return cls(**known)
 
 
-# ----- worker side: one TaskPool per process ----------------------------------------------
+# ----- every rank holds one TaskPool -----------------------------------------------------------
 _POOL: TaskPool | None = None
 
-
-def _init_worker(defaults: dict[str, Any]) -> None:
-    global _POOL
-    torch.set_num_threads(1)
-    _POOL = TaskPool(RepairConfig(**defaults))
+# settings that do not change the trajectory: a checkpoint stays valid when they change
+_NOT_FINGERPRINTED = ("iterations", "workers", "out", "checkpoint_every")
 
 
-def _reward(args: tuple[np.ndarray, Task, bool]) -> float:
-    theta, task, learned_repair = args
-    return _POOL.reward(theta, task, learned_repair)
+def _score(job: tuple[np.ndarray | None, Task, bool]) -> float:
+    """Validation accuracy of the policy ``theta`` on ``task`` (``None``: of the uniform baseline)."""
+    theta, task, learned_repair = job
+    if theta is None:
+        return _POOL.baseline(task).val
+    return _POOL.policy(theta, task, learned_repair).val
 
 
-def _warm(teacher: Teacher) -> str:
-    _POOL.context(teacher)
-    return teacher.label()
+def _rewards(jobs: list[tuple[np.ndarray, Task, bool]], baselines: dict[Task, float]) -> np.ndarray:
+    """Each job's reward (policy minus uniform baseline, as ``TaskPool.reward``), over all ranks.
 
-
-class Evaluator:
-    """Maps reward jobs over worker processes (or in-process when workers <= 1)."""
-
-    def __init__(self, defaults: RepairConfig, workers: int) -> None:
-        self.workers = workers
-        if workers > 1:
-            self._pool = mp.get_context("fork").Pool(workers, _init_worker, (defaults.to_dict(),))
-        else:
-            _init_worker(defaults.to_dict())
-            self._pool = None
-
-    def map(self, fn: Callable, jobs: list) -> list:
-        if self._pool is None:
-            return [fn(j) for j in jobs]
-        return self._pool.map(fn, jobs, chunksize=1)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
+    The baselines not yet in ``baselines`` (a cache every rank holds alike) are jobs of the same
+    sharded map, so that no rank computes one that another also computes. They come last: when the
+    policy jobs do not fill every rank equally, the baselines land on the ranks with fewer.
+    (They shift every member's fitness equally, so they move the reports, not the ES step.)
+    """
+    missing = list(dict.fromkeys(t for _, t, _ in jobs if t not in baselines))
+    scores = distributed.sharded_map(_score, jobs + [(None, t, False) for t in missing])
+    baselines.update(zip(missing, scores[len(jobs):]))
+    return np.array([s - baselines[t] for s, (_, t, _) in zip(scores, jobs)])
 
 
 def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
-    """Run ES meta-training; writes checkpoints, the final policy and a reward curve into cfg.out."""
+    """Run ES meta-training; rank 0 writes checkpoints, the final policy and a reward curve into cfg.out.
+
+    Under ``torchrun`` every rank runs this and evaluates its share of each iteration's
+    (member x task) jobs; otherwise ``cfg.workers`` ranks are started on this machine. The
+    result does not depend on the number of ranks. ``resume`` continues from ``cfg.out``'s
+    checkpoint when there is one (refused if it was written under other settings).
+    """
+    if cfg.checkpoint_every < 0:
+        raise UserError(f"checkpoint_every must be 0 or positive, got {cfg.checkpoint_every}")
+    if distributed.init_from_env()[1] > 1:
+        return _train(cfg, resume)
+    return distributed.launch_local(_train, max(1, cfg.workers), cfg, resume)
+
+
+def _train(cfg: MetaTrainConfig, resume: bool) -> dict[str, Any]:
+    """The ES loop every rank runs: same tasks, same perturbations, its shard of the rewards."""
+    global _POOL
     out = Path(cfg.out)
     defaults = RepairConfig(**cfg.repair_defaults)
     teachers = teachers_from(cfg.teachers)
@@ -137,17 +143,19 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
     select_tasks = selection_tasks(teachers, cfg.select_budgets, dist.task_seeds) if cfg.select_every else []
     rng = np.random.default_rng(cfg.seed)
     ckpt = out / "checkpoint.pt"
-    if resume and ckpt.is_file():
-        state = load_weights(ckpt)
-        try:
-            es.load_state_dict(state["es"])
-        except UserError as exc:
-            raise UserError(f"{ckpt} is from a different run ({exc}): remove it, or train into another --out") from None
+    fp = checkpoint.fingerprint({k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED})
+    state = _load_state(ckpt, fp) if resume else None
+    if state is not None:
+        es.load_state_dict(state["es"])
         history = state["history"]
         rng.bit_generator.state = state["rng"]
         selection = state.get("selection", [])
         best = state["best"].numpy() if "best" in state else best
-    ev = Evaluator(defaults, cfg.workers)
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+    _POOL = TaskPool(defaults)
+    _warm_teachers(teachers)
+    baselines: dict[Task, float] = {}
     t0 = time.perf_counter()
 
     def select(iteration: int) -> None:
@@ -155,36 +163,64 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
         nonlocal best
         theta = full(np.asarray(es.theta, dtype=np.float64))
         jobs = [(theta, t, cfg.reward_repair == "policy") for t in select_tasks]
-        reward = float(np.mean(ev.map(_reward, jobs)))
+        reward = float(np.mean(_rewards(jobs, baselines)))
         if not selection or reward > max(s["reward"] for s in selection):
             best = theta
         selection.append({"iteration": iteration, "reward": reward})
 
-    try:
-        # train/cache every teacher first (each worker process holds its own copy)
-        for _ in range(max(1, cfg.workers)):
-            ev.map(_warm, teachers)
-        if select_tasks and not selection:
-            select(0)
-        for it in track(range(len(history), cfg.iterations), "meta-training policy",
-                        total=cfg.iterations - len(history)):
-            tasks = dist.sample(rng, cfg.tasks_per_iteration)
-            candidates = es.ask()
-            jobs = [(full(np.asarray(c)), t, cfg.reward_repair == "policy") for c in candidates for t in tasks]
-            rewards = np.asarray(ev.map(_reward, jobs)).reshape(len(candidates), len(tasks))
-            fitness = rewards.mean(1)
-            metrics = es.tell(fitness)
-            center = float(np.mean(fitness))
-            history.append({"iteration": it, "mean_reward": center, "best_reward": float(fitness.max()),
-                            "seconds": round(time.perf_counter() - t0, 1), **{k: float(v) for k, v in metrics.items()}})
-            if select_tasks and ((it + 1) % cfg.select_every == 0 or it + 1 == cfg.iterations):
-                select(it + 1)
-            save_torch({"es": es.state_dict(), "history": history, "rng": rng.bit_generator.state,
-                        "selection": selection, "best": torch.as_tensor(best)}, ckpt)
-    finally:
-        ev.close()
+    if select_tasks and not selection:
+        select(0)
+    iterations = range(len(history), cfg.iterations)
+    for it in (track(iterations, "meta-training policy", total=len(iterations)) if distributed.is_main() else iterations):
+        tasks = dist.sample(rng, cfg.tasks_per_iteration)
+        candidates = es.ask()
+        # task-major order: with a population that is a multiple of the world size, each rank gets whole
+        # members on every task, so ranks carry equal work even when the tasks' costs differ
+        jobs = [(full(np.asarray(c)), t, cfg.reward_repair == "policy") for t in tasks for c in candidates]
+        rewards = _rewards(jobs, baselines).reshape(len(tasks), len(candidates))
+        fitness = rewards.mean(0)
+        metrics = es.tell(fitness)
+        center = float(np.mean(fitness))
+        history.append({"iteration": it, "mean_reward": center, "best_reward": float(fitness.max()),
+                        "seconds": round(time.perf_counter() - t0, 1), **{k: float(v) for k, v in metrics.items()}})
+        if select_tasks and ((it + 1) % cfg.select_every == 0 or it + 1 == cfg.iterations):
+            select(it + 1)
+        if it + 1 == cfg.iterations or (cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0):
+            checkpoint.save({"es": es.state_dict(), "history": history, "rng": rng.bit_generator.state,
+                             "selection": selection, "best": torch.as_tensor(best),
+                             "torch_rng": torch.get_rng_state(), "iteration": it + 1}, ckpt, fp)
     theta = best if select_tasks else full(np.asarray(es.theta, dtype=np.float64))
-    provenance = {
+    provenance = _provenance(cfg, teachers, history, selection, len(select_tasks), dist.task_seeds)
+    if distributed.is_main():
+        save_policy(Policy(theta, defaults, provenance, kinds_seen(teachers)), out)
+        plot_curve(history, out / "reward_curve.png", selection)
+    return {"out": str(out), "iterations": cfg.iterations, "history": history,
+            "final_mean_reward_last10": provenance["final_mean_reward_last10"]}
+
+
+def _load_state(ckpt: Path, fp: str) -> dict[str, Any] | None:
+    """The run state in ``ckpt`` (rank 0 reads it, every rank gets it), or None."""
+    try:
+        # legacy_ok: checkpoints from before fingerprints still resume (their ES state is checked below)
+        return checkpoint.load(ckpt, fp, legacy_ok=True)
+    except checkpoint.CheckpointMismatch as exc:
+        raise UserError(f"{exc} (or train into another --out)") from None
+
+
+def _warm_teachers(teachers: list[Teacher]) -> None:
+    """Rank 0 trains and caches any missing teacher first, so that ranks sharing the cache do not
+    all train it; the others then read it (or, on another disk, train the same seeded model)."""
+    if distributed.is_main():
+        for t in teachers:
+            _POOL.context(t)
+    distributed.barrier()
+    for t in teachers:
+        _POOL.context(t)
+
+
+def _provenance(cfg: MetaTrainConfig, teachers: list[Teacher], history: list[dict[str, float]],
+                selection: list[dict[str, float]], n_select: int, task_seed: int) -> dict[str, Any]:
+    return {
         "teachers": [t.label() for t in teachers], "iterations": cfg.iterations, "population": cfg.population,
         "tasks_per_iteration": cfg.tasks_per_iteration, "budgets": list(cfg.budgets),
         "regime_weights": list(cfg.regime_weights), "seed": cfg.seed, "sigma": cfg.sigma, "lr": cfg.lr,
@@ -192,16 +228,12 @@ def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
                                               if cfg.init else None),
         "train_only": list(cfg.train_only), "frozen_experts": list(cfg.frozen_experts),
         "reward_repair": cfg.reward_repair, "anchor": cfg.anchor,
-        "selection": ({"tasks": len(select_tasks), "task_seed": dist.task_seeds, "budgets": list(cfg.select_budgets),
+        "selection": ({"tasks": n_select, "task_seed": task_seed, "budgets": list(cfg.select_budgets),
                        "scores": selection, "selected_iteration": max(selection, key=lambda s: s["reward"])["iteration"]}
-                      if select_tasks else None),
+                      if n_select else None),
         "final_mean_reward_last10": float(np.mean([h["mean_reward"] for h in history[-10:]])) if history else 0.0,
         "history": history,
     }
-    save_policy(Policy(theta, defaults, provenance, kinds_seen(teachers)), out)
-    plot_curve(history, out / "reward_curve.png", selection)
-    return {"out": str(out), "iterations": cfg.iterations, "history": history,
-            "final_mean_reward_last10": provenance["final_mean_reward_last10"]}
 
 
 def selection_tasks(teachers: list[Teacher], budgets: tuple[float, ...], seed: int) -> list[Task]:
