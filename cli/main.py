@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 import typer
 
@@ -22,13 +23,19 @@ except ImportError:  # pragma: no cover - older typer with click installed
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 
+@functools.lru_cache(maxsize=1)
+def _command() -> Any:
+    """The click command tree, built once per process (typer rebuilds it on every call)."""
+    return typer.main.get_command(app)
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: ``sys.argv[1:]``) and return its exit code.
 
     Typer prints a malformed command line (an option that is not a number, a missing option)
     as a multi-line panel; the toolkit's contract is one line on stderr and exit code 2.
     """
-    command = typer.main.get_command(app)
+    command = _command()
     try:
         code = command.main(args=list(argv) if argv is not None else None, prog_name="metacompress",
                             standalone_mode=False)
