@@ -47,9 +47,10 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` atomically. Saved through a file object, so that the archive's inner folder
+    is always ``archive`` and not the random temporary name: the same weights give the same bytes."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> Path:

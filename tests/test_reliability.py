@@ -17,12 +17,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
 
 from metacompress.cli.main import run
 from metacompress.data import load_dataset
@@ -146,10 +144,10 @@ def test_compress_needs_exactly_one_budget(capsys, tmp_path, flags, value):
     (["bench", "m.onnx", "--batch", "1,100000"], "--batch"),
     (["bench", "m.onnx", "--input-shape", "3x100000x100000"], "--input-shape"),
 ])
-def test_malformed_command_lines_one_line(capsys, tmp_path, monkeypatch, args, fragment):
+def test_malformed_command_lines_one_line(capsys, tmp_path, monkeypatch, tiny_onnx, args, fragment):
     monkeypatch.chdir(tmp_path)
     if args[0] == "bench":
-        _tiny_onnx(tmp_path / "m.onnx")
+        tiny_onnx(tmp_path / "m.onnx")
     code, err = run_cli(capsys, args)
     assert code == 2 and len(err) == 1 and fragment in err[0], err
 
@@ -344,26 +342,14 @@ def test_imagefolder_test_classes_must_match_train(tmp_path):
 
 # ---------------------------------------------------------------- ONNX reader
 
-def _tiny_onnx(path: Path) -> bytes:
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.arange(12, dtype=np.float32).tolist())
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    raw = model.SerializeToString()
-    path.write_bytes(raw)
-    return raw
-
-
 @FUZZ
 @given(seed=st.integers(0, 2**16), fault=st.sampled_from(["flip", "truncate", "insert", "garbage"]),
        count=st.integers(1, 6))
-def test_onnx_reader_fuzzed(seed, fault, count):
+def test_onnx_reader_fuzzed(tiny_onnx, seed, fault, count):
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
-        raw = bytearray(_tiny_onnx(path))
+        raw = bytearray(tiny_onnx(path))
         if fault == "flip":
             for _ in range(count):
                 raw[rng.integers(len(raw))] ^= 1 << int(rng.integers(8))
@@ -385,6 +371,9 @@ def test_onnx_reader_fuzzed(seed, fault, count):
 
 
 def test_onnx_checker_refuses_invalid_graph(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "missing"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
