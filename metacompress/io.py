@@ -25,8 +25,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A failed run therefore never leaves a half-written output file behind.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -73,13 +76,13 @@ def load_weights(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
-        if trust_pickle:
-            raise UserError(f"cannot load weights from {p}: {_first_line(exc)}") from None
-        blocked = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), _first_line(exc))
+        blocked = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), None)
+        if blocked is None or trust_pickle:  # not a refused object: a corrupt file
+            raise UserError(f"cannot load weights from {p} (not a PyTorch checkpoint?): {_first_line(exc)}") from None
         raise UserError(f"refusing to unpickle {p}: it holds objects other than tensors ({blocked}); loading it "
                         "can run code: pass --trust-pickle only if you trust where it came from") from None
     except Exception as exc:  # torch raises several types for corrupt files
-        raise UserError(f"cannot load weights from {p}: {_first_line(exc)}") from None
+        raise UserError(f"cannot load weights from {p} (not a PyTorch checkpoint?): {_first_line(exc)}") from None
 
 
 def state_dict_from(obj: Any, what: str) -> dict[str, torch.Tensor]:

@@ -117,6 +117,11 @@ def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epo
         train_dense(model, data, epochs=epochs, seed=seed)
     elif weights != "none":
         state = state_dict_from(load_weights(weights, trust_pickle=trust_pickle), weights)
+        expected = model.state_dict()
+        wrong = [k for k, v in state.items() if k in expected and v.is_floating_point() != expected[k].is_floating_point()]
+        if wrong:
+            raise UserError(f"{weights}: {wrong[0]} holds {state[wrong[0]].dtype} values, model '{spec}' needs "
+                            f"{expected[wrong[0]].dtype} (wrong dtype in {len(wrong)} tensor(s))")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -275,8 +280,11 @@ def soup_students(model: nn.Module, students: list[dict[str, Any]], data: Datase
 
 
 def _stage_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write beside {out}: {exc.strerror or exc}") from None
 
 
 def _publish(tmp: Path, out: Path, names: list[str]) -> None:
@@ -296,9 +304,11 @@ def check_output(cfg: CompressConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
-    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {existing} is not writable")
+    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    try:  # root passes os.access everywhere: try it
+        os.rmdir(tempfile.mkdtemp(prefix=".metacompress-probe.", dir=existing))
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {existing}: {exc.strerror or exc}") from None
     inputs = data_paths(cfg.data)
     if cfg.weights not in (None, "none"):
         inputs.append(cfg.weights)

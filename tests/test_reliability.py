@@ -380,3 +380,84 @@ def test_onnx_checker_refuses_invalid_graph(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "bad.onnx")
     with pytest.raises(UserError, match="not a valid ONNX model"):
         check_onnx(tmp_path / "bad.onnx")
+
+
+# ---------------------------------------------------------------- one table of bad inputs, end to end (in-process main)
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Files a user might hand over by mistake (or on purpose)."""
+    import json
+    import shutil
+
+    from metacompress.policy.store import DEFAULT_DIR
+    from metacompress.zoo import build_model
+
+    d = tmp_path_factory.mktemp("bad")
+    rng = np.random.default_rng(0)
+    (d / "garbage.pt").write_bytes(rng.bytes(500))
+    (d / "garbage.onnx").write_bytes(rng.bytes(500))
+    (d / "empty.onnx").write_bytes(b"")
+    torch.save([1, 2, 3], d / "list.pt")
+    state = build_model("mlp", (1, 8, 8), 10).state_dict()
+    torch.save(state, d / "ok.pt")
+    torch.save({k: v.to(torch.int64) for k, v in state.items()}, d / "int.pt")
+    torch.save({k: v.clone().fill_(float("inf")) if k == "features.1.weight" else v for k, v in state.items()},
+               d / "inf.pt")
+    y = np.arange(100) % 3
+    np.savez(d / "labels.npz", x_train=rng.random((100, 6)), y_train=y + 10**7, x_test=rng.random((20, 6)), y_test=y[:20])
+    np.savez(d / "single.npz", x_train=rng.random((10, 6)), y_train=np.arange(10), x_test=rng.random((5, 6)),
+             y_test=np.arange(5))
+    np.savez(d / "rank3.npz", x_train=rng.random((100, 8, 8)), y_train=y, x_test=rng.random((20, 8, 8)), y_test=y[:20])
+    np.savez(d / "mismatch.npz", x_train=rng.random((100, 6)), y_train=y[:90], x_test=rng.random((20, 6)), y_test=y[:20])
+    np.savez(d / "empty.npz", x_train=np.zeros((0, 6)), y_train=y[:0], x_test=rng.random((20, 6)), y_test=y[:20])
+    for name, edit in (("v2", lambda m: m | {"version": 2}), ("list", lambda m: [1, 2]),
+                       ("defaults", lambda m: m | {"repair_defaults": {"lr": "fast"}})):
+        (d / name).mkdir()
+        shutil.copy(DEFAULT_DIR / "policy.safetensors", d / name)
+        (d / name / "policy.json").write_text(json.dumps(edit(json.loads((DEFAULT_DIR / "policy.json").read_text()))))
+    return d
+
+
+C = ["compress", "mlp", "--target-macs", "0.5", "--allocation", "uniform", "--repair-steps", "0", "--weights"]
+BAD = [
+    ([*C, "{d}/garbage.pt"], "not a PyTorch checkpoint"),
+    ([*C, "{d}/list.pt"], "not a state dict"),
+    ([*C, "{d}/int.pt"], "wrong dtype"),
+    ([*C, "{d}/inf.pt"], "NaN or infinite values in: features.1.weight"),
+    ([*C, "none", "--data", "npz:{d}/labels.npz"], "labels must be class indices"),
+    ([*C, "none", "--data", "npz:{d}/single.npz"], "cannot split"),
+    ([*C, "none", "--data", "npz:{d}/rank3.npz"], "must be N x F"),
+    ([*C, "none", "--data", "npz:{d}/mismatch.npz"], "label and sample counts differ"),
+    ([*C, "none", "--data", "npz:{d}/empty.npz"], "needs training and test samples"),
+    ([*C, "none", "--data", "digits@100000"], "digits@SIZE with 8 <= SIZE <= 512"),
+    ([*C, "none", "--data", "synthetic:3x100000x100000"], "the limit is"),
+    ([*C, "none", "--data", "synthetic:3x32x32:n=1000000000000"], "GiB as float32"),
+    ([*C, "none", "--allocation", "meta", "--policy", "{d}/v2"], "metacompress.policy/2 is not supported"),
+    ([*C, "none", "--allocation", "meta", "--policy", "{d}/list"], "a JSON object is expected"),
+    ([*C, "none", "--allocation", "meta", "--policy", "{d}/defaults"], "repair_defaults"),
+    ([*C, "none", "--repair-lr", "inf"], "finite"),
+    ([*C, "none", "--temperature", "1e999"], "finite"),
+    ([*C, "none", "--latency-batch", "10000000000000000000"], "--latency-batch"),
+    ([*C, "none", "--seed", "100000000000000000000000"], "--seed"),
+    ([*C, "none", "--out", "/proc/o"], "cannot write in /proc"),
+    (["train", "mlp", "--epochs", "1", "--out", "/proc/x.pt"], "cannot write /proc/x.pt"),
+    (["meta-eval", "{d}/list.pt"], "not a meta-train checkpoint"),
+    (["verify", "{d}/garbage.onnx", "--data", "digits"], "not a valid ONNX model"),
+    (["verify", "{d}/empty.onnx", "--data", "digits"], "not a valid ONNX model"),
+    (["bench", "{d}/garbage.onnx"], "not a valid ONNX model"),
+    (["quantize", "{d}/garbage.onnx", "--out", "{d}/garbage.onnx"], "holds or lies inside the input"),
+    (["fuse", "mlp", "--method", "uniform", "--weights", "{d}/ok.pt,{d}/ok.pt", "--out", "{d}/ok.pt"],
+     "holds or lies inside the input"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", BAD, ids=[f"{i}-{b[1][:24]}" for i, b in enumerate(BAD)])
+def test_bad_input_exit_2_one_line_no_output(capsys, tmp_path, bad_files, args, fragment):
+    argv = [a.format(d=bad_files) for a in args]
+    if "--out" not in argv and argv[0] == "compress":
+        argv += ["--out", str(tmp_path / "o")]
+    before = sorted(p.name for p in bad_files.iterdir())
+    code, err = run_cli(capsys, argv)
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "o").exists() and sorted(p.name for p in bad_files.iterdir()) == before

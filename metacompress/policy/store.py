@@ -22,6 +22,7 @@ from metacompress.errors import UserError
 from metacompress.io import atomic_path, write_json
 from metacompress.policy.features import FEATURE_NAMES
 from metacompress.policy.network import HIDDEN, Shapes
+from metacompress.signals import signals_deferred
 
 VERSION = 3  # 2: expert-rule mixture weights; 3: the sensitivity expert
 DEFAULT_DIR = Path(__file__).parent / "default"
@@ -44,6 +45,11 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 def save_policy(policy: Policy, path: str | Path) -> None:
     weights, meta = _paths(path)
+    with signals_deferred():  # both files or neither: new weights beside an old policy.json would load
+        _write_policy(policy, weights, meta)
+
+
+def _write_policy(policy: Policy, weights: Path, meta: Path) -> None:
     with atomic_path(weights) as tmp:
         save_file({"theta": torch.as_tensor(policy.theta, dtype=torch.float64)}, str(tmp))
     write_json(meta, {
