@@ -102,6 +102,21 @@ def test_signal_while_publishing_waits_until_every_output_is_in_place(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS[:3])  # all or nothing; no stale int8
 
 
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signals_raise_interrupted_and_later_signals_wait_for_cleanup(sig, code):
+    cleaned = False
+    with pytest.raises(Interrupted) as info, signals_raise():
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(1)  # the handler raises here
+        finally:
+            os.kill(os.getpid(), sig)  # a second signal during the clean-up is ignored
+            time.sleep(0.05)
+            cleaned = True
+    assert info.value.exit_code == code and cleaned
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored: pytest lives on
+
+
 # ---------------------------------------------------------------- SIGTERM during compress
 
 # stage -> extra flags that make that stage long, and the progress note that starts it
