@@ -33,6 +33,8 @@ AIM = 0.5            # the loop stops early only within AIM * LATENCY_TOL: margi
 MAX_ROUNDS = 4       # measured re-projections per allocation
 IDLE_SAVING = 1e-4   # a group whose pruning saves less (fraction of the dense latency) is left whole
 METRICS = ("macs", "params", "latency", "ms")
+MAX_BATCH = 4096     # latency batch sizes beyond this are input errors, not workloads to allocate
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -65,10 +67,10 @@ def budget_spec(macs: float | None = None, params: float | None = None, latency:
     if metric != "ms" and not 0.0 < value <= 1.0:
         raise UserError(f"--target-{metric} must be in (0, 1] (the kept fraction), got {value:g}")
     spec = BudgetSpec(metric, float(value), **runtime)
-    if spec.batch < 1:
-        raise UserError(f"--latency-batch must be >= 1, got {spec.batch}")
-    if spec.threads is not None and spec.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {spec.threads}")
+    if not 1 <= spec.batch <= MAX_BATCH:
+        raise UserError(f"--latency-batch must be in 1..{MAX_BATCH}, got {spec.batch}")
+    if spec.threads is not None and not 1 <= spec.threads <= MAX_THREADS:
+        raise UserError(f"--threads must be in 1..{MAX_THREADS}, got {spec.threads}")
     return spec
 
 

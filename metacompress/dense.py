@@ -25,14 +25,14 @@ def train_and_save(spec: str, data_spec: str, out: str, epochs: int = 30, seed: 
 
 def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round_to: int | str = "auto",
                   latency: bool = False, batch: int = 1, threads: int | None = None,
-                  provider: str = "cpu") -> dict[str, Any]:
+                  provider: str = "cpu", trust_pickle: bool = False) -> dict[str, Any]:
     """Prunable groups and per-layer cost of a model sized for the data; with ``latency``, the
     runtime's latency model too (built on this machine, or read from its cache)."""
     from metacompress.deploy.runtime import resolve_round_to
 
     round_to = resolve_round_to(round_to, provider)
     data = load_dataset(data_spec)
-    model = load_dense(spec, data, weights)
+    model = load_dense(spec, data, weights, trust_pickle=trust_pickle)
     example = data.x_train[:1]
     macs = module_macs(model, example)
     layers = [

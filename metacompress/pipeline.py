@@ -13,6 +13,7 @@ every stage has succeeded, so a failed run leaves no half-written file.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 import time
@@ -30,15 +31,17 @@ from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.groups import refuse_unsupported
 from metacompress.compress.prune import BUDGET_TOL, PruningSpace
-from metacompress.data import Dataset, load_dataset
+from metacompress.data import Dataset, data_paths, load_dataset
 from metacompress.errors import UserError
-from metacompress.io import load_weights, write_json
+from metacompress.io import load_weights, refuse_output_over_inputs, state_dict_from, write_json
 from metacompress.progress import status
+from metacompress.signals import signals_deferred
 from metacompress.training import accuracy, accuracy_and_loss, train_dense
 from metacompress.zoo import build_model, check_forward, is_builtin
 
 DEFAULT_TRAIN_EPOCHS = 30
 QUANTIZE_MODES = ("none", "auto", "static", "dynamic")
+OUTPUTS = ("model.onnx", "model.pt", "report.json", "model.int8.onnx")
 STUDENTS_SHARED = 0.5  # students share this fraction of the repair before they fork (benchmarks/students_soup.py)
 
 
@@ -113,16 +116,12 @@ def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epo
     if weights is None:
         train_dense(model, data, epochs=epochs, seed=seed)
     elif weights != "none":
-        state = load_weights(weights, trust_pickle=trust_pickle)
-        if isinstance(state, nn.Module):
-            state = state.state_dict()
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise UserError(f"{weights} is not a state dict (a mapping of names to tensors)")
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise UserError(f"{weights} holds NaN or infinite values in: {', '.join(bad[:5])}")
+        state = state_dict_from(load_weights(weights, trust_pickle=trust_pickle), weights)
+        expected = model.state_dict()
+        wrong = [k for k, v in state.items() if k in expected and v.is_floating_point() != expected[k].is_floating_point()]
+        if wrong:
+            raise UserError(f"{weights}: {wrong[0]} holds {state[wrong[0]].dtype} values, model '{spec}' needs "
+                            f"{expected[wrong[0]].dtype} (wrong dtype in {len(wrong)} tensor(s))")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -286,14 +285,44 @@ def soup_students(model: nn.Module, students: list[dict[str, Any]], data: Datase
 
 
 def _stage_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write beside {out}: {exc.strerror or exc}") from None
 
 
 def _publish(tmp: Path, out: Path, names: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (tmp / name).replace(out / name)
+    """Move this run's outputs into ``out`` (signals held back until all are there) and remove the
+    outputs of an earlier run that this one does not write (a stale model.int8.onnx)."""
+    with signals_deferred():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (tmp / name).replace(out / name)
+        for name in set(OUTPUTS) - set(names):
+            (out / name).unlink(missing_ok=True)
+
+
+def check_output(cfg: CompressConfig) -> None:
+    """Refuse, before any work, an output folder that is a file, cannot be written, or holds (or
+    lies inside) one of the run's inputs."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    try:  # root passes os.access everywhere: try it
+        os.rmdir(tempfile.mkdtemp(prefix=".metacompress-probe.", dir=existing))
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {existing}: {exc.strerror or exc}") from None
+    inputs = data_paths(cfg.data)
+    if cfg.weights not in (None, "none"):
+        inputs.append(cfg.weights)
+    model_file = cfg.model.rpartition(":")[0]
+    if model_file.endswith(".py"):
+        inputs.append(model_file)
+    if cfg.policy:
+        inputs.append(cfg.policy)
+    refuse_output_over_inputs(out, inputs)
 
 
 def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], budget: Budget) -> list[str]:
@@ -332,8 +361,11 @@ class Compressed:
 def compress_stages(cfg: CompressConfig, timer: Timer) -> Compressed:
     """load -> measure -> allocate -> prune -> (guard) -> repair -> (fuse): the compressed model."""
     cfg.repair.validate()
+    check_output(cfg)
     if cfg.students < 1:
         raise UserError(f"--students must be >= 1, got {cfg.students}")
+    if cfg.allocation != "meta" and cfg.allocation not in RULES:
+        raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
     if cfg.quantize not in QUANTIZE_MODES:
         raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
     return compress_prepared(cfg, prepare(cfg, timer), timer)
@@ -405,8 +437,10 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     timer = Timer()
     c = compress_stages(cfg, timer)
     out = Path(cfg.out)
-    tmp = _stage_dir(out)
+    tmp = None
     try:
+        with signals_deferred():  # an interrupt cannot come between creating the folder and owning it
+            tmp = _stage_dir(out)
         results = export_and_verify(cfg, c, tmp, timer)
         report = compress_report(cfg, c, results)
         with timer.stage("save"):
@@ -416,7 +450,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         write_json(tmp / "report.json", report)
         _publish(tmp, out, ["model.onnx", "model.pt", "report.json"] + (["model.int8.onnx"] if "quant" in results else []))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if c.prep.budget.latency is not None:
             c.prep.budget.latency.close()
     if not is_builtin(cfg.model) and not cfg.model.startswith("torchvision:"):

@@ -23,6 +23,7 @@ from metacompress.errors import UserError
 from metacompress.io import atomic_path, write_json
 from metacompress.policy.features import FEATURE_NAMES
 from metacompress.policy.network import HIDDEN, Shapes
+from metacompress.signals import signals_deferred
 
 VERSION = 3  # 2: expert-rule mixture weights; 3: the sensitivity expert
 DEFAULT_DIR = Path(__file__).parent / "default"
@@ -65,6 +66,11 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 
 def save_policy(policy: Policy, path: str | Path) -> None:
     weights, meta = _paths(path)
+    with signals_deferred():  # both files or neither: new weights beside an old policy.json would load
+        _write_policy(policy, weights, meta)
+
+
+def _write_policy(policy: Policy, weights: Path, meta: Path) -> None:
     with atomic_path(weights) as tmp:
         save_file({"theta": torch.as_tensor(policy.theta, dtype=torch.float64)}, str(tmp))
     write_json(meta, {
@@ -86,15 +92,28 @@ def load_policy(path: str | Path | None = None) -> Policy:
         theta = load_file(str(weights))["theta"].double().numpy()
     except Exception as exc:
         raise UserError(f"cannot read policy {weights}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: not a metacompress policy (a JSON object is expected)")
     if meta.get("format") != "metacompress.policy" or meta.get("version") != VERSION:
         raise UserError(f"{meta_path}: policy format/version {meta.get('format')}/{meta.get('version')} is not "
                         f"supported (this metacompress reads version {VERSION})")
     if theta.shape != (Shapes.size(),) or meta.get("features") != list(FEATURE_NAMES):
         raise UserError(f"{weights}: policy has {theta.size} weights for features {meta.get('features')}; "
                         f"this version expects {Shapes.size()} weights and features {list(FEATURE_NAMES)}")
-    defaults = RepairConfig(**{k: v for k, v in meta.get("repair_defaults", {}).items()
-                               if k in RepairConfig.__dataclass_fields__})
+    defaults = _repair_defaults(meta.get("repair_defaults", {}), meta_path)
     kinds = meta.get("kinds_seen")
     if kinds is not None and (not isinstance(kinds, list) or not set(kinds) <= set(KINDS)):
         raise UserError(f"{meta_path}: kinds_seen must be a list drawn from {', '.join(KINDS)}, got {kinds!r}")
     return Policy(theta, defaults, meta.get("provenance", {}), tuple(kinds) if kinds is not None else None)
+
+
+def _repair_defaults(given: Any, meta_path: Path) -> RepairConfig:
+    """The policy's repair settings, checked like a user's (a hand-edited file fails here, not mid-run)."""
+    fields = RepairConfig.__dataclass_fields__
+    if not isinstance(given, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              for k, v in given.items() if k in fields and v is not None):
+        raise UserError(f"{meta_path}: repair_defaults must map {', '.join(fields)} to numbers")
+    try:
+        return RepairConfig(**{k: v for k, v in given.items() if k in fields}).validate()
+    except UserError as exc:
+        raise UserError(f"{meta_path}: repair_defaults: {exc}") from None
