@@ -18,6 +18,16 @@ from metacompress.meta.maml import MetaLearner, Params, Vectorize
 from metacompress.meta.tasks import Task, TaskType
 
 
+def reptile_step(optimizer: torch.optim.Optimizer, params: Params, deltas: Params) -> None:
+    """Reptile's outer update: each parameter's ``.grad`` becomes its task-averaged ``theta - phi``
+    (averaged across ranks too), then ``optimizer`` steps. SGD with step size epsilon is Reptile's
+    interpolation towards the adapted weights; Adam rescales the same direction per entry."""
+    for name, d in deltas.items():
+        params[name].grad = d
+    distributed.average_gradients(optimizer)
+    optimizer.step()
+
+
 class Reptile(MetaLearner):
     """Reptile with SGD inner steps; the outer update is plain SGD with step size ``outer_lr``.
 
@@ -45,10 +55,7 @@ class Reptile(MetaLearner):
 
         with torch.no_grad():
             loss, acc, *deltas = self._map_tasks(fn, tasks, (params, self.inner_lrs))
-        for name, d in zip(self.adapt_names, deltas):
-            self.params[name].grad = d.mean(0)
-        distributed.average_gradients(self.optimizer)
-        self.optimizer.step()
+        reptile_step(self.optimizer, self.params, {n: d.mean(0) for n, d in zip(self.adapt_names, deltas)})
         metrics = {"query_loss": float(loss.mean())}
         if self.task_type == "classification":
             metrics["query_accuracy"] = float(acc.mean())
