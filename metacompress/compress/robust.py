@@ -47,7 +47,7 @@ from metacompress.compress.distill import distill_loss, recalibrate_bn
 from metacompress.compress.groups import build_graph
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.masks import ChannelMasks, Params, masked
-from metacompress.compress.prune import MAX_RATIO, Metric, PruningSpace
+from metacompress.compress.prune import BUDGET_TOL, MAX_RATIO, Metric, PruningSpace
 from metacompress.data import Dataset
 from metacompress.errors import UserError
 from metacompress.meta.reptile import reptile_step
@@ -65,6 +65,7 @@ class RobustConfig:
     steps: int = 100            # outer (Reptile) steps
     inner_steps: int = 3        # k repair steps per task
     tasks: int = 3              # sub-network tasks per outer step, smallest and largest budget included
+    dense_weight: float = 0.5   # share of the dense model's own task in the outer update
     inner_lr: float = 0.05      # SGD, the inner repair
     outer_lr: float = 1e-3      # Adam on Reptile's direction, cosine decay over ``steps``
     temperature: float = 4.0
@@ -89,6 +90,8 @@ class RobustConfig:
             raise UserError(f"tasks per step must be >= 2 (the smallest and the largest budget), got {self.tasks}")
         if not (self.inner_lr > 0 and self.outer_lr > 0):
             raise UserError("learning rates must be > 0")
+        if not 0.0 <= self.dense_weight < 1.0:
+            raise UserError(f"dense weight must be in [0, 1), got {self.dense_weight:g}")
         if self.batch_size < 2 or self.checks < 1 or self.perturb < 0 or self.max_drop < 0:
             raise UserError("batch size must be >= 2, checks >= 1, perturb and max_drop >= 0")
         return self
@@ -171,12 +174,13 @@ def _inner(model: nn.Module, theta: Params, masks: Params, batches: Callable, cf
     return {n: theta[n].detach() - phi[n].detach() for n in theta}
 
 
-def _check_floor(space: PruningSpace, cfg: RobustConfig, allocations: Sequence[Allocation]) -> None:
+def _check_floor(space: PruningSpace, cfg: RobustConfig, allocations: Sequence[Allocation], metric: Metric) -> None:
+    """Refuse a range whose smallest budget pruning cannot reach (as ``project`` would, per task)."""
     lo = cfg.budgets[0]
-    if lo < 1.0:
-        floor = space.floor()
-        if lo < floor * (1 + 1e-6):
-            raise UserError(f"smallest budget {lo:g} lies below what pruning can reach on this model ({floor:.3f})")
+    floor = space.floor(metric)
+    if floor > lo * (1 + BUDGET_TOL):
+        raise UserError(f"smallest budget {lo:g} lies below what pruning can reach on this model: pruning every "
+                        f"group to its limit keeps {floor:.3f}; ask for >= {floor:.2f}")
     if not allocations:
         raise ValueError("robustify needs at least one allocation")
 
@@ -186,7 +190,7 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
     """Meta-train ``model`` in place so that its sub-networks across ``cfg.budgets`` are good after
     pruning and a few repair steps; the dense validation accuracy falls by at most ``cfg.max_drop``."""
     cfg.validate()
-    _check_floor(space, cfg, allocations)
+    _check_floor(space, cfg, allocations, metric)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -211,7 +215,8 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
         tasks = [masks.param_masks(masks.unit_masks(keep, scores)) for _, keep in sampler.draw()]
         model.train()
         deltas = [_inner(model, theta, m, batches, cfg) for m in [{}] + tasks]  # the dense model is a task too
-        reptile_step(opt, theta, {n: torch.stack([d[n] for d in deltas]).mean(0) for n in theta})
+        w = [cfg.dense_weight] + [(1 - cfg.dense_weight) / len(tasks)] * len(tasks)
+        reptile_step(opt, theta, {n: sum(wi * d[n] for wi, d in zip(w, deltas)) for n in theta})
         sched.step()
         if step in check_at:
             recalibrate_bn(model, data.x_train, cfg.bn_samples, seed=seed)
