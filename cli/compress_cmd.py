@@ -9,6 +9,7 @@ from rich.table import Table
 
 from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
 from metacompress.compress.distill import RepairConfig
+from metacompress.compress.robust import RobustConfig
 
 MODEL_HELP = ("Model spec: a zoo name, torchvision:NAME, or file.py:factory / package.module:factory "
               "(imports and runs that file or module: use only code you trust).")
@@ -67,6 +68,8 @@ def compress(
     out: str = typer.Option(..., "--out", help="Output folder for model.onnx, model.pt and report.json."),
     epochs: int = typer.Option(30, "--train-epochs", min=1, help="Epochs when the dense model is trained first."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP),
+    robustify: bool = typer.Option(False, "--robustify", help="First make the dense model prune-robust (see robustify)."),
+    robustify_steps: int = typer.Option(RobustConfig.steps, "--robustify-steps", help="Outer steps of --robustify."),
     seed: int = SEED_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -82,6 +85,7 @@ def compress(
         repair=RepairConfig(steps=repair_steps, samples_per_class=samples_per_class, **overrides),
         repair_overrides=tuple(overrides),
         students=students, quantize=quantize, train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,
+        robustify=RobustConfig(steps=robustify_steps) if robustify else None,
     )
     emit(run_compress(cfg), as_json, _render_report)
 

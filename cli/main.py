@@ -14,6 +14,7 @@ from metacompress.cli import (
     fuse_cmd,  # noqa: F401
     meta_cmd,  # noqa: F401  (registers meta-train, meta-eval)
     policy_cmd,  # noqa: F401  (registers policy train/info/eval)
+    robust_cmd,  # noqa: F401  (registers robustify)
 )
 from metacompress.cli.app import _one_line, app, err_console
 

@@ -1,6 +1,6 @@
 """The compression pipeline, stage by stage:
 
-load -> measure -> allocate -> prune -> repair -> (fuse) -> export -> verify -> report
+load -> measure -> (robustify) -> allocate -> prune -> repair -> (fuse) -> export -> verify -> report
 
 (with the meta policy, a guard stage after prune repairs three candidates and keeps the best
 on validation).
@@ -13,14 +13,15 @@ every stage has succeeded, so a failed run leaves no half-written file.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.groups import refuse_unsupported
 from metacompress.compress.prune import BUDGET_TOL, PruningSpace
+from metacompress.compress.robust import Allocation, RobustConfig, robustify
 from metacompress.data import Dataset, data_paths, load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, state_dict_from, write_json
@@ -75,6 +77,7 @@ class CompressConfig:
     latency_repeats: int = 20
     latency_seconds: float = 3.0        # at least this long timing each batch size (interleaved rounds)
     trust_pickle: bool = False
+    robustify: RobustConfig | None = None  # prune-robust meta-training of the dense model before allocating
 
     def budget(self) -> BudgetSpec:
         return budget_spec(self.target_macs, self.target_params, self.target_latency, self.target_ms,
@@ -90,6 +93,7 @@ class Prepared:
     space: PruningSpace
     dense_accuracy: float
     budget: Budget
+    robust: dict[str, Any] | None = None  # what the robustify stage did, if it ran
 
 
 class Timer:
@@ -160,6 +164,49 @@ def prepare_model(dense: nn.Module, data: Dataset, spec: BudgetSpec, round_to: i
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def _rounded_cache(fn: Callable[[float], list[int]]) -> Allocation:
+    """``fn`` evaluated once per budget rounded to 0.01: robustify draws budgets from a continuous
+    range, and the policy's allocation costs a projection per expert rule."""
+    cached = functools.lru_cache(maxsize=None)(lambda b: tuple(fn(b)))
+    return lambda b: list(cached(round(float(b), 2)))
+
+
+def budget_allocation(name: str, prep: Prepared, seed: int = 0, policy: str | None = None) -> Allocation:
+    """``budget -> units kept per group`` of a fixed rule or of the meta-learned policy (``meta``),
+    under the run's cost model: the allocations ``compress.robust`` trains on (it knows no policy)."""
+    space, cost = prep.space, prep.budget.cost
+    calib = prep.data.calibration_batch(128, seed)
+    if name in RULES:
+        ratio_fn = rule_allocation(name, space, prep.dense, calib)
+        return _rounded_cache(lambda b: space.project(ratio_fn, b, cost))
+    if name != "meta":
+        raise UserError(f"unknown allocation '{name}': use meta or one of {', '.join(RULES)}")
+    from metacompress.policy.features import policy_inputs
+    from metacompress.policy.network import EXPERT_RULES, decide
+    from metacompress.policy.store import load_policy
+
+    pol = load_policy(policy)
+    features, experts = policy_inputs(prep.dense, space, calib, EXPERT_RULES)
+    return _rounded_cache(lambda b: space.project(decide(pol.theta, features, b, RepairConfig(), experts.ratios(b, cost),
+                                                         pol.kinds_seen).ratio_fn(), b, cost))
+
+
+def robustify_stage(cfg: CompressConfig, prep: Prepared, rc: RobustConfig) -> list[str]:
+    """Make the dense model prune-robust (in place, so it is the teacher of the repair too), over a
+    budget range widened to include the run's target; returns robustify's warnings."""
+    target = prep.budget.feasible_target
+    lo, hi = rc.budgets
+    floor = prep.space.floor(prep.budget.cost)
+    rc = replace(rc, budgets=(max(min(lo, target), floor), max(hi, target)))
+    alloc = budget_allocation(cfg.allocation, prep, cfg.seed, cfg.policy)
+    result = robustify(prep.dense, prep.data, prep.space, [alloc], rc, prep.budget.cost, seed=cfg.seed)
+    prep.dense_accuracy = accuracy(prep.dense, prep.data.x_test, prep.data.y_test)
+    prep.robust = result.to_dict() | {"dense_test_accuracy": prep.dense_accuracy}
+    status(f"robustify: dense validation accuracy {result.dense_val_before:.4f} -> {result.dense_val_after:.4f} "
+           f"({result.seconds:.1f} s)")
+    return result.warnings
 
 
 def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, RepairConfig]:
@@ -368,12 +415,18 @@ def compress_stages(cfg: CompressConfig, timer: Timer) -> Compressed:
         raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
     if cfg.quantize not in QUANTIZE_MODES:
         raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
+    if cfg.robustify is not None:
+        cfg.robustify.validate()
     return compress_prepared(cfg, prepare(cfg, timer), timer)
 
 
 def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Compressed:
-    """allocate -> prune -> (guard) -> repair -> (fuse) on a prepared dense model."""
+    """(robustify) -> allocate -> prune -> (guard) -> repair -> (fuse) on a prepared dense model."""
     data = prep.data
+    robust_warnings = []
+    if cfg.robustify is not None:
+        with timer.stage("robustify"):
+            robust_warnings = robustify_stage(cfg, prep, cfg.robustify)
     with timer.stage("allocate"):
         keep, importance, repair_cfg = allocate(cfg, prep)
     with timer.stage("prune"):
@@ -382,7 +435,7 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
     if cfg.allocation == "meta" and cfg.guard:
         with timer.stage("guard"):
             keep, repair_cfg, student, guard, first = guard_repair(cfg, prep, keep, repair_cfg, student)
-    warnings = allocation_warnings(prep.space, keep, prep.space.off_grid(keep), prep.budget)
+    warnings = robust_warnings + allocation_warnings(prep.space, keep, prep.space.off_grid(keep), prep.budget)
     for w in warnings:
         status(f"warning: {w}")
     pruned_acc = accuracy(student, data.x_test, data.y_test)

@@ -56,6 +56,8 @@ def compress_report(cfg: "CompressConfig", c: "Compressed", r: dict[str, Any]) -
         report["warnings"] = warnings
     if c.guard is not None:
         report["guard"] = c.guard
+    if prep.robust is not None:
+        report["robustify"] = prep.robust
     if c.soup is not None:
         report["students"] = [{k: v for k, v in st.items() if k not in ("state_dict", "val_correct")}
                               for st in c.students]
