@@ -324,14 +324,15 @@ class Compressed:
     warnings: list[str] = field(default_factory=list)
 
 
-def compress_stages(cfg: CompressConfig, timer: Timer) -> Compressed:
-    """load -> measure -> allocate -> prune -> (guard) -> repair -> (fuse): the compressed model."""
+def compress_stages(cfg: CompressConfig, timer: Timer, prep: Prepared | None = None) -> Compressed:
+    """load -> measure -> allocate -> prune -> (guard) -> repair -> (fuse): the compressed model
+    (``prep``: a dense model already prepared for this budget, e.g. shared by a sweep's points)."""
     cfg.repair.validate()
     if cfg.students < 1:
         raise UserError(f"--students must be >= 1, got {cfg.students}")
     if cfg.quantize not in QUANTIZE_MODES:
         raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
-    prep = prepare(cfg, timer)
+    prep = prep or prepare(cfg, timer)
     data = prep.data
     with timer.stage("allocate"):
         keep, importance, repair_cfg = allocate(cfg, prep)
