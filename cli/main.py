@@ -6,6 +6,7 @@ from metacompress.cli import (
     fuse_cmd,  # noqa: F401
     meta_cmd,  # noqa: F401  (registers meta-train, meta-eval)
     policy_cmd,  # noqa: F401  (registers policy train/info/eval)
+    run_cmd,  # noqa: F401  (registers run, recipes list/show)
     sweep_cmd,  # noqa: F401
 )
 from metacompress.cli.app import app
