@@ -25,6 +25,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+def _no_flag_types() -> None:
+    """``--help`` lists a flag without a value type: typer's rich help shows ``<bool>`` beside
+    every flag (--json, --guard/--no-guard, --help), which reads as if the flag took a value."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_flag_types()
 console = Console()
 err_console = Console(stderr=True)
 
