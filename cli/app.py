@@ -42,6 +42,15 @@ _no_flag_types()
 console = Console()
 err_console = Console(stderr=True)
 
+@app.callback()
+def _options(quiet: bool = typer.Option(False, "--quiet", "-q",
+                                        help="No progress bars or stage notes on stderr (errors and warnings in the "
+                                             "report still show).")) -> None:
+    """Options for every command: ``metacompress --quiet COMMAND ...``."""
+    if quiet:
+        os.environ["METACOMPRESS_PROGRESS"] = "0"  # read by metacompress.progress, here and in worker processes
+
+
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
 SEED_OPTION = typer.Option(0, "--seed", help="Random seed: the same seed gives the same result.")
 
