@@ -201,3 +201,24 @@ def test_random_recipe_documents_never_crash(doc, extra):
     assert "Traceback" not in output
     if code == 2:
         assert output.startswith("error: ") and len(output.strip().splitlines()) == 1, output
+
+
+@pytest.mark.parametrize("doc,argv", [
+    ({"pipeline": "train", "model": "mlp", "out": "d.pt", "epochs": 2},
+     ["train", "--out", "d.pt", "--epochs", "2", "mlp"]),
+    ({"pipeline": "quantize", "model": "m.onnx", "out": "q.onnx", "mode": "static"},
+     ["quantize", "--out", "q.onnx", "--mode", "static", "m.onnx"]),
+    ({"pipeline": "meta-train", "algo": "reptile", "tasks": "sinusoid", "meta_steps": 5, "out": "c.pt"},
+     ["meta-train", "--algo", "reptile", "--tasks", "sinusoid", "--meta-steps", "5", "--out", "c.pt"]),
+    ({"pipeline": "sweep", "model": "mlp", "budgets": [0.8, 0.4], "allocations": ["meta", "lamp"], "guard": False,
+      "out": "s"}, ["sweep", "--budgets", "0.8,0.4", "--allocations", "meta,lamp", "--no-guard", "--out", "s", "mlp"]),
+    ({"pipeline": "fuse", "model": "mlp", "method": "ties", "weights": ["a.pt", "b.pt"], "lambda": 0.5, "out": "f.pt"},
+     ["fuse", "--method", "ties", "--weights", "a.pt,b.pt", "--out", "f.pt", "--lambda", "0.5", "mlp"]),
+])
+def test_every_pipeline_is_a_recipe(tmp_path, doc, argv):
+    code, output = invoke("run", _recipe(tmp_path, yaml.safe_dump(doc)), "--dry-run", "--json")
+    assert code == 0, output
+    from metacompress.cli.run_cmd import _argv
+
+    options, positional = _argv(json.loads(output)["steps"][0])
+    assert [*options, *positional] == argv
