@@ -189,7 +189,7 @@ def validate(recipe: Recipe) -> list[dict[str, Any]]:
         extra = sorted(set(data) - {"steps"})
         if extra:
             raise UserError(f"recipe {recipe.path}: with 'steps', put '{extra[0]}' in a step{recipe.where((extra[0],))}")
-        steps, prefixes = data["steps"], None
+        steps = data["steps"]
         if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
             raise UserError(f"recipe {recipe.path}: 'steps' must be a list of mappings, each with a pipeline"
                             f"{recipe.where(('steps',))}")
