@@ -27,8 +27,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+def _no_flag_types() -> None:
+    """``--help`` lists a flag without a value type: typer's rich help shows ``<bool>`` beside
+    every flag (--json, --guard/--no-guard, --help), which reads as if the flag took a value."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_flag_types()
 console = Console()
 err_console = Console(stderr=True)
+
+@app.callback()
+def _options(quiet: bool = typer.Option(False, "--quiet", "-q",
+                                        help="No progress bars or stage notes on stderr (errors and warnings in the "
+                                             "report still show).")) -> None:
+    """Options for every command: ``metacompress --quiet COMMAND ...``."""
+    if quiet:
+        os.environ["METACOMPRESS_PROGRESS"] = "0"  # read by metacompress.progress, here and in worker processes
+
 
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
 MAX_SEED = 2**32 - 1  # numpy and sklearn take seeds below 2**32

@@ -15,6 +15,8 @@ from metacompress.cli import (
     meta_cmd,  # noqa: F401  (registers meta-train, meta-eval)
     policy_cmd,  # noqa: F401  (registers policy train/info/eval)
     robust_cmd,  # noqa: F401  (registers robustify)
+    run_cmd,  # noqa: F401  (registers run, recipes list/show)
+    sweep_cmd,  # noqa: F401
 )
 from metacompress.cli.app import _one_line, app, err_console
 

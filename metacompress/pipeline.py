@@ -405,8 +405,9 @@ class Compressed:
     warnings: list[str] = field(default_factory=list)
 
 
-def compress_stages(cfg: CompressConfig, timer: Timer) -> Compressed:
-    """load -> measure -> allocate -> prune -> (guard) -> repair -> (fuse): the compressed model."""
+def compress_stages(cfg: CompressConfig, timer: Timer, prep: Prepared | None = None) -> Compressed:
+    """load -> measure -> allocate -> prune -> (guard) -> repair -> (fuse): the compressed model
+    (``prep``: a dense model already prepared for this budget, e.g. shared by a sweep's points)."""
     cfg.repair.validate()
     check_output(cfg)
     if cfg.students < 1:
@@ -417,7 +418,7 @@ def compress_stages(cfg: CompressConfig, timer: Timer) -> Compressed:
         raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
     if cfg.robustify is not None:
         cfg.robustify.validate()
-    return compress_prepared(cfg, prepare(cfg, timer), timer)
+    return compress_prepared(cfg, prep or prepare(cfg, timer), timer)
 
 
 def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Compressed:
