@@ -271,15 +271,25 @@ def repair_one(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: Repair
     return _scored(s, data, seed)
 
 
-def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: RepairConfig, pruned: nn.Module
-                 ) -> tuple[list[int], RepairConfig, nn.Module, dict[str, Any], dict[str, Any]]:
+@dataclass
+class Guarded:
+    """The guard's pick: allocation, repair settings, the pruned (unrepaired) model, what was
+    compared (for the report), and the pick's repaired student (reused as the first student)."""
+
+    keep: list[int]
+    repair: RepairConfig
+    pruned: nn.Module
+    info: dict[str, Any]
+    student: dict[str, Any]
+
+
+def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: RepairConfig,
+                 pruned: nn.Module) -> Guarded:
     """Repair the policy's proposal and two safe alternatives; keep the one ``guard_choice``
     picks on validation (policy/guard.py says which and why).
 
     Three repairs bound the risk of a family the policy has not seen, still over 20x cheaper
     than a per-task search of 64 repairs. ``pruned`` is the policy's allocation, already pruned.
-    Returns the chosen keep counts, repair settings, pruned (unrepaired) model, what was
-    compared, and the chosen repaired student (reused as the first student).
     """
     from metacompress.policy.guard import guard_choice, versus_fallback
 
@@ -302,7 +312,7 @@ def guard_repair(cfg: CompressConfig, prep: Prepared, keep: list[int], learned: 
     status(f"guard: validation accuracy {scores} -> {chosen}")
     info = {"val_accuracy": acc, "val_loss": loss, "vs_uniform": paired, "chosen": chosen}
     k, rc = options[chosen]
-    return k, rc, models[chosen], info, tried[chosen]
+    return Guarded(k, rc, models[chosen], info, tried[chosen])
 
 
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,
@@ -435,7 +445,8 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
     guard = first = None
     if cfg.allocation == "meta" and cfg.guard:
         with timer.stage("guard"):
-            keep, repair_cfg, student, guard, first = guard_repair(cfg, prep, keep, repair_cfg, student)
+            g = guard_repair(cfg, prep, keep, repair_cfg, student)
+        keep, repair_cfg, student, guard, first = g.keep, g.repair, g.pruned, g.info, g.student
     warnings = robust_warnings + allocation_warnings(prep.space, keep, prep.space.off_grid(keep), prep.budget)
     for w in warnings:
         status(f"warning: {w}")
