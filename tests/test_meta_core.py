@@ -149,6 +149,29 @@ def test_each_algorithm_improves_post_adaptation_query_loss_on_sinusoid(algo: st
     assert after < 0.85 * before, (before, after)
 
 
+def test_learners_copy_the_users_module_and_use_the_users_loss() -> None:
+    """learn2learn style: the learner wraps a copy (the caller's module is never modified) and the
+    inner and outer losses are the user's ``loss_fn``: an L1 loss gives other meta-gradients than MSE."""
+    model = _tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    tasks = _tiny_tasks()
+    mse = MAML(model, "regression", inner_lr=0.1, inner_steps=1)
+    calls = []
+
+    def l1(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(out.shape)
+        return (out - y).abs().mean()
+
+    user = MAML(model, "regression", inner_lr=0.1, inner_steps=1, loss_fn=l1, vectorize="never")
+    assert not torch.allclose(_meta_grad(mse, tasks), _meta_grad(user, tasks))
+    assert calls  # the user's loss ran (inner and query)
+    user.meta_step(tasks)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before, user.model.parameters()))
+    with pytest.raises(UserError, match="loss_fn must be callable"):
+        MAML(model, "regression", loss_fn="l1")
+
+
 def test_meta_training_is_deterministic_under_a_seed() -> None:
     def run() -> list[float]:
         torch.manual_seed(0)

@@ -100,7 +100,7 @@ class JointPretrain:
     """
 
     def __init__(self, model: nn.Module, task_type: TaskType, lr: float = 1e-3) -> None:
-        self.model = replace_all_batch_norm_modules_(model)
+        self.model = replace_all_batch_norm_modules_(copy.deepcopy(model))
         self.task_type: TaskType = task_type
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
 

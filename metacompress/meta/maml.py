@@ -1,7 +1,9 @@
 """Gradient-based meta-learning on ``torch.func``: MAML, first-order MAML, Meta-SGD and ANIL.
 
-All learners share one interface (``MetaLearner``): build one from an ``nn.Module``; ``adapt(task,
-steps)`` returns the adapted model; ``meta_step(tasks)`` does one outer update and returns
+All learners share one interface (``MetaLearner``): build one from an ``nn.Module`` (copied: the
+caller's module is never modified; the meta-learned one is ``learner.model``) and, optionally, a
+``loss_fn(outputs, targets)`` of the user's (default: cross-entropy or MSE by task type);
+``adapt(task, steps)`` returns the adapted model; ``meta_step(tasks)`` does one outer update and returns
 metrics; ``evaluate(tasks, steps)`` gives per-task query loss (and accuracy) after adaptation.
 
 Why ``torch.func``: the inner loop is a pure function of the parameters
@@ -21,7 +23,7 @@ the inner steps; ``first_order=True`` drops the inner graphs and bounds memory b
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ from metacompress.meta.tasks import Task, TaskType, stack_tasks
 
 Params = dict[str, torch.Tensor]
 Vectorize = Literal["auto", "always", "never"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def head_names(model: nn.Module) -> list[str]:
@@ -66,7 +69,7 @@ class MetaLearner:
 
     def __init__(self, model: nn.Module, task_type: TaskType, inner_lr: float = 0.01,
                  outer_lr: float = 1e-3, inner_steps: int = 1, vectorize: Vectorize = "auto",
-                 adapt_names: list[str] | None = None) -> None:
+                 adapt_names: list[str] | None = None, loss_fn: LossFn | None = None) -> None:
         if task_type not in ("regression", "classification"):
             raise UserError(f"unknown task type {task_type!r}: use regression or classification")
         if not isinstance(inner_steps, int) or inner_steps <= 0:
@@ -75,7 +78,10 @@ class MetaLearner:
             raise UserError(f"learning rates must be positive, got inner {inner_lr}, outer {outer_lr}")
         if vectorize not in ("auto", "always", "never"):
             raise UserError(f"vectorize must be auto, always or never, got {vectorize!r}")
-        self.model = replace_all_batch_norm_modules_(model)
+        if loss_fn is not None and not callable(loss_fn):
+            raise UserError(f"loss_fn must be callable (outputs, targets) -> loss, got {type(loss_fn).__name__}")
+        self.model = replace_all_batch_norm_modules_(copy.deepcopy(model))
+        self.loss_fn = loss_fn
         self.task_type: TaskType = task_type
         self.inner_lr, self.outer_lr, self.inner_steps = float(inner_lr), float(outer_lr), inner_steps
         self.vectorize: Vectorize = vectorize
@@ -93,6 +99,8 @@ class MetaLearner:
         return functional_call(self.model, (params, self.buffers), (x,))
 
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.loss_fn is not None:
+            return self.loss_fn(out, y)
         if self.task_type == "regression":
             return F.mse_loss(out, y)
         return F.cross_entropy(out, y)
@@ -232,8 +240,8 @@ class MAML(MetaLearner):
     def __init__(self, model: nn.Module, task_type: TaskType, inner_lr: float = 0.01,
                  outer_lr: float = 1e-3, inner_steps: int = 1, first_order: bool = False,
                  learn_inner_lr: bool = False, adapt_names: list[str] | None = None,
-                 vectorize: Vectorize = "auto") -> None:
-        super().__init__(model, task_type, inner_lr, outer_lr, inner_steps, vectorize, adapt_names)
+                 vectorize: Vectorize = "auto", loss_fn: LossFn | None = None) -> None:
+        super().__init__(model, task_type, inner_lr, outer_lr, inner_steps, vectorize, adapt_names, loss_fn)
         self.first_order, self.learn_inner_lr = first_order, learn_inner_lr
         if learn_inner_lr:
             self.inner_lrs = {n: nn.Parameter(torch.full_like(self.params[n], self.inner_lr))

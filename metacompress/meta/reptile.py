@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from metacompress.meta import distributed
-from metacompress.meta.maml import MetaLearner, Params, Vectorize, _global_metrics
+from metacompress.meta.maml import LossFn, MetaLearner, Params, Vectorize, _global_metrics
 from metacompress.meta.tasks import Task, TaskType
 
 
@@ -38,8 +38,9 @@ class Reptile(MetaLearner):
     name = "reptile"
 
     def __init__(self, model: nn.Module, task_type: TaskType, inner_lr: float = 0.01,
-                 outer_lr: float = 0.1, inner_steps: int = 5, vectorize: Vectorize = "auto") -> None:
-        super().__init__(model, task_type, inner_lr, outer_lr, inner_steps, vectorize)
+                 outer_lr: float = 0.1, inner_steps: int = 5, vectorize: Vectorize = "auto",
+                 loss_fn: LossFn | None = None) -> None:
+        super().__init__(model, task_type, inner_lr, outer_lr, inner_steps, vectorize, loss_fn=loss_fn)
         self.optimizer = torch.optim.SGD(list(self.params.values()), lr=self.outer_lr)
 
     def meta_step(self, tasks: list[Task]) -> dict[str, float]:
