@@ -15,9 +15,11 @@ stand-alone meta-learning core that knows nothing of pruning.
 from metacompress.api import CompressionReport, compress, export_onnx, load_compressed, save, verify
 from metacompress.budget import Latency, MACs, Milliseconds, Params
 from metacompress.compress.distill import RepairConfig
+from metacompress.compress.robust import RobustConfig
 from metacompress.errors import UserError
 from metacompress.policy.store import Policy, load_policy
 
 __version__ = "0.1.0"
-__all__ = ["CompressionReport", "Latency", "MACs", "Milliseconds", "Params", "Policy", "RepairConfig", "UserError",
+__all__ = ["CompressionReport", "Latency", "MACs", "Milliseconds", "Params", "Policy", "RepairConfig", "RobustConfig",
+           "UserError",
            "__version__", "compress", "export_onnx", "load_compressed", "load_policy", "save", "verify"]

@@ -25,6 +25,7 @@ from metacompress.compress.checkpoint import USER_MODULE, load_compressed, save_
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.groups import refuse_unsupported
 from metacompress.compress.measure import count_macs, count_params
+from metacompress.compress.robust import RobustConfig
 from metacompress.data.torchdata import DataLike, _pairs, from_torch
 from metacompress.errors import UserError
 from metacompress.pipeline import CompressConfig, Compressed, Timer, compress_prepared, prepare_model
@@ -49,6 +50,7 @@ class CompressionReport:
     warnings: list[str] = field(default_factory=list)
     guard: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None  # predicted kept fraction of the dense latency, by batch
+    robust: dict[str, Any] | None = None   # what robustify did, when asked
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -78,6 +80,8 @@ def _config(model: nn.Module, spec: BudgetSpec, repair: RepairConfig | None, **o
                          repair_overrides=tuple(f.name for f in fields(RepairConfig)) if repair is not None else (),
                          **{_BUDGET_FIELDS[spec.metric]: spec.value}, **options)
     cfg.repair.validate()
+    if cfg.robustify is not None:
+        cfg.robustify.validate()
     if cfg.students < 1:
         raise UserError(f"students must be >= 1, got {cfg.students}")
     return cfg
@@ -86,8 +90,8 @@ def _config(model: nn.Module, spec: BudgetSpec, repair: RepairConfig | None, **o
 def compress(model: nn.Module, example_inputs: torch.Tensor, *, target: BudgetSpec | float, train: DataLike,
              val: DataLike | None = None, test: DataLike | None = None, allocation: str = "meta",
              repair: RepairConfig | None = None, guard: bool = True, students: int = 1,
-             round_to: int | str = "auto", policy: str | None = None, seed: int = 0
-             ) -> tuple[nn.Module, CompressionReport]:
+             round_to: int | str = "auto", policy: str | None = None, robustify: RobustConfig | None = None,
+             seed: int = 0) -> tuple[nn.Module, CompressionReport]:
     """Prune ``model`` (left untouched) to ``target`` and repair it by distillation from itself.
 
     ``target``: ``MACs(f)``, ``Params(f)``, ``Latency(f, batch=...)``, ``Milliseconds(ms)`` or a
@@ -96,6 +100,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, *, target: BudgetSp
     ``test`` (reported accuracy) to ``val``. ``allocation``: ``meta`` (the learned policy, guarded
     on validation) or a fixed rule (uniform, global-magnitude, lamp, global-taylor). ``repair``:
     settings that override the policy's (``RepairConfig(steps=0)``: BN recalibration only).
+    ``robustify``: first meta-train the (copied) dense model so that its sub-networks recover
+    quickly (``compress.robust``); it is then also the repair's teacher.
 
     >>> small, report = compress(model, x[:1], target=MACs(0.5), train=(x, y))
     >>> report.achieved_macs_ratio  # within 2 % of 0.5
@@ -106,7 +112,7 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, *, target: BudgetSp
     spec = as_budget(target)
     example = _example(example_inputs)
     cfg = _config(model, spec, repair, allocation=allocation, guard=guard, students=students, round_to=round_to,
-                  policy=policy, seed=seed)
+                  policy=policy, seed=seed, robustify=robustify)
     torch.manual_seed(seed)
     dense = copy.deepcopy(model).eval()
     data = from_torch(train, val, test, num_classes=_num_outputs(dense, example), seed=seed)
@@ -139,7 +145,7 @@ def _report(c: Compressed, spec: BudgetSpec, timer: Timer) -> CompressionReport:
         accuracy=accuracy(c.student, data.x_test, data.y_test), accuracy_before_repair=c.pruned_accuracy,
         kept={g.name: k for g, k in zip(prep.space.groups, c.keep)},
         channels={g.name: g.channels for g in prep.space.groups}, round_to=prep.space.round_to,
-        repair=c.repair.to_dict(), warnings=list(c.warnings), guard=c.guard, latency=latency,
+        repair=c.repair.to_dict(), warnings=list(c.warnings), guard=c.guard, latency=latency, robust=prep.robust,
         timings_s=dict(timer.timings))
 
 

@@ -31,9 +31,9 @@ DEFAULT_DIR = Path(__file__).parent / "default"
 
 @dataclass
 class Policy:
-    theta: np.ndarray
+    theta: np.ndarray = field(repr=False)
     defaults: RepairConfig = field(default_factory=RepairConfig)
-    provenance: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict, repr=False)
     kinds_seen: tuple[str, ...] | None = None  # group kinds met in meta-training (None: all of them)
 
     def allocate(self, model: nn.Module, calib: tuple[torch.Tensor, torch.Tensor], target: float,
