@@ -1,9 +1,9 @@
-"""Errors a user can fix: the CLI turns them into one line on stderr and exit code 2."""
+"""Errors a user can fix: the CLI turns them into one line on stderr and exit code 2.
 
+The class is defined in ``metacompress.meta.errors`` (the meta-learning core depends on torch
+only) and is the same class everywhere.
+"""
 
-class UserError(ValueError):
-    """Bad input (missing file, malformed spec, impossible budget, ...).
+from metacompress.meta.errors import UserError
 
-    The message must name the problem and, where possible, what to do about it. Anything
-    else that escapes a command is an internal failure (exit code 1).
-    """
+__all__ = ["UserError"]

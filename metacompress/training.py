@@ -17,15 +17,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The model's BatchNorm layers: the ones whose statistics depend on the data they have seen."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return bool(batchnorm_layers(model))
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Logits for ``x`` in eval mode, in batches."""

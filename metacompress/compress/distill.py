@@ -19,8 +19,9 @@ from torch import nn
 
 from metacompress.data import Dataset, subsample_per_class
 from metacompress.errors import UserError
+from metacompress.meta.modules import batchnorm_layers, has_batchnorm
 from metacompress.progress import track
-from metacompress.training import batchnorm_layers, cosine_adam, has_batchnorm, predict, sgd_step
+from metacompress.training import cosine_adam, predict, sgd_step
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import replace_all_batch_norm_modules_
 
-from metacompress.errors import UserError
+from metacompress.meta.errors import UserError
 from metacompress.meta.maml import ANIL, FOMAML, MAML, MetaLearner, MetaSGD, head_names
 from metacompress.meta.reptile import Reptile
 from metacompress.meta.tasks import (

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metacompress.errors import UserError
+from metacompress.meta.errors import UserError
 
 
 def centered_ranks(x: torch.Tensor) -> torch.Tensor:

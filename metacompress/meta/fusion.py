@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from metacompress.errors import UserError
-from metacompress.training import batchnorm_layers, has_batchnorm
+from metacompress.meta.errors import UserError
+from metacompress.meta.modules import batchnorm_layers, has_batchnorm
 
 StateDict = Mapping[str, Tensor]
 

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, replace_all_batch_norm_modules_, vmap
 
-from metacompress.errors import UserError
 from metacompress.meta import distributed
+from metacompress.meta.errors import UserError
 from metacompress.meta.tasks import Task, TaskType, stack_tasks
 
 Params = dict[str, torch.Tensor]

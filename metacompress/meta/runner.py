@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from metacompress.errors import UserError
 from metacompress.meta import checkpoint
 from metacompress.meta.baselines import ALGORITHMS, JointPretrain, build_learner, compare, meta_train
+from metacompress.meta.errors import UserError
 from metacompress.meta.maml import MetaLearner
 from metacompress.meta.tasks import TaskDistribution, TaskSpec, build_distribution, default_model
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metacompress.errors import UserError
+from metacompress.meta.errors import UserError
 
 TaskType = Literal["regression", "classification"]
 SPLITS = ("train", "val", "test")

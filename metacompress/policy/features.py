@@ -25,8 +25,8 @@ from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.groups import KINDS
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import Metric, PruningSpace
+from metacompress.meta.modules import has_batchnorm
 from metacompress.policy.probes import CURVE_RATIOS, loss_curves, removable_share, removable_shares, sensitivity_allocation
-from metacompress.training import has_batchnorm
 
 PROBE_RATIOS = (0.3, 0.6, 0.9)  # points of the loss curve the network sees
 FEATURE_NAMES = (

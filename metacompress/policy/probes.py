@@ -32,7 +32,7 @@ from torch import nn
 from metacompress.compress.groups import Group
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import MAX_RATIO, Metric, PruningSpace
-from metacompress.training import batchnorm_layers
+from metacompress.meta.modules import batchnorm_layers
 
 CURVE_RATIOS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # up to MAX_RATIO
 MACS_PER_CURVE_POINT = 1e9  # MACs the probes of one curve point may spend over all groups: the whole

@@ -1,0 +1,14 @@
+"""The error a caller can fix (bad input: a malformed spec, an impossible setting, ...).
+
+It lives in the meta-learning core, the lowest layer, so that the core depends on torch only;
+``metacompress.errors`` re-exports it for the rest of the toolkit, whose CLI turns it into one
+line on stderr and exit code 2.
+"""
+
+
+class UserError(ValueError):
+    """Bad input (missing file, malformed spec, impossible budget, ...).
+
+    The message must name the problem and, where possible, what to do about it. Anything
+    else that escapes a command is an internal failure (exit code 1).
+    """
