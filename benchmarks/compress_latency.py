@@ -57,7 +57,8 @@ from metacompress.deploy import export_onnx, load_session, verify_onnx
 from metacompress.deploy.bench import benchmark_latency
 from metacompress.deploy.simplify import simplify_onnx
 from metacompress.io import write_json
-from metacompress.pipeline import CompressConfig, allocate, prepare, prune_to
+from metacompress.pipeline import CompressConfig, allocate, prepare
+from metacompress.students import prune_to
 from metacompress.zoo import build_model
 
 BATCHES = (1, 32)

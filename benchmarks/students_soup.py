@@ -24,15 +24,8 @@ os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 from metacompress.compress.distill import RepairConfig  # noqa: E402
 from metacompress.meta.fusion import accuracy as fused_accuracy  # noqa: E402
 from metacompress.meta.fusion import has_batchnorm, recompute_bn, uniform_soup  # noqa: E402
-from metacompress.pipeline import (  # noqa: E402
-    CompressConfig,
-    allocate,
-    prepare,
-    prune_to,
-    repair_one,
-    repair_students,
-    soup_students,
-)
+from metacompress.pipeline import CompressConfig, allocate, prepare  # noqa: E402
+from metacompress.students import prune_to, repair_one, repair_students, soup_students  # noqa: E402
 from metacompress.training import accuracy  # noqa: E402
 
 KEYS = ("soup", "mean", "best_by_val", "best_by_test", "uniform")

@@ -70,7 +70,7 @@ def _row(args: tuple[Task, int]) -> dict[str, Any]:
                              "meta-alloc": _POOL.policy(_THETA, task, learned_repair=False)}
     for rule in RULES:
         res[rule] = _POOL.rule(task, rule)
-    # exactly the guard of compress (pipeline.guard_repair): the same three repairs, the same choice
+    # exactly the guard of compress (students.guard_repair): the same three repairs, the same choice
     guarded = dict(zip(GUARD_CANDIDATES, (res["meta"], res["meta-alloc"], res["uniform"])))
     res["meta+guard"] = guarded[guard_choice({n: v.val_correct for n, v in guarded.items()},
                                              {n: v.val_loss for n, v in guarded.items()})]
