@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write every run's numbers to this file")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="write seed 0's base.pt, task_a.pt, task_b.pt here "
-                             "(the inputs of recipes/fuse-example.yaml)")
+                             "(the inputs of benchmarks/recipes/fuse-example.yaml)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = list(range(args.seeds or (2 if args.quick else 10)))

@@ -2,6 +2,7 @@
 
 - bad input (``UserError``): one line on stderr, exit code 2, no traceback;
 - anything else: one line on stderr, exit code 1 (``METACOMPRESS_DEBUG=1`` shows the traceback);
+- SIGINT / SIGTERM: the clean-up runs (no staged output is left), one line, exit code 128 + signal;
 - ``--json``: the result as one JSON object on stdout, nothing else on stdout.
 """
 
@@ -17,6 +18,7 @@ import typer
 from rich.console import Console
 
 from metacompress.errors import UserError
+from metacompress.signals import Interrupted, signals_raise
 
 app = typer.Typer(
     name="metacompress",
@@ -25,11 +27,35 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+def _no_flag_types() -> None:
+    """``--help`` lists a flag without a value type: typer's rich help shows ``<bool>`` beside
+    every flag (--json, --guard/--no-guard, --help), which reads as if the flag took a value."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_flag_types()
 console = Console()
 err_console = Console(stderr=True)
 
+@app.callback()
+def _options(quiet: bool = typer.Option(False, "--quiet", "-q",
+                                        help="No progress bars or stage notes on stderr (errors and warnings in the "
+                                             "report still show).")) -> None:
+    """Options for every command: ``metacompress --quiet COMMAND ...``."""
+    if quiet:
+        os.environ["METACOMPRESS_PROGRESS"] = "0"  # read by metacompress.progress, here and in worker processes
+
+
 JSON_OPTION = typer.Option(False, "--json", help="Print the result as one JSON object on stdout.")
-SEED_OPTION = typer.Option(0, "--seed", help="Random seed: the same seed gives the same result.")
+MAX_SEED = 2**32 - 1  # numpy and sklearn take seeds below 2**32
+SEED_OPTION = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="Random seed: the same seed gives the same result.")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -45,14 +71,17 @@ def command(name: str, target: typer.Typer | None = None, **kwargs: Any) -> Call
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
             try:
-                return fn(*args, **kw)
+                with signals_raise():
+                    return fn(*args, **kw)
             except UserError as exc:
                 err_console.print(f"error: {_one_line(exc)}", highlight=False, markup=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             except (typer.Exit, typer.Abort):
                 raise
-            except KeyboardInterrupt:
-                raise typer.Exit(130) from None
+            except KeyboardInterrupt as exc:
+                stopped = exc if isinstance(exc, Interrupted) else Interrupted(2)
+                err_console.print(f"error: {stopped} (nothing half-written is left)", highlight=False, markup=False)
+                raise typer.Exit(stopped.exit_code) from None
             except Exception as exc:
                 if os.environ.get("METACOMPRESS_DEBUG"):
                     raise

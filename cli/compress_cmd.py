@@ -9,12 +9,18 @@ from rich.table import Table
 
 from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
 from metacompress.compress.distill import RepairConfig
+from metacompress.compress.robust import RobustConfig
+
+MODEL_HELP = ("Model spec: a zoo name, torchvision:NAME, or file.py:factory / package.module:factory "
+              "(imports and runs that file or module: use only code you trust).")
+DATA_HELP = "Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, imagefolder:DIR, idx:DIR."
+TRUST_PICKLE_HELP = "Allow --weights files that unpickle objects, e.g. whole modules (runs code in the file: trusted files only)."
 
 
 @command("train")
 def train(
-    model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
-    data: str = typer.Option("digits", "--data", help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, imagefolder:DIR, idx:DIR."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: str = typer.Option("digits", "--data", help=DATA_HELP),
     out: str = typer.Option(..., "--out", help="Where to write the dense state dict (.pt)."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="Training epochs."),
     seed: int = SEED_OPTION,
@@ -30,8 +36,8 @@ def train(
 
 @command("compress")
 def compress(
-    model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
-    data: str = typer.Option("digits", "--data", help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, imagefolder:DIR, idx:DIR."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    data: str = typer.Option("digits", "--data", help=DATA_HELP),
     weights: Optional[str] = typer.Option(
         None, "--weights", help="Dense state dict (.pt). Omit to train first; 'none' for untrained weights."),
     target_macs: Optional[float] = typer.Option(None, "--target-macs", help="Kept fraction of MACs, in (0, 1]."),
@@ -61,7 +67,9 @@ def compress(
     quantize: str = typer.Option("none", "--quantize", help="Also write int8 model.int8.onnx: auto, static, dynamic, none."),
     out: str = typer.Option(..., "--out", help="Output folder for model.onnx, model.pt and report.json."),
     epochs: int = typer.Option(30, "--train-epochs", min=1, help="Epochs when the dense model is trained first."),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow --weights files that unpickle code."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP),
+    robustify: bool = typer.Option(False, "--robustify", help="First make the dense model prune-robust (see robustify)."),
+    robustify_steps: int = typer.Option(RobustConfig.steps, "--robustify-steps", help="Outer steps of --robustify."),
     seed: int = SEED_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -77,6 +85,7 @@ def compress(
         repair=RepairConfig(steps=repair_steps, samples_per_class=samples_per_class, **overrides),
         repair_overrides=tuple(overrides),
         students=students, quantize=quantize, train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,
+        robustify=RobustConfig(steps=robustify_steps) if robustify else None,
     )
     emit(run_compress(cfg), as_json, _render_report)
 
@@ -118,7 +127,7 @@ def _render_report(r: dict) -> None:
 
 @command("inspect")
 def inspect_model(
-    model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option("digits", "--data", help="Data spec that sizes the model's input and classes."),
     weights: Optional[str] = typer.Option("none", "--weights", help="State dict to load (default: untrained)."),
     round_to: str = typer.Option("auto", "--round-to", help="Channel multiple; auto: the runtime's channel block."),
@@ -126,12 +135,14 @@ def inspect_model(
     latency_batch: int = typer.Option(1, "--latency-batch", help="Batch size for --latency."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: the cores available)."),
     provider: str = typer.Option("cpu", "--provider", help="onnxruntime execution provider: cpu, cuda, ..."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Show prunable groups and per-layer MACs and parameters (and the latency model with --latency)."""
     from metacompress.dense import inspect_model as inspect_fn
 
-    emit(inspect_fn(model, data, weights, round_to, latency, latency_batch, threads, provider), as_json, _render_inspect)
+    emit(inspect_fn(model, data, weights, round_to, latency, latency_batch, threads, provider, trust_pickle),
+         as_json, _render_inspect)
 
 
 def _render_inspect(r: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +33,27 @@ def _reference(path: Path | None, spec: str | None, data: Any, trust_pickle: boo
 
         model, _ = load_compressed(path)
         return model
-    from metacompress.io import load_weights
+    from metacompress.io import load_weights, state_dict_from
     from metacompress.zoo import build_model
 
-    state = load_weights(path, trust_pickle=trust_pickle)
-    if not isinstance(state, dict):
-        raise UserError(f"{path} holds no state dict for --reference-model {spec}")
+    state = state_dict_from(load_weights(path, trust_pickle=trust_pickle), str(path))
     model = build_model(spec, data.input_shape, data.num_classes, data.mean, data.std)
     try:
-        model.load_state_dict(state.get("state_dict", state), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit {spec}: {str(exc).splitlines()[0]}") from None
     return model
 
 
 def _parse_batches(text: str) -> tuple[int, ...]:
+    from metacompress.budget import MAX_BATCH
+
     try:
         batches = tuple(int(b) for b in text.split(",") if b.strip())
     except ValueError:
         batches = ()
-    if not batches or min(batches) < 1:
-        raise UserError(f"--batch takes positive integers separated by commas (e.g. 1,32), got '{text}'")
+    if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
+        raise UserError(f"--batch takes integers 1..{MAX_BATCH} separated by commas (e.g. 1,32), got '{text}'")
     return batches
 
 
@@ -76,9 +77,10 @@ def verify(
 ) -> None:
     """Accuracy, max abs diff and top-1 agreement vs the PyTorch reference, ops, opset and file size."""
     from metacompress.data import load_dataset
-    from metacompress.deploy import load_session, verify_onnx
+    from metacompress.deploy import verify_onnx
+    from metacompress.deploy.verify import check_onnx
 
-    load_session(model, threads=1)  # bad ONNX fails before the data and reference are loaded
+    check_onnx(model)  # bad ONNX fails before the data and reference are loaded
     ds = load_dataset(data)
     x, y = _split(ds, split)
     ref = _reference(reference, reference_model, ds, trust_pickle)
@@ -102,8 +104,8 @@ def bench(
     baseline: Path | None = typer.Option(None, "--baseline", help="Another ONNX model to compare with."),
     batch: str = typer.Option("1,32", "--batch", help="Batch sizes, comma-separated."),
     threads: int | None = typer.Option(None, "--threads", help="onnxruntime intra-op threads."),
-    repeats: int = typer.Option(20, "--repeats", help="Timed runs per model and batch size."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed runs first."),
+    repeats: int = typer.Option(20, "--repeats", min=1, max=100_000, help="Timed runs per model and batch size."),
+    warmup: int = typer.Option(3, "--warmup", min=0, max=100_000, help="Untimed runs first."),
     input_shape: str | None = typer.Option(None, "--input-shape",
                                               help="One sample's shape, e.g. 3x224x224 (when the model's is symbolic)."),
     as_json: bool = JSON_OPTION,
@@ -111,11 +113,12 @@ def bench(
     """Median latency (with min/max) in onnxruntime, interleaved with --baseline, and the speedup."""
     from metacompress.deploy import load_session
     from metacompress.deploy.bench import benchmark_latency, speedups
+    from metacompress.deploy.verify import check_onnx
 
     batches = _parse_batches(batch)
-    sessions = {"model": load_session(model, threads)}
+    sessions = {"model": load_session(check_onnx(model), threads)}
     if baseline is not None:
-        sessions["baseline"] = load_session(baseline, threads)
+        sessions["baseline"] = load_session(check_onnx(baseline), threads)
     shape = _input_shape(sessions["model"], input_shape)
     result: dict[str, Any] = {"latency": benchmark_latency(sessions, shape, batches, threads=threads,
                                                            repeats=repeats, warmup=warmup)}
@@ -142,13 +145,16 @@ def bench(
 
 def _input_shape(session: Any, text: str | None) -> tuple[int, ...]:
     """One sample's shape: from --input-shape, else from the model's declared (fixed) input dims."""
+    from metacompress.data.datasets import MAX_SAMPLE_ELEMENTS
+
     if text is not None:
         try:
             shape = tuple(int(d) for d in text.lower().split("x"))
         except ValueError:
             shape = ()
-        if not shape or min(shape) < 1:
-            raise UserError(f"--input-shape takes positive sizes joined by x (e.g. 3x224x224), got '{text}'")
+        if not shape or min(shape) < 1 or math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+            raise UserError(f"--input-shape takes positive sizes joined by x (e.g. 3x224x224), at most "
+                            f"{MAX_SAMPLE_ELEMENTS:,} values, got '{text}'")
         return shape
     dims = session.get_inputs()[0].shape[1:]
     if not all(isinstance(d, int) and d > 0 for d in dims):
@@ -174,11 +180,13 @@ def quantize(
     from metacompress.data import load_dataset
     from metacompress.deploy import load_session
     from metacompress.deploy.quantize import quantize_onnx
-    from metacompress.deploy.verify import check_input, run_batched
+    from metacompress.deploy.verify import check_input, check_onnx, run_batched
+    from metacompress.io import refuse_output_over_inputs
 
     if samples < 1:
         raise UserError(f"--calibration-samples must be at least 1, got {samples}")
-    src = load_session(model, threads=1)
+    refuse_output_over_inputs(out, [model])
+    src = load_session(check_onnx(model), threads=1)
     ds = load_dataset(data) if data is not None else None
     if ds is not None:
         check_input(src, ds.input_shape)  # before anything is written

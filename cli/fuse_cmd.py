@@ -12,12 +12,11 @@ from typing import Any
 
 import typer
 from rich.table import Table
-from torch import nn
 
 from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
 from metacompress.data import load_dataset
 from metacompress.errors import UserError
-from metacompress.io import load_weights, save_torch
+from metacompress.io import load_weights, refuse_output_over_inputs, save_torch, state_dict_from
 from metacompress.meta.fusion import DARE_MERGES, METHODS, FusionData, fuse
 from metacompress.recipes import load_recipe
 from metacompress.zoo import build_model
@@ -60,21 +59,14 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _load_state_dict(path: str, trust_pickle: bool) -> dict:
     """A state dict from a checkpoint: a plain state dict, ``{"state_dict": ...}`` or a trusted module."""
-    obj = load_weights(path, trust_pickle=trust_pickle)
-    if isinstance(obj, nn.Module):
-        return obj.state_dict()
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        return obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return obj
+    return state_dict_from(load_weights(path, trust_pickle=trust_pickle), path)
 
 
 @command("fuse", help="Merge trained models of one architecture: soups, task arithmetic, TIES, DARE, Fisher.")
 def fuse_command(
     ctx: typer.Context,
     model_spec: str | None = typer.Argument(
-        None, help="Model the weights belong to (zoo name, torchvision:NAME, file.py:factory); built "
+        None, help="Model the weights belong to (zoo name, torchvision:NAME, file.py:factory, which runs that file); built "
                    "with --data to recompute BN statistics, estimate Fisher and score the soup."),
     method: str | None = typer.Option(None, "--method", "-m", help=f"One of: {', '.join(METHODS)}."),
     weights: str | None = typer.Option(None, "--weights", "-w", help="Comma-separated state-dict files."),
@@ -107,6 +99,7 @@ def fuse_command(
     if any(not w for w in paths):
         raise UserError(f"empty file name in weights list '{opts['weights']}'")
 
+    refuse_output_over_inputs(opts["out"], paths + ([opts["base"]] if opts.get("base") else []))
     state_dicts = [_load_state_dict(w, trust_pickle) for w in paths]
     base_sd = _load_state_dict(opts["base"], trust_pickle) if opts.get("base") else None
     model = fusion_data = None

@@ -94,5 +94,7 @@ def meta_eval(
     if episodes < 2:
         raise UserError(f"--episodes must be at least 2, got {episodes}")
     ckpt = load_weights(checkpoint)
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{checkpoint} is not a meta-train checkpoint (it holds a {type(ckpt).__name__})")
     spec = parse_task_spec(tasks if tasks is not None else str(ckpt.get("tasks", "")))
     emit(evaluate_checkpoint(ckpt, spec, episodes, steps, seed), as_json, _render_eval)

@@ -33,6 +33,8 @@ AIM = 0.5            # the loop stops early only within AIM * LATENCY_TOL: margi
 MAX_ROUNDS = 4       # measured re-projections per allocation
 IDLE_SAVING = 1e-4   # a group whose pruning saves less (fraction of the dense latency) is left whole
 METRICS = ("macs", "params", "latency", "ms")
+MAX_BATCH = 4096     # latency batch sizes beyond this are input errors, not workloads to allocate
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -65,11 +67,50 @@ def budget_spec(macs: float | None = None, params: float | None = None, latency:
     if metric != "ms" and not 0.0 < value <= 1.0:
         raise UserError(f"--target-{metric} must be in (0, 1] (the kept fraction), got {value:g}")
     spec = BudgetSpec(metric, float(value), **runtime)
-    if spec.batch < 1:
-        raise UserError(f"--latency-batch must be >= 1, got {spec.batch}")
-    if spec.threads is not None and spec.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {spec.threads}")
+    if not 1 <= spec.batch <= MAX_BATCH:
+        raise UserError(f"--latency-batch must be in 1..{MAX_BATCH}, got {spec.batch}")
+    if spec.threads is not None and not 1 <= spec.threads <= MAX_THREADS:
+        raise UserError(f"--threads must be in 1..{MAX_THREADS}, got {spec.threads}")
     return spec
+
+
+class MACs(BudgetSpec):
+    """Keep ``fraction`` of the dense model's multiply-accumulates (met exactly, in whole units)."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(**vars(budget_spec(macs=fraction)))
+
+
+class Params(BudgetSpec):
+    """Keep ``fraction`` of the dense model's parameters."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(**vars(budget_spec(params=fraction)))
+
+
+class Latency(BudgetSpec):
+    """Keep ``fraction`` of the dense model's latency, measured in onnxruntime on this machine at
+    ``batch`` with ``threads`` (default: the cores this process may use)."""
+
+    def __init__(self, fraction: float, batch: int = 1, threads: int | None = None, provider: str = "cpu") -> None:
+        super().__init__(**vars(budget_spec(latency=fraction, batch=batch, threads=threads, provider=provider)))
+
+
+class Milliseconds(BudgetSpec):
+    """Run in at most ``ms`` milliseconds at ``batch``, measured as for ``Latency``."""
+
+    def __init__(self, ms: float, batch: int = 1, threads: int | None = None, provider: str = "cpu") -> None:
+        super().__init__(**vars(budget_spec(ms=ms, batch=batch, threads=threads, provider=provider)))
+
+
+def as_budget(target: BudgetSpec | float) -> BudgetSpec:
+    """A budget object, or a bare number read as the kept MACs fraction."""
+    if isinstance(target, BudgetSpec):
+        return target
+    if isinstance(target, (int, float)) and not isinstance(target, bool):
+        return MACs(float(target))
+    raise UserError(f"target must be a kept MACs fraction or one of MACs(f), Params(f), Latency(f), "
+                    f"Milliseconds(ms); got {type(target).__name__}")
 
 
 @dataclass

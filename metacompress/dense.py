@@ -1,15 +1,17 @@
-"""Dense-model jobs behind ``metacompress train`` and ``metacompress inspect``."""
+"""Dense-model jobs behind ``metacompress train``, ``inspect`` and ``robustify``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from metacompress.compress.groups import discover_groups
 from metacompress.compress.measure import count_params, module_macs
 from metacompress.compress.prune import PruningSpace
+from metacompress.compress.robust import RobustConfig, robustify
 from metacompress.data import load_dataset
+from metacompress.errors import UserError
 from metacompress.io import save_torch
-from metacompress.pipeline import load_dense
+from metacompress.pipeline import CompressConfig, budget_allocation, load_dense, prepare
 from metacompress.training import accuracy
 
 
@@ -23,16 +25,39 @@ def train_and_save(spec: str, data_spec: str, out: str, epochs: int = 30, seed: 
             "epochs": epochs, "seed": seed, "out": out}
 
 
+def robustify_and_save(spec: str, data_spec: str, weights: str | None, out: str, rc: RobustConfig,
+                       allocations: Sequence[str] = ("meta", "uniform"), policy: str | None = None,
+                       round_to: int | str = "auto", seed: int = 0, trust_pickle: bool = False) -> dict[str, Any]:
+    """Make a dense model prune-robust over ``rc.budgets`` (kept MACs) and save its state dict.
+
+    The tasks' allocations are the named ones (the meta-learned policy's and fixed rules'), each
+    drawn with equal probability; every input is checked before any data is loaded.
+    """
+    rc.validate()
+    if not allocations:
+        raise UserError("give at least one --allocation")
+    cfg = CompressConfig(model=spec, data=data_spec, weights=weights, target_macs=rc.budgets[0], policy=policy,
+                         round_to=round_to, seed=seed, trust_pickle=trust_pickle)
+    prep = prepare(cfg)
+    allocs = [budget_allocation(name, prep, seed, policy) for name in dict.fromkeys(allocations)]
+    result = robustify(prep.dense, prep.data, prep.space, allocs, rc, "macs", seed=seed)
+    acc = accuracy(prep.dense, prep.data.x_test, prep.data.y_test)
+    save_torch(prep.dense.state_dict(), out)
+    return {"model": spec, "data": data_spec, "out": out, "budgets": list(rc.budgets), "allocations": list(allocations),
+            "dense_test_accuracy_before": prep.dense_accuracy, "dense_test_accuracy_after": acc,
+            **result.to_dict()}
+
+
 def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round_to: int | str = "auto",
                   latency: bool = False, batch: int = 1, threads: int | None = None,
-                  provider: str = "cpu") -> dict[str, Any]:
+                  provider: str = "cpu", trust_pickle: bool = False) -> dict[str, Any]:
     """Prunable groups and per-layer cost of a model sized for the data; with ``latency``, the
     runtime's latency model too (built on this machine, or read from its cache)."""
     from metacompress.deploy.runtime import resolve_round_to
 
     round_to = resolve_round_to(round_to, provider)
     data = load_dataset(data_spec)
-    model = load_dense(spec, data, weights)
+    model = load_dense(spec, data, weights, trust_pickle=trust_pickle)
     example = data.x_train[:1]
     macs = module_macs(model, example)
     layers = [
@@ -70,4 +95,4 @@ def _latency_model_info(model, data, round_to: int, batch: int, threads: int | N
     }
 
 
-__all__ = ["inspect_model", "train_and_save"]
+__all__ = ["inspect_model", "robustify_and_save", "train_and_save"]

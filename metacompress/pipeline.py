@@ -1,6 +1,6 @@
 """The compression pipeline, stage by stage:
 
-load -> measure -> allocate -> prune -> repair -> (fuse) -> export -> verify -> report
+load -> measure -> (robustify) -> allocate -> prune -> repair -> (fuse) -> export -> verify -> report
 
 (with the meta policy, a guard stage after prune repairs three candidates and keeps the best
 on validation).
@@ -13,13 +13,15 @@ every stage has succeeded, so a failed run leaves no half-written file.
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,15 +32,18 @@ from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.groups import refuse_unsupported
 from metacompress.compress.prune import BUDGET_TOL, PruningSpace
-from metacompress.data import Dataset, load_dataset
+from metacompress.compress.robust import Allocation, RobustConfig, robustify
+from metacompress.data import Dataset, data_paths, load_dataset
 from metacompress.errors import UserError
-from metacompress.io import load_weights, write_json
+from metacompress.io import load_weights, refuse_output_over_inputs, state_dict_from, write_json
 from metacompress.progress import status
+from metacompress.signals import signals_deferred
 from metacompress.training import accuracy, accuracy_and_loss, train_dense
 from metacompress.zoo import build_model, check_forward, is_builtin
 
 DEFAULT_TRAIN_EPOCHS = 30
 QUANTIZE_MODES = ("none", "auto", "static", "dynamic")
+OUTPUTS = ("model.onnx", "model.pt", "report.json", "model.int8.onnx")
 STUDENTS_SHARED = 0.5  # students share this fraction of the repair before they fork (benchmarks/students_soup.py)
 
 
@@ -72,6 +77,7 @@ class CompressConfig:
     latency_repeats: int = 20
     latency_seconds: float = 3.0        # at least this long timing each batch size (interleaved rounds)
     trust_pickle: bool = False
+    robustify: RobustConfig | None = None  # prune-robust meta-training of the dense model before allocating
 
     def budget(self) -> BudgetSpec:
         return budget_spec(self.target_macs, self.target_params, self.target_latency, self.target_ms,
@@ -87,6 +93,7 @@ class Prepared:
     space: PruningSpace
     dense_accuracy: float
     budget: Budget
+    robust: dict[str, Any] | None = None  # what the robustify stage did, if it ran
 
 
 class Timer:
@@ -113,16 +120,12 @@ def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epo
     if weights is None:
         train_dense(model, data, epochs=epochs, seed=seed)
     elif weights != "none":
-        state = load_weights(weights, trust_pickle=trust_pickle)
-        if isinstance(state, nn.Module):
-            state = state.state_dict()
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise UserError(f"{weights} is not a state dict (a mapping of names to tensors)")
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise UserError(f"{weights} holds NaN or infinite values in: {', '.join(bad[:5])}")
+        state = state_dict_from(load_weights(weights, trust_pickle=trust_pickle), weights)
+        expected = model.state_dict()
+        wrong = [k for k, v in state.items() if k in expected and v.is_floating_point() != expected[k].is_floating_point()]
+        if wrong:
+            raise UserError(f"{weights}: {wrong[0]} holds {state[wrong[0]].dtype} values, model '{spec}' needs "
+                            f"{expected[wrong[0]].dtype} (wrong dtype in {len(wrong)} tensor(s))")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -134,18 +137,24 @@ def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epo
 
 
 def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
-    """Load the data and the dense model, find its groups and resolve the budget (a latency budget
-    builds or reads the runtime's latency model)."""
-    from metacompress.deploy.runtime import resolve_round_to
-
+    """Load the data and the dense model named by ``cfg``, then ``prepare_model``."""
     timer = timer or Timer()
     spec = cfg.budget()
-    round_to = resolve_round_to(cfg.round_to, cfg.provider)
     with timer.stage("load"):
         data = load_dataset(cfg.data)
         dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle, for_pruning=True)
+    return prepare_model(dense, data, spec, cfg.round_to, timer)
+
+
+def prepare_model(dense: nn.Module, data: Dataset, spec: BudgetSpec, round_to: int | str = "auto",
+                  timer: Timer | None = None) -> Prepared:
+    """Find the dense model's groups and resolve the budget (a latency budget builds or reads the
+    runtime's latency model)."""
+    from metacompress.deploy.runtime import resolve_round_to
+
+    timer = timer or Timer()
     with timer.stage("measure"):
-        space = PruningSpace(dense, data.x_train[:1], data.num_classes, round_to)
+        space = PruningSpace(dense, data.x_train[:1], data.num_classes, resolve_round_to(round_to, spec.provider))
         dense_acc = accuracy(dense, data.x_test, data.y_test)
     with timer.stage("latency model") if spec.is_latency else _nothing():
         budget = resolve_budget(spec, dense, space, data.input_shape)
@@ -155,6 +164,49 @@ def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def _rounded_cache(fn: Callable[[float], list[int]]) -> Allocation:
+    """``fn`` evaluated once per budget rounded to 0.01: robustify draws budgets from a continuous
+    range, and the policy's allocation costs a projection per expert rule."""
+    cached = functools.lru_cache(maxsize=None)(lambda b: tuple(fn(b)))
+    return lambda b: list(cached(round(float(b), 2)))
+
+
+def budget_allocation(name: str, prep: Prepared, seed: int = 0, policy: str | None = None) -> Allocation:
+    """``budget -> units kept per group`` of a fixed rule or of the meta-learned policy (``meta``),
+    under the run's cost model: the allocations ``compress.robust`` trains on (it knows no policy)."""
+    space, cost = prep.space, prep.budget.cost
+    calib = prep.data.calibration_batch(128, seed)
+    if name in RULES:
+        ratio_fn = rule_allocation(name, space, prep.dense, calib)
+        return _rounded_cache(lambda b: space.project(ratio_fn, b, cost))
+    if name != "meta":
+        raise UserError(f"unknown allocation '{name}': use meta or one of {', '.join(RULES)}")
+    from metacompress.policy.features import policy_inputs
+    from metacompress.policy.network import EXPERT_RULES, decide
+    from metacompress.policy.store import load_policy
+
+    pol = load_policy(policy)
+    features, experts = policy_inputs(prep.dense, space, calib, EXPERT_RULES)
+    return _rounded_cache(lambda b: space.project(decide(pol.theta, features, b, RepairConfig(), experts.ratios(b, cost),
+                                                         pol.kinds_seen).ratio_fn(), b, cost))
+
+
+def robustify_stage(cfg: CompressConfig, prep: Prepared, rc: RobustConfig) -> list[str]:
+    """Make the dense model prune-robust (in place, so it is the teacher of the repair too), over a
+    budget range widened to include the run's target; returns robustify's warnings."""
+    target = prep.budget.feasible_target
+    lo, hi = rc.budgets
+    floor = prep.space.floor(prep.budget.cost)
+    rc = replace(rc, budgets=(max(min(lo, target), floor), max(hi, target)))
+    alloc = budget_allocation(cfg.allocation, prep, cfg.seed, cfg.policy)
+    result = robustify(prep.dense, prep.data, prep.space, [alloc], rc, prep.budget.cost, seed=cfg.seed)
+    prep.dense_accuracy = accuracy(prep.dense, prep.data.x_test, prep.data.y_test)
+    prep.robust = result.to_dict() | {"dense_test_accuracy": prep.dense_accuracy}
+    status(f"robustify: dense validation accuracy {result.dense_val_before:.4f} -> {result.dense_val_after:.4f} "
+           f"({result.seconds:.1f} s)")
+    return result.warnings
 
 
 def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, RepairConfig]:
@@ -168,18 +220,15 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
         return keep, CHANNEL_IMPORTANCE[cfg.allocation], cfg.repair
     if cfg.allocation != "meta":
         raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
+    from metacompress.policy.allocate import policy_allocation
     from metacompress.policy.features import policy_inputs
-    from metacompress.policy.network import EXPERT_RULES, decide, regime_of
+    from metacompress.policy.network import EXPERT_RULES, regime_of
     from metacompress.policy.store import load_policy
 
     policy = load_policy(cfg.policy)
-    theta = policy.theta
-    features, experts = policy_inputs(prep.dense, prep.space, calib, EXPERT_RULES)
-    if cfg.adapt_steps > 0:
-        theta = _adapt(theta, cfg, prep, target, features, experts, policy.kinds_seen)
-    decision = decide(theta, features, target, cfg.repair, experts.ratios(target, budget.cost), policy.kinds_seen)
-    keep = budget.project(prep.space, decision.ratio_fn())
-    chosen = decision.repair
+    inputs = policy_inputs(prep.dense, prep.space, calib, EXPERT_RULES)
+    theta = _adapt(policy, cfg, prep, target, inputs) if cfg.adapt_steps > 0 else None
+    keep, chosen = policy_allocation(policy, prep.dense, prep.space, calib, budget, cfg.repair, theta, inputs)
     for name in cfg.repair_overrides:  # explicit flags beat the policy
         setattr(chosen, name, getattr(cfg.repair, name))
     status(f"policy ({regime_of(cfg.repair)} regime): repair lr {chosen.lr:.3g}, T {chosen.temperature:.3g}, "
@@ -187,18 +236,20 @@ def allocate(cfg: CompressConfig, prep: Prepared) -> tuple[list[int], str, Repai
     return keep, "magnitude", chosen
 
 
-def _adapt(theta, cfg: CompressConfig, prep: Prepared, target: float, features, experts, kinds_seen):
+def _adapt(policy, cfg: CompressConfig, prep: Prepared, target: float, inputs: tuple) -> Any:
     """ES-MAML: a few ES steps of the policy on this very task (validation split reward)."""
     from metacompress.policy.meta_train import adapt
     from metacompress.policy.network import regime_of
     from metacompress.policy.tasks import Context, Task, TaskPool, Teacher
 
     data = prep.data
-    pool = TaskPool(cfg.repair, kinds_seen)
+    features, experts = inputs
+    pool = TaskPool(cfg.repair, policy.kinds_seen)
     teacher = Teacher(cfg.model, cfg.data, (), cfg.seed)
     pool.register(teacher, Context(teacher, data, prep.dense, prep.space, features,
                                    accuracy(prep.dense, data.x_val, data.y_val), prep.dense_accuracy, experts))
-    return adapt(theta, pool, Task(teacher, target, regime_of(cfg.repair), cfg.seed), cfg.adapt_steps, seed=cfg.seed)
+    return adapt(policy.theta, pool, Task(teacher, target, regime_of(cfg.repair), cfg.seed), cfg.adapt_steps,
+                 seed=cfg.seed)
 
 
 def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) -> nn.Module:
@@ -281,14 +332,44 @@ def soup_students(model: nn.Module, students: list[dict[str, Any]], data: Datase
 
 
 def _stage_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write beside {out}: {exc.strerror or exc}") from None
 
 
 def _publish(tmp: Path, out: Path, names: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        (tmp / name).replace(out / name)
+    """Move this run's outputs into ``out`` (signals held back until all are there) and remove the
+    outputs of an earlier run that this one does not write (a stale model.int8.onnx)."""
+    with signals_deferred():
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (tmp / name).replace(out / name)
+        for name in set(OUTPUTS) - set(names):
+            (out / name).unlink(missing_ok=True)
+
+
+def check_output(cfg: CompressConfig) -> None:
+    """Refuse, before any work, an output folder that is a file, cannot be written, or holds (or
+    lies inside) one of the run's inputs."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    try:  # root passes os.access everywhere: try it
+        os.rmdir(tempfile.mkdtemp(prefix=".metacompress-probe.", dir=existing))
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {existing}: {exc.strerror or exc}") from None
+    inputs = data_paths(cfg.data)
+    if cfg.weights not in (None, "none"):
+        inputs.append(cfg.weights)
+    model_file = cfg.model.rpartition(":")[0]
+    if model_file.endswith(".py"):
+        inputs.append(model_file)
+    if cfg.policy:
+        inputs.append(cfg.policy)
+    refuse_output_over_inputs(out, inputs)
 
 
 def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], budget: Budget) -> list[str]:
@@ -324,15 +405,29 @@ class Compressed:
     warnings: list[str] = field(default_factory=list)
 
 
-def compress_stages(cfg: CompressConfig, timer: Timer) -> Compressed:
-    """load -> measure -> allocate -> prune -> (guard) -> repair -> (fuse): the compressed model."""
+def compress_stages(cfg: CompressConfig, timer: Timer, prep: Prepared | None = None) -> Compressed:
+    """load -> measure -> allocate -> prune -> (guard) -> repair -> (fuse): the compressed model
+    (``prep``: a dense model already prepared for this budget, e.g. shared by a sweep's points)."""
     cfg.repair.validate()
+    check_output(cfg)
     if cfg.students < 1:
         raise UserError(f"--students must be >= 1, got {cfg.students}")
+    if cfg.allocation != "meta" and cfg.allocation not in RULES:
+        raise UserError(f"unknown allocation '{cfg.allocation}': use meta or one of {', '.join(RULES)}")
     if cfg.quantize not in QUANTIZE_MODES:
         raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
-    prep = prepare(cfg, timer)
+    if cfg.robustify is not None:
+        cfg.robustify.validate()
+    return compress_prepared(cfg, prep or prepare(cfg, timer), timer)
+
+
+def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Compressed:
+    """(robustify) -> allocate -> prune -> (guard) -> repair -> (fuse) on a prepared dense model."""
     data = prep.data
+    robust_warnings = []
+    if cfg.robustify is not None:
+        with timer.stage("robustify"):
+            robust_warnings = robustify_stage(cfg, prep, cfg.robustify)
     with timer.stage("allocate"):
         keep, importance, repair_cfg = allocate(cfg, prep)
     with timer.stage("prune"):
@@ -341,7 +436,7 @@ def compress_stages(cfg: CompressConfig, timer: Timer) -> Compressed:
     if cfg.allocation == "meta" and cfg.guard:
         with timer.stage("guard"):
             keep, repair_cfg, student, guard, first = guard_repair(cfg, prep, keep, repair_cfg, student)
-    warnings = allocation_warnings(prep.space, keep, prep.space.off_grid(keep), prep.budget)
+    warnings = robust_warnings + allocation_warnings(prep.space, keep, prep.space.off_grid(keep), prep.budget)
     for w in warnings:
         status(f"warning: {w}")
     pruned_acc = accuracy(student, data.x_test, data.y_test)
@@ -396,8 +491,10 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     timer = Timer()
     c = compress_stages(cfg, timer)
     out = Path(cfg.out)
-    tmp = _stage_dir(out)
+    tmp = None
     try:
+        with signals_deferred():  # an interrupt cannot come between creating the folder and owning it
+            tmp = _stage_dir(out)
         results = export_and_verify(cfg, c, tmp, timer)
         report = compress_report(cfg, c, results)
         with timer.stage("save"):
@@ -407,7 +504,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         write_json(tmp / "report.json", report)
         _publish(tmp, out, ["model.onnx", "model.pt", "report.json"] + (["model.int8.onnx"] if "quant" in results else []))
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if c.prep.budget.latency is not None:
             c.prep.budget.latency.close()
     if not is_builtin(cfg.model) and not cfg.model.startswith("torchvision:"):

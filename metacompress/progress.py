@@ -6,7 +6,7 @@ import os
 from typing import Iterable, Iterator, TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
 _console = Console(stderr=True)
@@ -22,7 +22,8 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
     if not enabled():
         yield from iterable
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=_console, transient=True) as bar:
         yield from bar.track(iterable, total=total, description=description)
 

@@ -36,3 +36,23 @@ def trained(digits):
         return cache[spec]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx():
+    """Writes a valid one-MatMul ONNX model (input N x 4, output N x 3) to a path; returns its bytes."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    def write(path) -> bytes:
+        w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], np.arange(12, dtype=np.float32).tolist())
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        raw = model.SerializeToString()
+        path.write_bytes(raw)
+        return raw
+
+    return write

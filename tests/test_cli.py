@@ -88,7 +88,7 @@ def test_pickled_module_needs_trust_flag(tmp_path, digits):
     model = build_model("mlp", digits.input_shape, 10, digits.mean, digits.std)
     torch.save(model, tmp_path / "whole.pt")
     res = run("compress", "mlp", "--weights", tmp_path / "whole.pt", "--target-macs", "0.5", "--out", tmp_path / "o")
-    assert_user_error(res, "cannot load weights")
+    assert_user_error(res, "refusing to unpickle", "--trust-pickle")
 
 
 def test_user_model_factory_whose_forward_fails(tmp_path):

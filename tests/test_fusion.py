@@ -582,6 +582,6 @@ def test_cli_bad_config_exits_2(tmp_path, ckpts):
 def test_shipped_recipe_is_a_valid_config():
     from metacompress.cli.fuse_cmd import _read_config
 
-    cfg = _read_config(Path(__file__).resolve().parents[1] / "recipes" / "fuse-example.yaml")
+    cfg = _read_config(Path(__file__).resolve().parents[1] / "benchmarks" / "recipes" / "fuse-example.yaml")
     assert cfg["method"] == "ties" and cfg["model_spec"] == "mlp" and cfg["density"] == 0.2
     assert cfg["weights"] == "out/fuse/task_a.pt,out/fuse/task_b.pt"

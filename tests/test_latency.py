@@ -277,3 +277,14 @@ def test_latency_budget_leaves_groups_whose_pruning_saves_no_time():
     keep = lt.project(lambda s: [s * 0.9] * len(space.groups))
     assert all(k == g.channels for i, (k, g) in enumerate(zip(keep, space.groups)) if i != last)
     assert keep[last] < 64 and abs(lm.fraction(keep) / 0.6 - 1) <= LATENCY_TOL
+
+
+def test_a_final_measurement_off_the_target_is_warned_about_once():
+    from metacompress.report import final_latency_warning
+
+    section = {"within_tolerance": False, "measured_fraction": {"b1": 0.58, "b32": 0.5}, "target_fraction": 0.5,
+               "tolerance": LATENCY_TOL, "correction_rounds": [[{"goal": 0.5, "predicted": 0.5, "measured": 0.51}]]}
+    (warning,) = final_latency_warning(section, 1, warned=False)
+    assert "0.580" in warning and "16%" in warning and "0.500" in warning
+    assert final_latency_warning(section, 1, warned=True) == []  # the loop already warned (floor, miss)
+    assert final_latency_warning(section | {"within_tolerance": True}, 1, warned=False) == []

@@ -71,12 +71,23 @@ def resize_to(model: nn.Module, structure: dict, state_dict: dict) -> None:
                 mod._buffers[leaf] = torch.empty_like(tensor)
 
 
-def load_compressed(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by ``save_compressed``; returns (model in eval mode, the file's fields)."""
+USER_MODULE = "module:"  # spec prefix of a model the user built (rebuilt from the dense module they pass)
+
+
+def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by ``save_compressed``; returns (model in eval mode, the file's fields).
+
+    ``model``: a dense instance of the saved architecture (needed for a user's own module, which
+    cannot be rebuilt from a name); it is resized in place to the saved widths.
+    """
     ckpt = load_weights(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a metacompress compressed model (format {FORMAT})")
-    model = build_model(ckpt["model"], ckpt["input_shape"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    if model is None and str(ckpt["model"]).startswith(USER_MODULE):
+        raise UserError(f"{path} holds a user module ({ckpt['model'][len(USER_MODULE):]}): pass a dense instance of it "
+                        "to load_compressed(path, model)")
+    if model is None:
+        model = build_model(ckpt["model"], ckpt["input_shape"], ckpt["num_classes"], **ckpt["model_kwargs"])
     resize_to(model, ckpt["structure"], ckpt["state_dict"])
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)

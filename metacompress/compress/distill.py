@@ -10,6 +10,7 @@ policy predicts them; these defaults are the best single setting on average.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,10 +40,10 @@ class RepairConfig:
     def validate(self) -> "RepairConfig":
         if self.steps < 0:
             raise UserError(f"repair steps must be >= 0, got {self.steps}")
-        if not self.lr > 0:
-            raise UserError(f"repair learning rate must be > 0, got {self.lr}")
-        if not self.temperature > 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.lr < math.inf:
+            raise UserError(f"repair learning rate must be a finite number > 0, got {self.lr}")
+        if not 0 < self.temperature < math.inf:
+            raise UserError(f"temperature must be a finite number > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise UserError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.samples_per_class is not None and self.samples_per_class <= 0:

@@ -14,6 +14,6 @@
 A fixed validation split is always carved from the training split.
 """
 
-from metacompress.data.datasets import Dataset, load_dataset, subsample_per_class
+from metacompress.data.datasets import Dataset, data_paths, load_dataset, subsample_per_class
 
-__all__ = ["Dataset", "load_dataset", "subsample_per_class"]
+__all__ = ["Dataset", "data_paths", "load_dataset", "subsample_per_class"]

@@ -13,6 +13,12 @@ from metacompress.errors import UserError
 
 VAL_FRACTION = 0.1
 TEST_FRACTION = 0.2
+# Bounds checked before anything is allocated: a forged header or a typo ("digits@100000") is an
+# input error, not a request for terabytes. Fashion-MNIST as float32 takes 220 MB.
+MAX_DATA_BYTES = 2**32          # all splits together, as float32
+MAX_SAMPLE_ELEMENTS = 2**24     # one sample: e.g. 3 x 2364 x 2364
+MAX_CLASSES = 100_000
+MAX_DIGITS_SIZE = 512
 
 
 @dataclass
@@ -72,14 +78,46 @@ def subsample_per_class(
     return x[sel], y[sel]
 
 
+def check_size(what: str, n: int, sample_shape: tuple[int, ...]) -> None:
+    """Refuse, before allocating, data whose samples or whole float32 copy exceed the bounds."""
+    per_sample = int(np.prod(sample_shape, dtype=np.int64)) if sample_shape else 1
+    if per_sample == 0:
+        raise UserError(f"{what}: samples of shape {sample_shape} hold no values")
+    if per_sample > MAX_SAMPLE_ELEMENTS:
+        raise UserError(f"{what}: samples of shape {'x'.join(map(str, sample_shape))} have {per_sample:,} values; "
+                        f"the limit is {MAX_SAMPLE_ELEMENTS:,}")
+    if n * per_sample * 4 > MAX_DATA_BYTES:
+        raise UserError(f"{what}: {n:,} samples of shape {'x'.join(map(str, sample_shape))} need "
+                        f"{n * per_sample * 4 / 2**30:.1f} GiB as float32; the limit is {MAX_DATA_BYTES / 2**30:.0f} GiB")
+
+
+def check_labels(what: str, y: np.ndarray) -> np.ndarray:
+    """Labels as int64 class indices 0..MAX_CLASSES-1 (integer-valued floats are accepted)."""
+    y = np.asarray(y)
+    if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+        y = y.astype(np.int64)
+    if y.dtype.kind not in "iu":
+        raise UserError(f"{what}: labels must be integers 0..C-1, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= MAX_CLASSES):
+        raise UserError(f"{what}: labels must be class indices 0..C-1 with C <= {MAX_CLASSES:,}, "
+                        f"found {int(y.min())}..{int(y.max())}")
+    return y.astype(np.int64).ravel()
+
+
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
     """Stratified split: the same seed always gives the same split."""
     from sklearn.model_selection import train_test_split
 
-    return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
+    try:
+        return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError as exc:  # too few samples, or a class with a single sample
+        raise UserError(f"cannot split {len(y)} samples of {len(np.unique(y))} classes by class "
+                        f"({fraction:.0%} held out): {' '.join(str(exc).split())}") from None
 
 
 def _finish(name: str, x_tr, y_tr, x_te, y_te, num_classes: int | None = None) -> Dataset:
+    if len(x_tr) == 0 or len(x_te) == 0:
+        raise UserError(f"{name}: needs training and test samples, got {len(x_tr)} and {len(x_te)}")
     x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, VAL_FRACTION, seed=0)
 
     def t(a, dtype=torch.float32):
@@ -121,6 +159,8 @@ def _synthetic(arg: str) -> Dataset:
         classes = int(opts.pop("classes", 10))
         n = int(opts.pop("n", 1200))
         seed = int(opts.pop("seed", 0))
+        if not 0 <= seed < 2**32:
+            raise ValueError(seed)
     except ValueError:
         raise UserError(f"malformed synthetic spec 'synthetic:{arg}': use synthetic:SHAPE[:classes=C][:n=N], "
                         "e.g. synthetic:3x32x32 or synthetic:20") from None
@@ -131,6 +171,7 @@ def _synthetic(arg: str) -> Dataset:
     if len(shape) not in (1, 3) or min(shape) <= 0 or classes < 2 or n < min_n:
         raise UserError(f"synthetic data needs a shape CxHxW or F with positive sizes, >= 2 classes and "
                         f"n >= {min_n} for {classes} classes; got shape {shape}, classes {classes}, n {n}")
+    check_size(f"synthetic:{arg}", n, shape)
     g = torch.Generator().manual_seed(seed)
     protos = torch.randn((classes, *shape), generator=g)
     y = torch.arange(n) % classes
@@ -143,34 +184,70 @@ def _synthetic(arg: str) -> Dataset:
     return _finish(f"synthetic:{arg}", x_tr, y_tr, x_te, y_te, classes)
 
 
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz_headers(p: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array, read from the .npy headers inside the archive and checked
+    against the bounds and the member's size before numpy allocates anything."""
+    import zipfile
+
+    out = {}
+    try:
+        with zipfile.ZipFile(p) as zf:
+            names = set(zf.namelist())
+            missing = [k for k in NPZ_KEYS if f"{k}.npy" not in names]
+            if missing:
+                raise UserError(f"{p} lacks array(s) {', '.join(missing)}")
+            for key in NPZ_KEYS:
+                info = zf.getinfo(f"{key}.npy")
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(f)
+                    header = f.tell()
+                if dtype.hasobject or dtype.kind not in "biuf":
+                    raise UserError(f"{p}: {key} has dtype {dtype}; numbers are needed")
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                if nbytes > MAX_DATA_BYTES or header + nbytes != info.file_size:
+                    raise UserError(f"{p}: {key} declares shape {shape} ({nbytes:,} bytes of {dtype}) but holds "
+                                    f"{info.file_size - header:,} bytes (limit {MAX_DATA_BYTES:,})")
+                out[key] = (tuple(shape), dtype)
+    except UserError:
+        raise
+    except Exception as exc:  # zipfile, numpy's header parser and zlib raise several types
+        raise UserError(f"cannot read {p} as .npz: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    return out
+
+
 def _npz(path: str) -> Dataset:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data file not found: {p}")
+    shapes = {k: shape for k, (shape, _) in _npz_headers(p).items()}
+    for key in ("x_train", "x_test"):
+        if len(shapes[key]) not in (2, 4):
+            raise UserError(f"{p}: {key} must be N x F (flat) or images N x C x H x W / N x H x W x C, "
+                            f"got shape {shapes[key]}")
+        check_size(f"{p}: {key}", shapes[key][0], shapes[key][1:])
     try:
         with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in z}
+            arrays = {k: z[k] for k in NPZ_KEYS}
     except Exception as exc:
-        raise UserError(f"cannot read {p} as .npz: {exc}") from None
-    missing = {"x_train", "y_train", "x_test", "y_test"} - set(arrays)
-    if missing:
-        raise UserError(f"{p} lacks array(s) {', '.join(sorted(missing))}")
+        raise UserError(f"cannot read {p} as .npz: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     xs = []
     for key in ("x_train", "x_test"):
         x = arrays[key].astype(np.float32)
         if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
             x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
-        if x.ndim not in (2, 4):
-            raise UserError(f"{p}: {key} must be N x F (flat) or images N x C x H x W / N x H x W x C, "
-                            f"got shape {x.shape}")
         xs.append(x)
     if xs[0].shape[1:] != xs[1].shape[1:]:
         raise UserError(f"{p}: x_train samples {xs[0].shape[1:]} and x_test samples {xs[1].shape[1:]} differ")
-    y_tr, y_te = arrays["y_train"].astype(np.int64).ravel(), arrays["y_test"].astype(np.int64).ravel()
+    y_tr, y_te = check_labels(f"{p}: y_train", arrays["y_train"]), check_labels(f"{p}: y_test", arrays["y_test"])
     if len(y_tr) != len(xs[0]) or len(y_te) != len(xs[1]):
-        raise UserError(f"{p}: label and sample counts differ")
-    if min(y_tr.min(), y_te.min()) < 0:
-        raise UserError(f"{p}: labels must be 0..C-1")
+        raise UserError(f"{p}: label and sample counts differ (x_train {len(xs[0])}, y_train {len(y_tr)}, "
+                        f"x_test {len(xs[1])}, y_test {len(y_te)})")
     if not (np.isfinite(xs[0]).all() and np.isfinite(xs[1]).all()):
         raise UserError(f"{p}: data holds NaN or infinite values")
     return _finish(f"npz:{p}", xs[0], y_tr, xs[1], y_te)
@@ -178,22 +255,57 @@ def _npz(path: str) -> Dataset:
 
 def _imagefolder(root: str) -> Dataset:
     try:
-        from torchvision import datasets, transforms
+        from torchvision import datasets
     except ImportError:
         raise UserError("imagefolder data needs torchvision: pip install 'metacompress[vision]'") from None
     base = Path(root)
     if not (base / "train").is_dir() or not (base / "test").is_dir():
         raise UserError(f"imagefolder:{root} needs sub-folders train/ and test/, one folder per class in each")
-    tf = transforms.ToTensor()
-    out = []
+    out, classes = [], None
     for split in ("train", "test"):
-        ds = datasets.ImageFolder(str(base / split), transform=tf)
-        xs, ys = zip(*[ds[i] for i in range(len(ds))])
-        shapes = {tuple(x.shape) for x in xs}
-        if len(shapes) != 1:
-            raise UserError(f"imagefolder:{root}: images differ in size ({sorted(shapes)[:3]}...); resize them first")
-        out.append((torch.stack(xs).numpy(), np.array(ys)))
-    return _finish(f"imagefolder:{root}", out[0][0], out[0][1], out[1][0], out[1][1])
+        try:
+            ds = datasets.ImageFolder(str(base / split), loader=_read_image)
+        except (FileNotFoundError, OSError) as exc:  # no class folders, or a class without images
+            raise UserError(f"imagefolder:{root}: {split}/: {' '.join(str(exc).split())[:200]}") from None
+        if classes is not None and ds.classes != classes:
+            raise UserError(f"imagefolder:{root}: test/ has classes {ds.classes[:5]}..., train/ has "
+                            f"{classes[:5]}...; both need the same class folders")
+        classes = ds.classes
+        xs, ys = [], []
+        for path, label in ds.samples:
+            x = ds.loader(path)
+            if xs and x.shape != xs[0].shape:
+                raise UserError(f"imagefolder:{root}: images differ in size ({tuple(xs[0].shape)} and "
+                                f"{tuple(x.shape)} at {path}); resize them first")
+            if not xs:
+                check_size(f"imagefolder:{root}/{split}", len(ds.samples), tuple(x.shape))
+            xs.append(x)
+            ys.append(label)
+        out.append((np.stack(xs), np.array(ys)))
+    return _finish(f"imagefolder:{root}", out[0][0], out[0][1], out[1][0], out[1][1], len(classes))
+
+
+def _read_image(path: str) -> np.ndarray:
+    """One image as float32 C x H x W in [0, 1] (RGB, as torchvision's loader), its size checked
+    from the header before the pixels are decoded."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if 3 * w * h > MAX_SAMPLE_ELEMENTS:
+                    raise UserError(f"{path}: a {w} x {h} image is larger than the limit of "
+                                    f"{MAX_SAMPLE_ELEMENTS // 3:,} pixels")
+                rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+    except UserError:
+        raise
+    except Exception as exc:  # PIL raises many types for truncated or forged files
+        raise UserError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:150]}") from None
+    return rgb.transpose(2, 0, 1) / 255.0
 
 
 def _idx(arg: str) -> Dataset:
@@ -210,17 +322,31 @@ def _idx(arg: str) -> Dataset:
     if opts or n < 0 or size < 0:
         raise UserError(f"idx options must be n=N and size=S with positive integers, got '{arg}'")
     a = load_idx_arrays(root)
-    x_tr, y_tr = a["x_train"], a["y_train"]
-    classes = int(max(y_tr.max(), a["y_test"].max())) + 1
+    x_tr, y_tr = a["x_train"], check_labels(f"idx:{root}: train labels", a["y_train"])
+    y_te = check_labels(f"idx:{root}: test labels", a["y_test"])
+    if len(y_tr) == 0 or len(y_te) == 0:
+        raise UserError(f"idx:{root}: needs training and test images, got {len(y_tr)} and {len(y_te)}")
+    classes = int(max(y_tr.max(), y_te.max())) + 1
     if n and n < len(x_tr):
         if n < 2 * classes:
             raise UserError(f"idx:{arg}: n={n} is too small for {classes} classes (at least {2 * classes})")
         x_tr, _, y_tr, _ = _split(x_tr, y_tr, 1 - n / len(x_tr), seed=0)
     x_te = a["x_test"]
     if size:
+        check_size(f"idx:{arg}", len(x_tr) + len(x_te), (x_tr.shape[1], size, size))
         x_tr, x_te = (F.interpolate(torch.from_numpy(np.ascontiguousarray(x)), size=(size, size), mode="bilinear",
                                     align_corners=False).numpy() for x in (x_tr, x_te))
-    return _finish(f"idx:{arg}", x_tr, y_tr, x_te, a["y_test"], classes)
+    return _finish(f"idx:{arg}", x_tr, y_tr, x_te, y_te, classes)
+
+
+def data_paths(spec: str) -> list[str]:
+    """The files or folders a data spec reads (none for embedded and generated data)."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("npz", "imagefolder") and arg:
+        return [arg]
+    if kind == "idx" and arg:
+        return [arg.split(":")[0]]
+    return []
 
 
 def load_dataset(spec: str) -> Dataset:
@@ -233,8 +359,9 @@ def load_dataset(spec: str) -> Dataset:
             size = int(kind.split("@", 1)[1])
         except ValueError:
             size = 0
-        if size < 8:
-            raise UserError(f"malformed data spec '{spec}': use digits@SIZE with SIZE >= 8, e.g. digits@32")
+        if not 8 <= size <= MAX_DIGITS_SIZE:
+            raise UserError(f"malformed data spec '{spec}': use digits@SIZE with 8 <= SIZE <= {MAX_DIGITS_SIZE}, "
+                            "e.g. digits@32")
         return _digits(size)
     if kind == "synthetic" and arg:
         return _synthetic(arg)

@@ -8,6 +8,7 @@ reserve memory it does not back with data.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from pathlib import Path
 
@@ -37,10 +38,11 @@ def read_idx(path: Path) -> np.ndarray:
                 raise UserError(f"{path}: not an idx file (bad magic number)")
             dtype, ndim = np.dtype(_DTYPES[magic[2]]), magic[3]
             dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-            nbytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-            if nbytes > MAX_BYTES:
-                raise UserError(f"{path}: header declares {nbytes / 2**30:.1f} GiB of data "
-                                f"(shape {dims}); the limit is {MAX_BYTES / 2**30:.0f} GiB")
+            nbytes = math.prod(dims) * dtype.itemsize  # exact: numpy's int64 product wraps on forged dims
+            bound = math.prod(max(d, 1) for d in dims) * dtype.itemsize  # an empty 0 x 2^32 x 2^32 too
+            if bound > MAX_BYTES:
+                raise UserError(f"{path}: header declares shape {dims}, {bound / 2**30:.1f} GiB of data "
+                                f"(with empty axes as 1); the limit is {MAX_BYTES / 2**30:.0f} GiB")
             if opener is open and path.stat().st_size != 4 + 4 * ndim + nbytes:
                 raise UserError(f"{path}: header declares shape {dims} but the file holds "
                                 f"{path.stat().st_size} bytes")

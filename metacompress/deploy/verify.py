@@ -21,6 +21,27 @@ from torch import nn
 from metacompress.errors import UserError
 from metacompress.io import require_file
 
+MAX_ONNX_BYTES = 2**31  # protobuf's limit for one file; larger models keep their weights as external data
+
+
+def check_onnx(path: str | os.PathLike) -> Path:
+    """Refuse a file that is not a valid ONNX model before onnxruntime parses it.
+
+    ONNX files given by users come from anywhere: the size is bounded first, then
+    ``onnx.checker`` validates the graph (it also refuses external-data paths that leave the
+    model's folder). Files the toolkit wrote itself skip this and go straight to ``load_session``.
+    """
+    p = require_file(path, "ONNX model")
+    size = p.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        raise UserError(f"{p} holds {size / 2**30:.1f} GiB; an ONNX file is at most {MAX_ONNX_BYTES / 2**30:.0f} GiB "
+                        "(store larger weights as external data)")
+    try:
+        onnx.checker.check_model(str(p))
+    except Exception as exc:  # ValidationError, DecodeError, ...: all mean the file is not usable
+        raise UserError(f"{p} is not a valid ONNX model: {' '.join(str(exc).split())[:200] or type(exc).__name__}") from None
+    return p
+
 
 def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True,
                  provider: str = "cpu") -> ort.InferenceSession:

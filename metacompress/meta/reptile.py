@@ -18,6 +18,16 @@ from metacompress.meta.maml import MetaLearner, Params, Vectorize, _global_metri
 from metacompress.meta.tasks import Task, TaskType
 
 
+def reptile_step(optimizer: torch.optim.Optimizer, params: Params, deltas: Params) -> None:
+    """Reptile's outer update: each parameter's ``.grad`` becomes its task-averaged ``theta - phi``
+    (averaged across ranks too), then ``optimizer`` steps. SGD with step size epsilon is Reptile's
+    interpolation towards the adapted weights; Adam rescales the same direction per entry."""
+    for name, d in deltas.items():
+        params[name].grad = d
+    distributed.average_gradients(optimizer)
+    optimizer.step()
+
+
 class Reptile(MetaLearner):
     """Reptile with SGD inner steps; the outer update is plain SGD with step size ``outer_lr``.
 

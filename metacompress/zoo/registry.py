@@ -17,6 +17,7 @@ from metacompress.zoo import models as m
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {
     "mlp": m.MLP,
+    "mlp-64": partial(m.MLP, hidden=64, depth=1),  # the seed's example: one hidden layer of 64 units
     "lenet5": m.LeNet5,
     "vgg-small": m.VGGSmall,
     "resnet20": partial(m.CifarResNet, depth=20),

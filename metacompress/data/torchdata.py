@@ -1,0 +1,86 @@
+"""The user's own data: torch ``Dataset`` / ``DataLoader`` objects or ``(x, y)`` tensors, as the
+``Dataset`` splits the compression stages read.
+
+Samples are gathered into tensors once (the stages draw random batches from them); a validation
+split is carved from the training data when none is given, stratified and seeded like the
+built-in sets, so choices made on it never see the test split.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from metacompress.data.datasets import VAL_FRACTION, Dataset
+from metacompress.errors import UserError
+
+DataLike = Union[TorchDataset, DataLoader, tuple]
+MAX_SAMPLES = 200_000  # gathered per split; beyond it, pass a subset (torch.utils.data.Subset)
+
+
+def _pairs(data: DataLike, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) tensors from a loader, a map-style dataset of (input, label) pairs, or a tuple."""
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+    else:
+        if isinstance(data, DataLoader):
+            loader = data
+        elif isinstance(data, TorchDataset) or hasattr(data, "__getitem__"):
+            loader = DataLoader(data, batch_size=256, shuffle=False)
+        else:
+            raise UserError(f"{what} must be a torch Dataset, a DataLoader or an (inputs, labels) tuple of tensors, "
+                            f"got {type(data).__name__}")
+        xs, ys, n = [], [], 0
+        for batch in loader:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise UserError(f"{what} must yield (input, label) pairs; got {type(batch).__name__}")
+            xs.append(torch.as_tensor(batch[0]))
+            ys.append(torch.as_tensor(batch[1]))
+            n += len(xs[-1])
+            if n > MAX_SAMPLES:
+                raise UserError(f"{what} holds more than {MAX_SAMPLES} samples: pass a subset "
+                                "(torch.utils.data.Subset) for compression")
+        if not xs:
+            raise UserError(f"{what} is empty")
+        x, y = torch.cat(xs), torch.cat(ys)
+    if len(x) != len(y) or len(x) == 0:
+        raise UserError(f"{what}: {len(x)} inputs but {len(y)} labels")
+    if y.dim() != 1 or y.is_floating_point():
+        raise UserError(f"{what}: labels must be a 1-D integer tensor of class indices, got {tuple(y.shape)} "
+                        f"{y.dtype}")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        raise UserError(f"{what}: inputs hold NaN or infinite values")
+    return x, y.long()
+
+
+def from_torch(train: DataLike, val: DataLike | None = None, test: DataLike | None = None,
+               num_classes: int | None = None, name: str = "user", seed: int = 0) -> Dataset:
+    """A ``Dataset`` from the user's data. ``val`` defaults to a stratified 10 % of ``train``;
+    ``test`` (used only for the figures reported) defaults to ``val``."""
+    x_tr, y_tr = _pairs(train, "train")
+    if val is None:
+        _, counts = torch.unique(y_tr, return_counts=True)
+        stratify: Any = y_tr.numpy() if int(counts.min()) >= 2 else None
+        from sklearn.model_selection import train_test_split
+
+        idx_tr, idx_va = train_test_split(np.arange(len(y_tr)), test_size=VAL_FRACTION, random_state=seed,
+                                          stratify=stratify) if len(y_tr) >= 10 else (np.arange(len(y_tr)),) * 2
+        x_va, y_va = x_tr[idx_va], y_tr[idx_va]
+        x_tr, y_tr = x_tr[idx_tr], y_tr[idx_tr]
+    else:
+        x_va, y_va = _pairs(val, "val")
+    x_te, y_te = _pairs(test, "test") if test is not None else (x_va, y_va)
+    for what, x in (("val", x_va), ("test", x_te)):
+        if x.shape[1:] != x_tr.shape[1:]:
+            raise UserError(f"{what} inputs {tuple(x.shape[1:])} differ in shape from train {tuple(x_tr.shape[1:])}")
+    seen = int(max(y_tr.max(), y_va.max(), y_te.max())) + 1
+    classes = num_classes or seen
+    if seen > classes or int(min(y_tr.min(), y_va.min(), y_te.min())) < 0:
+        raise UserError(f"labels must be in 0..{classes - 1} (the model has {classes} outputs)")
+    return Dataset(name, x_tr, y_tr, x_va, y_va, x_te, y_te, classes)
+

@@ -1,0 +1,113 @@
+"""The Python API: a user's nn.Module and torch data in, a smaller module out, exported and verified."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import metacompress as mc
+from metacompress.compress.measure import count_macs
+from metacompress.data import load_dataset
+
+
+class UserNet(nn.Module):
+    """Not a zoo model: a user's own residual CNN."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                   nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
+        self.head = nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(torch.relu(h + self.block(h)))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """UserNet trained on digits (raw 0..16 pixels scaled to [0, 1]) with a plain torch loop."""
+    d = load_dataset("digits")
+    torch.manual_seed(0)
+    model = UserNet()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    loader = DataLoader(TensorDataset(d.x_train / 16, d.y_train), batch_size=64, shuffle=True)
+    for _ in range(6):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    model.eval()
+    return model, TensorDataset(d.x_train / 16, d.y_train), (d.x_test / 16, d.y_test)
+
+
+def test_compress_user_module_and_dataset(trained, tmp_path):
+    model, train, test = trained
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = train.tensors[0]
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=train, test=test,
+                                repair=mc.RepairConfig(steps=60))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
+    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
+    assert report.achieved_macs_ratio == pytest.approx(count_macs(small, x[:1]) / count_macs(model, x[:1]))
+    assert report.dense_accuracy > 0.9 and report.accuracy > 0.85
+    assert report.repair["steps"] == 60 and report.guard is not None  # explicit repair beats the policy's
+    assert sum(report.kept.values()) < sum(report.channels.values())
+    mc.export_onnx(small, x[:1], tmp_path / "small.onnx")
+    check = mc.verify(tmp_path / "small.onnx", small, test)
+    assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
+    assert check["accuracy"] == pytest.approx(report.accuracy, abs=1e-6)
+    mc.save(small, tmp_path / "small.pt", x[:1])
+    with pytest.raises(mc.UserError, match="pass a dense instance"):
+        mc.load_compressed(tmp_path / "small.pt")
+    back, _ = mc.load_compressed(tmp_path / "small.pt", UserNet())
+    assert torch.equal(back(x[:8]), small(x[:8]))
+
+
+def test_compress_takes_loaders_and_fixed_rules(trained):
+    model, train, test = trained
+    loader = DataLoader(train, batch_size=100)
+    small, report = mc.compress(model, train.tensors[0][:1], target=0.4, train=loader, allocation="global-magnitude",
+                                repair=mc.RepairConfig(steps=0))
+    assert abs(report.achieved_macs_ratio - 0.4) <= 0.02 * 0.4
+    assert report.guard is None and report.accuracy_before_repair <= report.dense_accuracy
+
+
+def test_policy_allocates_a_user_module(trained):
+    model, train, _ = trained
+    x, y = train.tensors
+    kept = mc.load_policy().allocate(model, (x[:128], y[:128]), 0.5)
+    assert set(kept) and all(0 < k for k in kept.values())
+    assert any(k < c for k, c in zip(kept.values(), (32, 64)))
+
+
+def test_bad_arguments_are_user_errors(trained):
+    model, train, _ = trained
+    x = train.tensors[0]
+    with pytest.raises(mc.UserError, match="must be in"):
+        mc.compress(model, x[:1], target=1.5, train=train)
+    with pytest.raises(mc.UserError, match="target must be"):
+        mc.compress(model, x[:1], target="half", train=train)
+    with pytest.raises(mc.UserError, match="labels must be"):
+        mc.compress(model, x[:1], target=0.5, train=(x, torch.full((len(x),), 12)))
+    with pytest.raises(mc.UserError, match="differ"):
+        mc.compress(model, torch.zeros(1, 1, 9, 9), target=0.5, train=train)
+    with pytest.raises(mc.UserError, match="torch.nn.Module"):
+        mc.compress(lambda t: t, x[:1], target=0.5, train=train)
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """README's "Use from Python" block, run as written (small images keep it quick)."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"## Use from Python.*?```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert (tmp_path / "small.onnx").is_file()
+    assert abs(scope["report"].achieved_macs_ratio - 0.5) <= 0.01
+    assert scope["check"]["max_abs_diff"] <= 1e-4
