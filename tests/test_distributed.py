@@ -171,3 +171,10 @@ def test_meta_train_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path
     other = _mc(*common, "--resume", "--seed", "1")
     assert other.returncode == 2 and "other settings" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1 and "Traceback" not in other.stderr
+
+
+def test_policy_recipe_schema_knows_every_training_option():
+    from metacompress.cli.run_cmd import PolicyTrain
+
+    assert set(PolicyTrain.model_fields) - {"pipeline"} == set(MetaTrainConfig.__dataclass_fields__)
+
