@@ -115,8 +115,9 @@ def test_maml_resume_refuses_a_state_from_other_settings(tmp_path):
 
 # ----- the command line, under torchrun and killed mid-way -------------------------------------
 def _mc(*args: str, env: dict | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
-    launcher = ([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
-                 f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable])
+    launcher = [sys.executable]  # torchrun is `python -m torch.distributed.run`
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
     return subprocess.run([*launcher, "-m", "metacompress", *args], capture_output=True, text=True,
                           env=env or _env(), timeout=300, check=False)
 
