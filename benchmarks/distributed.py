@@ -4,7 +4,8 @@ iteration, and a 64-rank efficiency estimate for policy ES from measured job tim
     python benchmarks/distributed.py [--quick]
 
 - policy ES: reward jobs (member x task) per second at 1 rank and 2 ranks (``workers: 2``), one
-  thread per rank, after the teachers are cached;
+  thread per rank, after the teachers are cached; and each rank's CPU seconds, whose ratio says
+  what two *free* cores would give on a machine whose cores are shared with other work;
 - MAML: meta-steps per second on sinusoid (meta-batch 25) at 1 and 2 ranks;
 - bytes: the payload each rank puts into the iteration's all-reduce (ES: one float64 per job;
   MAML: the float32 meta-gradient plus the loss metric);
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from collections import defaultdict
@@ -41,12 +43,18 @@ def es_config(quick: bool, workers: int, out: str) -> mt.MetaTrainConfig:
                               population=4 if quick else 8, workers=workers, seed=0, out=out)
 
 
-def es_rate(quick: bool, workers: int) -> tuple[float, int]:
-    """Reward jobs per second (teacher caching excluded) and jobs per iteration."""
+def es_rate(quick: bool, workers: int) -> tuple[float, int, list[float]]:
+    """Reward jobs per second (teacher caching excluded), jobs per iteration, and the CPU seconds
+    of each rank over the whole run (rank 0 is this process; the others are its reaped children)."""
     cfg = es_config(quick, workers, tempfile.mkdtemp(prefix="es-"))
+    cpu0, kids0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     hist = mt.meta_train(cfg, resume=False)["history"]
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = [time.process_time() - cpu0]
+    if workers > 1:  # one child per extra rank, all reaped: their CPU time together, split evenly
+        cpu += [(kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime) / (workers - 1)] * (workers - 1)
     jobs = cfg.population * cfg.tasks_per_iteration
-    return jobs * len(hist) / max(hist[-1]["seconds"], 1e-9), jobs
+    return jobs * len(hist) / max(hist[-1]["seconds"], 1e-9), jobs, cpu
 
 
 def job_times(quick: bool) -> tuple[dict[Task, list[float]], list[float]]:
@@ -126,7 +134,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # one thread per rank at every world size: the comparison is of processes
     mt.meta_train(es_config(args.quick, 1, tempfile.mkdtemp(prefix="es-warm-")), resume=False)  # cache teachers
-    (es1, jobs), (es2, _) = es_rate(args.quick, 1), es_rate(args.quick, 2)
+    (es1, jobs, cpu1), (es2, _, cpu2) = es_rate(args.quick, 1), es_rate(args.quick, 2)
     steps = 10 if args.quick else 60
     m1, m2 = maml_rate(1, steps), maml_rate(2, steps)
     params = sum(p.numel() for p in train_checkpoint(parse_task_spec("sinusoid"), "maml", 1, 0, joint_steps=1)
@@ -145,6 +153,8 @@ def main() -> None:
     print(f"| MAML sinusoid, meta-steps/s (meta-batch 25) | {m1:.1f} | {m2:.1f} | {m2 / m1:.2f}x | "
           f"{4 * params + 8} B ({params} float32 gradients + loss) |")
     print()
+    print(f"policy ES CPU seconds, whole run (setup included): 1 rank {cpu1[0]:.1f}; 2 ranks {cpu2[0]:.1f} + "
+          f"{cpu2[1]:.1f}; speedup on two free cores estimated from CPU time: {cpu1[0] / max(cpu2):.2f}x")
     print(f"policy job: median {np.median(member):.3f} s over {len(member)} jobs, mean within-task coefficient of "
           f"variation {cv:.2f}; uniform-baseline job: median {np.median(baselines):.3f} s; gloo all-reduce of "
           f"64 float64 between 2 local ranks: {1e6 * latency:.0f} us (median)")

@@ -111,6 +111,7 @@ class PolicyTrain(BaseModel):
     anchor: Optional[str] = None
     select_every: int = Field(0, ge=0)
     select_budgets: List[Annotated[float, Field(gt=0, le=1)]] = [0.5, 0.3, 0.15]
+    checkpoint_every: int = Field(1, ge=0)
     out: str = "out/policy"
 
 

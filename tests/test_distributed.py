@@ -115,8 +115,9 @@ def test_maml_resume_refuses_a_state_from_other_settings(tmp_path):
 
 # ----- the command line, under torchrun and killed mid-way -------------------------------------
 def _mc(*args: str, env: dict | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
-    launcher = ([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
-                 f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable])
+    launcher = [sys.executable]  # torchrun is `python -m torch.distributed.run`
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
     return subprocess.run([*launcher, "-m", "metacompress", *args], capture_output=True, text=True,
                           env=env or _env(), timeout=300, check=False)
 
@@ -138,11 +139,11 @@ def test_torchrun_policy_train_matches_one_process(tmp_path, monkeypatch, teache
 
 @pytest.mark.integration
 def test_torchrun_meta_train_matches_one_process(tmp_path):
-    common = ("meta-train", "--tasks", "sinusoid", "--meta-steps", "3", "--meta-batch", "5", "--joint-steps", "1")
-    r1 = _mc(*common, "--out", str(tmp_path / "one.pt"))
-    r2 = _mc(*common, "--out", str(tmp_path / "two.pt"), torchrun=2)
-    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
-    one = torch.load(tmp_path / "one.pt", weights_only=True)["state"]["model"]
+    one = train_checkpoint(parse_task_spec("sinusoid"), "maml", 3, 0, meta_batch=5, joint_steps=1)["state"]["model"]
+    r = _mc("meta-train", "--tasks", "sinusoid", "--meta-steps", "3", "--meta-batch", "5", "--joint-steps", "1",
+            "--out", str(tmp_path / "two.pt"), "--json", torchrun=2)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1  # rank 0 alone prints
     two = torch.load(tmp_path / "two.pt", weights_only=True)["state"]["model"]
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
 
@@ -171,3 +172,10 @@ def test_meta_train_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path
     other = _mc(*common, "--resume", "--seed", "1")
     assert other.returncode == 2 and "other settings" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1 and "Traceback" not in other.stderr
+
+
+def test_policy_recipe_schema_knows_every_training_option():
+    from metacompress.cli.run_cmd import PolicyTrain
+
+    assert set(PolicyTrain.model_fields) - {"pipeline"} == set(MetaTrainConfig.__dataclass_fields__)
+

@@ -204,7 +204,7 @@ def _load_state(ckpt: Path, fp: str) -> dict[str, Any] | None:
         # legacy_ok: checkpoints from before fingerprints still resume (their ES state is checked below)
         return checkpoint.load(ckpt, fp, legacy_ok=True)
     except checkpoint.CheckpointMismatch as exc:
-        raise UserError(f"{exc} (or train into another --out)") from None
+        raise UserError(f"{exc} (policy train: --restart starts over; or train into another --out)") from None
 
 
 def _warm_teachers(teachers: list[Teacher]) -> None:
