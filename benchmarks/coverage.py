@@ -53,6 +53,8 @@ def _first_line(exc: BaseException) -> str:
 
 def walk_one(name: str) -> dict:
     """Compress one model in this process (the worker side); returns its table row."""
+    import copy
+
     import torch
 
     torch.set_num_threads(1)
@@ -61,7 +63,6 @@ def walk_one(name: str) -> dict:
     from metacompress.compress.measure import count_macs
     from metacompress.compress.prune import PruningSpace
     from metacompress.data import load_dataset
-    from metacompress.deploy import export_onnx, verify_onnx
     from metacompress.errors import UserError
     from metacompress.zoo import build_model, check_forward
 
@@ -85,6 +86,9 @@ def walk_one(name: str) -> dict:
         if model is None:
             raise UserError(why)
         example = data.x_train[:1]
+        calibrated = copy.deepcopy(model)  # the yardstick: same BN recalibration, so logits of the same scale
+        recalibrate_bn(calibrated, data.x_train, 32, batch_size=32, seed=0)
+        row["dense_max_abs_diff"] = _export_parity(calibrated.eval(), data)
         space = PruningSpace(model, example, data.num_classes, round_to=ROUND_TO)
         row["dense_macs"] = space.dense_macs
         row["groups"] = len(space.groups)
@@ -94,10 +98,7 @@ def walk_one(name: str) -> dict:
         recalibrate_bn(model, data.x_train, 32, batch_size=32, seed=0)
         model.eval()
         row["macs_ratio"] = count_macs(model, example) / space.dense_macs
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            export_onnx(model, data.x_test[:2], path, dynamo=False)
-            res = verify_onnx(path, model, data.x_test, data.y_test, threads=1)
+        res = _export_parity(model, data, full=True)
         with torch.no_grad():  # parity only bites when logits are not ~0 (see tests/test_torchvision.py)
             row["logit_std"] = float(model(data.x_test).std())
         row["max_abs_diff"] = res["max_abs_diff"]
@@ -109,6 +110,19 @@ def walk_one(name: str) -> dict:
         row["status"] = f"error: {_first_line(exc)}"
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def _export_parity(model, data, full: bool = False):
+    """Legacy ONNX export checked in onnxruntime on the test samples: the max abs diff (or the
+    whole verification with ``full``). On the dense model it is the runtime's own float error
+    for this architecture, the yardstick for the compressed model's."""
+    from metacompress.deploy import export_onnx, verify_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export_onnx(model, data.x_test[:2], path, dynamo=False)
+        res = verify_onnx(path, model, data.x_test, data.y_test, threads=1)
+    return res if full else res["max_abs_diff"]
 
 
 def _adaptive_pools_export(model, x) -> bool:
@@ -136,14 +150,17 @@ def _adaptive_pools_export(model, x) -> bool:
 
 def verdict(row: dict) -> str:
     """ok, or which bound a compressed model missed: the MACs ratio (the cost model's estimate
-    was off) or ONNX parity, with the error relative to the logit scale, which tells float32
-    accumulation on large random-init logits (relative ~1e-5) from a broken model (relative ~1)."""
+    was off) or ONNX parity: at most 1e-4, or at most twice the export error of the dense model
+    recalibrated the same way (deep random-init nets have large logits whose float32 sums differ
+    by more than 1e-4 between PyTorch and onnxruntime before any pruning); the error relative to the logit scale tells
+    float32 accumulation (relative ~1e-5) from a broken model (relative ~1)."""
     misses = []
     if abs(row["macs_ratio"] - TARGET) > 0.02 * TARGET:
         misses.append(f"MACs ratio {row['macs_ratio']:.4f} off by more than 2 %")
-    if row["max_abs_diff"] > 1e-4:
+    if row["max_abs_diff"] > max(1e-4, 2 * row.get("dense_max_abs_diff", 0.0)):
         rel = row["max_abs_diff"] / max(row.get("logit_std", 0.0), 1e-12)
-        misses.append(f"max abs diff {row['max_abs_diff']:.1e} > 1e-4 (relative to logit std: {rel:.0e})")
+        misses.append(f"max abs diff {row['max_abs_diff']:.1e} > 1e-4 and > twice the dense export's "
+                      f"{row.get('dense_max_abs_diff', 0.0):.1e} (relative to logit std: {rel:.0e})")
     return "ok" if not misses else "error: " + "; ".join(misses)
 
 
@@ -180,13 +197,16 @@ def render(rows: list[dict], command: str, note: str) -> str:
            f"    {command}", "",
            f"Uniform allocation to {TARGET} kept MACs, round_to={ROUND_TO}, random weights, synthetic data, BN "
            "recalibrated on 32 samples, legacy ONNX export checked in onnxruntime on 28 test samples. "
-           "`ok` means achieved MACs within 2 % of the target and max abs diff <= 1e-4; the logit std says how much "
+           "`ok` means achieved MACs within 2 % of the target and max abs diff <= 1e-4, or at most twice the dense "
+           "model's own export error (deep random-init nets have logits large enough for float32 sums to differ by "
+           "more before any pruning); the logit std says how much "
            "that parity means (a std near 0, e.g. squeezenet's ReLU-before-pool head at random init, makes it trivial). "
            "One thread, 2 shared cores.",
            "", note, "",
            "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(rows)})", "",
-           "| model | input | dense MMACs | groups (grouped-conv) | status | MACs ratio | ONNX max abs diff | logit std | s |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| model | input | dense MMACs | groups (grouped-conv) | status | MACs ratio | ONNX max abs diff | dense export diff "
+           "| logit std | s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["model"]):
         if "max_abs_diff" in r:
             r = {**r, "status": verdict(r)}
@@ -194,7 +214,8 @@ def render(rows: list[dict], command: str, note: str) -> str:
         groups = f"{r['groups']} ({r.get('grouped_conv_groups', 0)})" if "groups" in r else ""
         status = r["status"].replace("|", "/")
         out.append(f"| {r['model']} | {r.get('input', '')} | {macs} | {groups} | {status} | "
-                   f"{_fmt(r, 'macs_ratio', '.4f')} | {_fmt(r, 'max_abs_diff', '.1e')} | {_fmt(r, 'logit_std', '.2g')} | "
+                   f"{_fmt(r, 'macs_ratio', '.4f')} | {_fmt(r, 'max_abs_diff', '.1e')} | "
+                   f"{_fmt(r, 'dense_max_abs_diff', '.1e')} | {_fmt(r, 'logit_std', '.2g')} | "
                    f"{r['seconds']} |")
     return "\n".join(out) + "\n"
 
@@ -207,6 +228,7 @@ def main() -> None:
     ap.add_argument("--max-params", type=float, default=100.0, help="skip models over this many million params")
     ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    ap.add_argument("--redo", default="", help="walk again the cached rows whose status starts with this, e.g. error")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(walk_one(args.worker)))
@@ -219,7 +241,7 @@ def main() -> None:
     rows = {} if args.fresh or not cache.exists() else {
         r["model"]: r for r in map(json.loads, cache.read_text().splitlines()) if r["model"] in names}
     for name in names:
-        if name in rows:
+        if name in rows and not (args.redo and rows[name]["status"].startswith(args.redo)):
             continue
         mparams = declared_params(name)
         if mparams > args.max_params:
