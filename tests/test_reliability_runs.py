@@ -48,6 +48,8 @@ def evil(tmp_path):
 @pytest.mark.parametrize("command", [
     [*COMPRESS, "--weights", "{path}", "--out", "{tmp}/o"],
     ["inspect", "mlp", "--weights", "{path}"],
+    ["sweep", "mlp", "--weights", "{path}", "--budgets", "0.5", "--allocations", "uniform", "--out", "{tmp}/o"],
+    ["robustify", "mlp", "--weights", "{path}", "--out", "{tmp}/o"],
     ["fuse", "mlp", "--method", "uniform", "--weights", "{path},{path}", "--out", "{tmp}/f.pt"],
     ["verify", "{tmp}/none.onnx", "--data", "digits", "--reference", "{path}"],
     ["meta-eval", "{path}"],
