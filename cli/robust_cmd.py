@@ -7,12 +7,13 @@ from typing import List, Optional
 import typer
 
 from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
+from metacompress.cli.compress_cmd import MODEL_HELP
 from metacompress.compress.robust import RobustConfig
 
 
 @command("robustify")
 def robustify(
-    model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     weights: Optional[str] = typer.Option(None, "--weights", help="Dense state dict (.pt). Omit to train first."),
     data: str = typer.Option("digits", "--data", help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, idx:DIR, ..."),
     budgets: str = typer.Option("0.15-0.7", "--budgets", help="Range of kept MACs fractions the sub-networks are trained for."),

@@ -9,13 +9,14 @@ from rich import box
 from rich.table import Table
 
 from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
+from metacompress.cli.compress_cmd import MODEL_HELP
 from metacompress.compress.distill import RepairConfig
 from metacompress.sweep import ALLOCATIONS
 
 
 @command("sweep")
 def sweep(
-    model: str = typer.Argument(..., help="Model spec: a zoo name, torchvision:NAME or file.py:factory."),
+    model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option("digits", "--data",
                              help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, imagefolder:DIR, idx:DIR."),
     weights: Optional[str] = typer.Option(

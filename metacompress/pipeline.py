@@ -137,12 +137,15 @@ def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epo
 
 def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
     """Load the data and the dense model named by ``cfg``, then ``prepare_model``."""
+    from metacompress.deploy.runtime import resolve_round_to
+
     timer = timer or Timer()
     spec = cfg.budget()
+    round_to = resolve_round_to(cfg.round_to, cfg.provider)  # a bad --round-to or --provider fails before any work
     with timer.stage("load"):
         data = load_dataset(cfg.data)
         dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle, for_pruning=True)
-    return prepare_model(dense, data, spec, cfg.round_to, timer)
+    return prepare_model(dense, data, spec, round_to, timer)
 
 
 def prepare_model(dense: nn.Module, data: Dataset, spec: BudgetSpec, round_to: int | str = "auto",

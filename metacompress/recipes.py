@@ -20,6 +20,7 @@ from metacompress.errors import UserError
 
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 Key = tuple  # a path into the document: ('steps', 0, 'epochs')
+MAX_VALUES = 100_000  # values in a recipe once YAML aliases are expanded: a 2 KB alias bomb expands to 10^8
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -52,6 +53,19 @@ class Recipe:
             if sub in self.lines:
                 return f" (line {self.lines[sub]})"
         return ""
+
+
+def _expanded_size(node: yaml.Node) -> int:
+    """Values under ``node`` with every alias expanded, counted up to just past ``MAX_VALUES``."""
+    count, stack = 0, [node]
+    while stack and count <= MAX_VALUES:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return count
 
 
 def _key_lines(node: yaml.Node, prefix: Key, out: dict[Key, int], seen: set[int]) -> None:
@@ -96,6 +110,8 @@ def read_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError(f"malformed recipe {p}: nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"recipe {p} must be a mapping of key: value, got {type(data).__name__}")
+    if _expanded_size(node) > MAX_VALUES:  # before anything walks the document value by value
+        raise UserError(f"recipe {p} expands to more than {MAX_VALUES:,} values (YAML aliases of aliases?)")
     lines: dict[Key, int] = {}
     try:
         _key_lines(node, (), lines, set())

@@ -212,8 +212,8 @@ def test_target_below_the_floor_compresses_to_the_floor_plus_tolerance_and_warns
     ({"latency": 0.0}, "--target-latency must be in (0, 1]"),
     ({"ms": -2.0}, "--target-ms must be > 0"),
     ({"latency": float("nan")}, "--target-latency must be a number"),
-    ({"latency": 0.5, "batch": 0}, "--latency-batch must be in 1.."),
-    ({"latency": 0.5, "threads": 0}, "--threads must be in 1.."),
+    ({"latency": 0.5, "batch": 0}, "--latency-batch must be in 1..4096"),
+    ({"latency": 0.5, "threads": 0}, "--threads must be in 1..1024"),
 ])
 def test_budget_spec_rejects_bad_budgets(kwargs, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):

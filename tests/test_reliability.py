@@ -461,3 +461,54 @@ def test_bad_input_exit_2_one_line_no_output(capsys, tmp_path, bad_files, args, 
     code, err = run_cli(capsys, argv)
     assert code == 2 and len(err) == 1 and fragment in err[0], err
     assert not (tmp_path / "o").exists() and sorted(p.name for p in bad_files.iterdir()) == before
+
+
+# ---------------------------------------------------------------- recipes (metacompress run RECIPE --dry-run)
+
+RECIPE_KEYS = ("pipeline", "model", "data", "target_macs", "target_ms", "repair_steps", "allocation", "weights", "out",
+               "seed", "epochs", "steps", "vars", "quantize", "students", "method", "algo", "bogus")
+PIPELINE_NAMES = ("compress", "train", "quantize", "fuse", "meta-train", "sweep", "policy-train", "policy-eval", "nosuch")
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=True),
+                    st.text(max_size=10), st.sampled_from(["${out}", "${nosuch}", "mlp", "digits", "0.5", "-1"]))
+VALUES_TREE = st.recursive(SCALARS, lambda kids: st.one_of(
+    st.lists(kids, max_size=3), st.dictionaries(st.sampled_from(RECIPE_KEYS), kids, max_size=3)), max_leaves=8)
+
+
+@st.composite
+def recipe_texts(draw):
+    doc = draw(st.dictionaries(st.sampled_from(RECIPE_KEYS), VALUES_TREE, max_size=6))
+    if draw(st.integers(0, 3)):
+        doc["pipeline"] = draw(st.sampled_from(PIPELINE_NAMES))
+    import yaml
+
+    text = yaml.safe_dump(doc, sort_keys=False)
+    fault = draw(st.sampled_from(["none", "none", "truncate", "insert", "tag", "alias", "garbage"]))
+    if fault == "truncate":
+        text = text[: draw(st.integers(0, len(text)))]
+    elif fault == "insert":
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(st.sampled_from(["\t", ":", "- ", "{", "&a ", "*a", "\n  x: 1", "'", "\0"])) + text[at:]
+    elif fault == "tag":  # the unsafe loader would call os.system here
+        text += "hook: !!python/object/apply:os.system ['touch {marker}']\n"
+    elif fault == "alias":
+        text += "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"a{i}: &a{i} [{', '.join([f'*a{i - 1}' if i > 1 else '*a'] * 10)}]\n" for i in range(1, 7))
+    elif fault == "garbage":
+        text = draw(st.text(max_size=80))
+    overrides = draw(st.lists(st.tuples(st.sampled_from(RECIPE_KEYS + ("steps.0.model", "vars.out", "a.b.c")),
+                                        st.text(max_size=6)).map("=".join), max_size=2))
+    return text, overrides
+
+
+@settings(FUZZ, max_examples=200)
+@given(case=recipe_texts())
+def test_recipe_loader_fuzzed(capsys, tmp_path, monkeypatch, case):
+    text, overrides = case
+    with tempfile.TemporaryDirectory() as tmp:
+        monkeypatch.chdir(tmp)
+        marker = Path(tmp) / "marker"
+        Path(tmp, "r.yaml").write_text(text.replace("{marker}", str(marker)), encoding="utf-8", errors="replace")
+        code, err = run_cli(capsys, ["run", "r.yaml", *overrides, "--dry-run"])
+        assert code in (0, 2), (code, err)
+        assert code == 0 or (len(err) == 1 and err[0].startswith("error: ")), err
+        assert sorted(p.name for p in Path(tmp).iterdir()) == ["r.yaml"] and not marker.exists()

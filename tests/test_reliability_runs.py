@@ -48,6 +48,8 @@ def evil(tmp_path):
 @pytest.mark.parametrize("command", [
     [*COMPRESS, "--weights", "{path}", "--out", "{tmp}/o"],
     ["inspect", "mlp", "--weights", "{path}"],
+    ["sweep", "mlp", "--weights", "{path}", "--budgets", "0.5", "--allocations", "uniform", "--out", "{tmp}/o"],
+    ["robustify", "mlp", "--weights", "{path}", "--out", "{tmp}/o"],
     ["fuse", "mlp", "--method", "uniform", "--weights", "{path},{path}", "--out", "{tmp}/f.pt"],
     ["verify", "{tmp}/none.onnx", "--data", "digits", "--reference", "{path}"],
     ["meta-eval", "{path}"],
@@ -121,7 +123,7 @@ def test_signals_raise_interrupted_and_later_signals_wait_for_cleanup(sig, code)
 
 # stage -> extra flags that make that stage long, and the progress note that starts it
 STAGES = {
-    "dense training": (["--train-epochs", "1000"], "load...", 1.5),
+    "dense training": (["--train-epochs", "1000"], "load...", 3.0),
     "repair": (["--weights", "none", "--repair-steps", "100000"], "repair...", 1.0),
     "export": (["--weights", "none", "--repair-steps", "0"], "export...", 0.2),
 }
