@@ -96,7 +96,7 @@ def test_robustify_gives_back_the_given_weights_when_the_floor_fails(trained, di
     space = PruningSpace(dense, digits.x_train[:1], digits.num_classes, 8)
     uniform = rule_allocation("uniform", space, dense, None)
     model = copy.deepcopy(dense)
-    cfg = RobustConfig(steps=4, outer_lr=1.0, checks=2)  # an outer step this large wrecks the dense model
+    cfg = RobustConfig(steps=4, inner_lr=0.5, outer_lr=30.0, checks=2)  # steps this large wreck the dense model
     result = robustify(model, digits, space, [lambda b: space.project(uniform, b)], cfg, progress=False)
     assert result.kept_step == 0 and "unchanged" in result.warnings[0]
     assert all(c["dense_val_accuracy"] < result.dense_val_before - 0.005 for c in result.checks)
