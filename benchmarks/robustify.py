@@ -1,6 +1,6 @@
 """Prune-robust meta-training (``metacompress robustify``) vs the plain dense model.
 
-    python benchmarks/robustify.py --model resnet20 --data digits@16 [--steps 60] [--quick] [--out FILE]
+    python benchmarks/robustify.py --model resnet20 --data digits@16 [--steps 60] [--set KEY=VALUE] [--quick] [--out FILE]
 
 Three dense models of one architecture and dataset (one seed): (a) the plain dense model
 robustified (uniform allocation plus perturbations, budgets 0.15-0.7 kept MACs), (b) the plain
@@ -57,7 +57,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few steps, for the smoke test")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a RobustConfig field (repeatable), e.g. --set inner_lr=0.05")
     args = ap.parse_args()
+    overrides = {k: type(getattr(RobustConfig, k))(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     torch.set_num_threads(1)
     steps, epochs = (3, 2) if args.quick else (args.steps, args.epochs)
     data = load_dataset(args.data)
@@ -67,7 +70,7 @@ def main() -> None:
 
     robust = copy.deepcopy(plain)
     t0 = time.perf_counter()
-    info = robustify(robust, data, space, [lambda b: space.project(uniform, b)], RobustConfig(steps=steps),
+    info = robustify(robust, data, space, [lambda b: space.project(uniform, b)], RobustConfig(steps=steps, **overrides),
                      seed=args.seed, progress=False)
     robust_s = time.perf_counter() - t0
 
@@ -82,7 +85,7 @@ def main() -> None:
     for name, model in (("robust", robust), ("plain", plain), ("plain+extra", extra)):
         rows[name] = {"dense": accuracy(model, data.x_test, data.y_test),
                       **pruned_accuracies(model, space, uniform, data, args.seed)}
-    result = {"model": args.model, "data": args.data, "seed": args.seed, "dense_epochs": epochs,
+    result = {"model": args.model, "data": args.data, "seed": args.seed, "dense_epochs": epochs, "overrides": overrides,
               "robustify": info.to_dict() | {"wall_s": round(robust_s, 1)},
               "extra_training": {"epochs": extra_epochs, "batches": extra_epochs * batches_per_epoch,
                                  "wall_s": round(extra_s, 1)},
