@@ -8,7 +8,7 @@ nothing is removed during training) and ``k`` SGD steps of distillation from the
 taken; the outer update moves the dense weights along the task-weighted ``theta - phi``
 (``meta.reptile.reptile_step``: SGD with step size epsilon, decayed by a cosine). Adam as the
 outer optimizer was tried and dropped: the dense task's delta is near zero (the dense model is its
-own teacher), and Adam rescales that noise to full-size steps, which cost the dense model 1-7
+own teacher), and Adam rescales that noise to full-size steps, which cost the dense model 5-10
 points within a few steps on LeNet-5 (BENCHMARKS.md).
 
 Choices, in the spirit of slimmable / once-for-all training:
