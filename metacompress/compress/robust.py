@@ -235,7 +235,8 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
         seen = ", ".join(f"{c['dense_val_accuracy']:.4f}" for c in checks)
         warnings.append(f"robustify lowered the dense validation accuracy by more than {cfg.max_drop:.3f} at every "
                         f"check ({seen} vs {before:.4f}): "
-                        "the given weights are returned unchanged; try a smaller outer learning rate or fewer steps")
+                        "the given weights are returned unchanged; try fewer steps, a narrower budget range or smaller "
+                        "learning rates")
     elif kept[0] != cfg.steps:
         warnings.append(f"the dense accuracy floor failed after step {kept[0]}: the state at step {kept[0]} is returned")
     return RobustResult(before, kept[2], kept[0], cfg.steps, cfg.tasks + 1,
