@@ -65,3 +65,8 @@ def test_students_soup_smoke(tmp_path):
 def test_compress_parity_smoke(tmp_path):
     out = run_bench(tmp_path, "compress_parity.py", "--quick")
     assert "| mlp | uniform |" in out
+
+
+def test_robustify_smoke(tmp_path):
+    out = run_bench(tmp_path, "robustify.py", "--model", "mlp", "--data", "digits", "--quick", "--set", "tasks=2")
+    assert "| condition |" in out and "| plain+extra |" in out

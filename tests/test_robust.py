@@ -15,7 +15,7 @@ from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.masks import ChannelMasks, masked
 from metacompress.compress.prune import PruningSpace
-from metacompress.compress.robust import RobustConfig, parse_budgets, robustify
+from metacompress.compress.robust import RobustConfig, TaskSampler, parse_budgets, robustify
 from metacompress.data import load_dataset
 from metacompress.errors import UserError
 from metacompress.pipeline import CompressConfig, Timer, compress_stages, load_dense
@@ -38,7 +38,8 @@ def _randomise_bn(model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("spec,data", [("mlp", "digits"), ("lenet5", "digits@16"), ("resnet20", "digits@16"),
-                                       ("mobilenet-small", "digits@16"), ("vit-tiny", "digits@16")])
+                                       ("mobilenet-small", "digits@16"), ("vit-tiny", "digits@16"),
+                                       ("vgg-small", "digits@16")])
 def test_masked_model_equals_physically_pruned_model(spec, data):
     d = load_dataset(data)
     torch.manual_seed(0)
@@ -58,6 +59,28 @@ def test_masked_model_equals_physically_pruned_model(spec, data):
         dense = model(x)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())
     assert not torch.allclose(dense, want, atol=1e-3)  # the masks did something
+
+
+def test_tasks_meet_their_budgets_under_any_cost_model(trained, digits):
+    """A budget in another cost (here a stand-in for the latency model: parameters) is a valid task draw:
+    every drawn task, perturbed or not, keeps its budget's fraction of that cost."""
+    dense = trained("mlp")
+    space = PruningSpace(dense, digits.x_train[:1], digits.num_classes, 8)
+
+    class ParamsCost:
+        name = "params-cost"
+
+        def fraction(self, keep):
+            return space.kept_fraction(keep, "params")
+
+    cost = ParamsCost()
+    uniform = rule_allocation("uniform", space, dense, None)
+    sampler = TaskSampler(space, [lambda b: space.project(uniform, b, cost)], RobustConfig(tasks=5), cost, seed=0)
+    tasks = [t for _ in range(3) for t in sampler.draw()]
+    assert [b for b, _ in tasks[:2]] == [0.15, 0.7]
+    for budget, keep in tasks:
+        assert cost.fraction(keep) == pytest.approx(budget, rel=0.02)
+    assert len({tuple(k) for _, k in tasks}) > 2  # random budgets and perturbed allocations differ
 
 
 def _pruned_accuracy(model, space, ratio_fn, data, budget: float) -> float:
@@ -96,7 +119,7 @@ def test_robustify_gives_back_the_given_weights_when_the_floor_fails(trained, di
     space = PruningSpace(dense, digits.x_train[:1], digits.num_classes, 8)
     uniform = rule_allocation("uniform", space, dense, None)
     model = copy.deepcopy(dense)
-    cfg = RobustConfig(steps=4, outer_lr=1.0, checks=2)  # an outer step this large wrecks the dense model
+    cfg = RobustConfig(steps=4, inner_lr=0.5, outer_lr=30.0, checks=2)  # steps this large wreck the dense model
     result = robustify(model, digits, space, [lambda b: space.project(uniform, b)], cfg, progress=False)
     assert result.kept_step == 0 and "unchanged" in result.warnings[0]
     assert all(c["dense_val_accuracy"] < result.dense_val_before - 0.005 for c in result.checks)

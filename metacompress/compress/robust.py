@@ -5,14 +5,17 @@ and an allocation: one handed in, or a random perturbation of it), and the meta-
 sub-network's loss after ``k`` repair steps. The learner is Reptile (first order, so affordable on
 a CPU): per task the dense weights are copied, the task's channel masks applied (``masks.py``:
 nothing is removed during training) and ``k`` SGD steps of distillation from the dense teacher
-taken; the outer update moves the dense weights along the task-averaged ``theta - phi``
-(``meta.reptile.reptile_step``, with Adam and a cosine decay as the outer optimizer, so that one
-learning rate suits every model).
+taken; the outer update moves the dense weights along the task-weighted ``theta - phi``
+(``meta.reptile.reptile_step``: SGD with step size epsilon, decayed by a cosine). Adam as the
+outer optimizer was tried and dropped: the dense task's delta is near zero (the dense model is its
+own teacher), and Adam rescales that noise to full-size steps, which cost the dense model 5-10
+points within a few steps on LeNet-5 (BENCHMARKS.md).
 
 Choices, in the spirit of slimmable / once-for-all training:
 - sandwich rule: every outer step trains the smallest and the largest budget of the range plus
-  random ones in between, and the dense model itself as one more task, so that the extremes (the
-  worst-served sub-networks) and the dense accuracy are pulled on at every step;
+  random ones in between, and the dense model itself as one more task with half the weight of the
+  update (``dense_weight``), so that the extremes (the worst-served sub-networks) and the dense
+  accuracy are pulled on at every step;
 - distillation from the full network: every task distills from the dense model as it was given
   (frozen, its logits computed once for the whole training split), not from the moving full
   network (in-place distillation): the dense model must stay within ``max_drop`` of its given
@@ -52,7 +55,7 @@ from metacompress.data import Dataset
 from metacompress.errors import UserError
 from metacompress.meta.reptile import reptile_step
 from metacompress.progress import track
-from metacompress.training import accuracy, cosine_adam, predict
+from metacompress.training import accuracy, predict
 
 Allocation = Callable[[float], Sequence[int]]  # budget (kept fraction of the cost) -> units kept per group
 
@@ -66,14 +69,14 @@ class RobustConfig:
     inner_steps: int = 3        # k repair steps per task
     tasks: int = 3              # sub-network tasks per outer step, smallest and largest budget included
     dense_weight: float = 0.5   # share of the dense model's own task in the outer update
-    inner_lr: float = 0.05      # SGD, the inner repair
-    outer_lr: float = 1e-3      # Adam on Reptile's direction, cosine decay over ``steps``
+    inner_lr: float = 0.02      # SGD, the inner repair
+    outer_lr: float = 1.0       # Reptile's epsilon (SGD on theta - phi), cosine decay over ``steps``
     temperature: float = 4.0
-    alpha: float = 0.5
+    alpha: float = 0.9          # mostly the teacher's soft targets: the sub-networks should keep its function
     batch_size: int = 64
     perturb: float = 0.5        # std of the log-normal noise on the allocation's per-group ratios
     max_drop: float = 0.005     # the dense validation accuracy may fall at most this much
-    checks: int = 4             # dense-accuracy checks along the run (the last safe state is kept)
+    checks: int = 10            # dense-accuracy checks along the run (the last safe state is kept)
     bn_samples: int = 2048
 
     def validate(self) -> "RobustConfig":
@@ -201,7 +204,8 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
     dg = build_graph(model, space.example)
     sampler = TaskSampler(space, allocations, cfg, metric, seed)
     theta = dict(model.named_parameters())
-    opt, sched = cosine_adam(list(theta.values()), cfg.outer_lr, cfg.steps)
+    opt = torch.optim.SGD(list(theta.values()), lr=cfg.outer_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     bs = min(cfg.batch_size, len(data.x_train))
 
     def batches():
@@ -231,7 +235,8 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
         seen = ", ".join(f"{c['dense_val_accuracy']:.4f}" for c in checks)
         warnings.append(f"robustify lowered the dense validation accuracy by more than {cfg.max_drop:.3f} at every "
                         f"check ({seen} vs {before:.4f}): "
-                        "the given weights are returned unchanged; try a smaller outer learning rate or fewer steps")
+                        "the given weights are returned unchanged; try fewer steps, a narrower budget range or smaller "
+                        "learning rates")
     elif kept[0] != cfg.steps:
         warnings.append(f"the dense accuracy floor failed after step {kept[0]}: the state at step {kept[0]} is returned")
     return RobustResult(before, kept[2], kept[0], cfg.steps, cfg.tasks + 1,
