@@ -50,9 +50,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.measure import count_macs
 from metacompress.compress.prune import PruningSpace
+from metacompress.compress.rules import rule_allocation
 from metacompress.deploy import export_onnx, load_session, verify_onnx
 from metacompress.deploy.bench import benchmark_latency
 from metacompress.deploy.simplify import simplify_onnx

@@ -58,10 +58,10 @@ def walk_one(name: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from metacompress.compress.baselines import rule_allocation
     from metacompress.compress.distill import recalibrate_bn
     from metacompress.compress.measure import count_macs
     from metacompress.compress.prune import PruningSpace
+    from metacompress.compress.rules import rule_allocation
     from metacompress.data import load_dataset
     from metacompress.errors import UserError
     from metacompress.zoo import build_model, check_forward

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.measure import count_macs
 from metacompress.compress.prune import PruningSpace
+from metacompress.compress.rules import rule_allocation
 from metacompress.deploy import export_onnx, verify_onnx
 from metacompress.deploy.bench import benchmark_latency, speedups
 from metacompress.deploy.quantize import quantize_onnx

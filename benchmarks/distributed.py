@@ -31,7 +31,7 @@ os.environ.setdefault("METACOMPRESS_CACHE", tempfile.mkdtemp(prefix="metacompres
 from metacompress.meta import distributed, parse_task_spec  # noqa: E402
 from metacompress.meta.runner import train_checkpoint  # noqa: E402
 from metacompress.policy import meta_train as mt  # noqa: E402
-from metacompress.policy.tasks import Task  # noqa: E402
+from metacompress.policy.tasks import CompressionTask  # noqa: E402
 
 TEACHERS = [{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 64, "depth": 1}]},
             {"model": "vgg-small", "data": "digits", "kwargs": [{"width": 0.5}]}]
@@ -57,9 +57,9 @@ def es_rate(quick: bool, workers: int) -> tuple[float, int, list[float]]:
     return jobs * len(hist) / max(hist[-1]["seconds"], 1e-9), jobs, cpu
 
 
-def job_times(quick: bool) -> tuple[dict[Task, list[float]], list[float]]:
+def job_times(quick: bool) -> tuple[dict[CompressionTask, list[float]], list[float]]:
     """Seconds per reward job from a 1-rank run: policy jobs by task, and uniform-baseline jobs."""
-    by_task: dict[Task, list[float]] = defaultdict(list)
+    by_task: dict[CompressionTask, list[float]] = defaultdict(list)
     baselines: list[float] = []
     inner = mt._score
 
@@ -107,7 +107,7 @@ def allreduce_latency(n: int = 200) -> float:
     return distributed.launch_local(run, 2)
 
 
-def es_efficiency(by_task: dict[Task, list[float]], baselines: list[float], latency: float, ranks: int,
+def es_efficiency(by_task: dict[CompressionTask, list[float]], baselines: list[float], latency: float, ranks: int,
                   population: int, tasks: int, rng: np.random.Generator, trials: int = 2000) -> float:
     """Median efficiency of ES iterations on ``ranks`` ranks, resampled from measured job times.
 

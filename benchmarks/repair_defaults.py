@@ -22,7 +22,7 @@ import yaml
 os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 
 from metacompress.compress.distill import RepairConfig  # noqa: E402
-from metacompress.policy.tasks import Task, TaskPool, regime_config, teachers_from  # noqa: E402
+from metacompress.policy.tasks import CompressionTask, TaskPool, regime_config, teachers_from  # noqa: E402
 
 _POOL = None
 
@@ -51,7 +51,7 @@ def main() -> None:
     if args.quick:
         teachers = teachers[:2]
     grid = list(itertools.product((1e-3, 3e-3, 1e-2, 3e-2), (1.0, 2.0, 4.0), (0.5, 0.9)))
-    tasks = [Task(t, b, r, 0) for t in teachers for b in budgets for r in regimes]
+    tasks = [CompressionTask(t, b, r, 0) for t in teachers for b in budgets for r in regimes]
     jobs = [(task, *g) for g in grid for task in tasks]
     with mp.get_context("fork").Pool(args.workers, _init) as pool:
         acc = np.array(pool.map(_job, jobs, chunksize=4)).reshape(len(grid), len(tasks))

@@ -25,10 +25,10 @@ import torch
 
 os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 
-from metacompress.compress.baselines import rule_allocation  # noqa: E402
 from metacompress.compress.distill import RepairConfig, repair  # noqa: E402
 from metacompress.compress.prune import PruningSpace  # noqa: E402
 from metacompress.compress.robust import RobustConfig, robustify  # noqa: E402
+from metacompress.compress.rules import rule_allocation  # noqa: E402
 from metacompress.data import load_dataset  # noqa: E402
 from metacompress.pipeline import load_dense  # noqa: E402
 from metacompress.training import accuracy, train_dense  # noqa: E402

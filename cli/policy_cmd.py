@@ -28,13 +28,13 @@ def train(
     metacompress policy train ...``; rank 0 writes the outputs and prints.
     """
     from metacompress.meta.distributed import is_main
-    from metacompress.policy.meta_train import MetaTrainConfig, meta_train
+    from metacompress.policy.meta_train import MetaTrainConfig, train_policy
     from metacompress.recipes import load_recipe
 
     d = load_recipe(config, overrides or [])
     if out:
         d["out"] = out
-    result = meta_train(MetaTrainConfig.from_dict(d), resume=resume)
+    result = train_policy(MetaTrainConfig.from_dict(d), resume=resume)
     if not is_main():
         return
     emit({k: v for k, v in result.items() if k != "history"}, as_json, lambda r: console.print(

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from metacompress.budget import Budget, BudgetSpec, budget_spec, resolve_budget
-from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.groups import refuse_unsupported
 from metacompress.compress.prune import BUDGET_TOL, PruningSpace
 from metacompress.compress.robust import Allocation, RobustConfig, robustify
+from metacompress.compress.rules import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.data import Dataset, data_paths, load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, state_dict_from, write_json
@@ -242,7 +242,7 @@ def _adapt(policy, cfg: CompressConfig, prep: Prepared, target: float, inputs: t
     """ES-MAML: a few ES steps of the policy on this very task (validation split reward)."""
     from metacompress.policy.meta_train import adapt
     from metacompress.policy.network import regime_of
-    from metacompress.policy.tasks import Context, Task, TaskPool, Teacher
+    from metacompress.policy.tasks import CompressionTask, Context, TaskPool, Teacher
 
     data = prep.data
     features, experts = inputs
@@ -250,7 +250,7 @@ def _adapt(policy, cfg: CompressConfig, prep: Prepared, target: float, inputs: t
     teacher = Teacher(cfg.model, cfg.data, (), cfg.seed)
     pool.register(teacher, Context(teacher, data, prep.dense, prep.space, features,
                                    accuracy(prep.dense, data.x_val, data.y_val), prep.dense_accuracy, experts))
-    return adapt(policy.theta, pool, Task(teacher, target, regime_of(cfg.repair), cfg.seed), cfg.adapt_steps,
+    return adapt(policy.theta, pool, CompressionTask(teacher, target, regime_of(cfg.repair), cfg.seed), cfg.adapt_steps,
                  seed=cfg.seed)
 
 

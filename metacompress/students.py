@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
+from metacompress.compress.rules import rule_allocation
 from metacompress.data import Dataset
 from metacompress.progress import status
 from metacompress.training import accuracy, accuracy_and_loss

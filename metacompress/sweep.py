@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from metacompress.budget import resolve_budget
-from metacompress.compress.baselines import RULES
+from metacompress.compress.rules import RULES
 from metacompress.errors import UserError
 from metacompress.io import write_json
 from metacompress.pipeline import (

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from metacompress.compress.baselines import RULES, rule_allocation
 from metacompress.compress.measure import count_macs, count_params
 from metacompress.compress.prune import PruningSpace
+from metacompress.compress.rules import RULES, rule_allocation
 from metacompress.errors import UserError
 from metacompress.zoo import build_model
 

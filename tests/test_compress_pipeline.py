@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.compress.checkpoint import load_compressed, save_compressed
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.measure import count_macs
 from metacompress.compress.prune import PruningSpace
+from metacompress.compress.rules import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.data import load_dataset
 from metacompress.deploy import export_onnx, verify_onnx
 from metacompress.pipeline import CompressConfig, run_compress

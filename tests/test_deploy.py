@@ -20,9 +20,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from metacompress.cli.main import app
-from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.measure import count_macs
 from metacompress.compress.prune import PruningSpace
+from metacompress.compress.rules import rule_allocation
 from metacompress.data import load_dataset
 from metacompress.deploy import export, export_onnx, load_session, verify_onnx
 from metacompress.deploy.bench import benchmark_latency, speedups

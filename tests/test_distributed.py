@@ -15,7 +15,7 @@ import torch
 from metacompress.errors import UserError
 from metacompress.meta import distributed, parse_task_spec
 from metacompress.meta.runner import train_checkpoint
-from metacompress.policy.meta_train import MetaTrainConfig, meta_train
+from metacompress.policy.meta_train import MetaTrainConfig, train_policy
 
 TEACHERS = [{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 32, "depth": 1}]}]
 
@@ -43,8 +43,8 @@ def _env(**extra: str) -> dict[str, str]:
 # ----- ES: sharded rewards -------------------------------------------------------------------
 def test_es_on_two_ranks_takes_the_steps_of_one_process(tmp_path, monkeypatch, teacher_cache):
     monkeypatch.setenv("METACOMPRESS_CACHE", teacher_cache)
-    one = meta_train(_es_cfg(tmp_path / "w1"))
-    two = meta_train(_es_cfg(tmp_path / "w2", workers=2))
+    one = train_policy(_es_cfg(tmp_path / "w1"))
+    two = train_policy(_es_cfg(tmp_path / "w2", workers=2))
     assert [h["mean_reward"] for h in one["history"]] == [h["mean_reward"] for h in two["history"]]
     theta1, theta2 = _es_theta(tmp_path / "w1"), _es_theta(tmp_path / "w2")
     assert (theta1 - theta2).abs().max() < 1e-5
@@ -59,14 +59,14 @@ def _es_theta_start() -> torch.Tensor:
 
 def test_es_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch, teacher_cache):
     monkeypatch.setenv("METACOMPRESS_CACHE", teacher_cache)
-    meta_train(_es_cfg(tmp_path / "full"))
-    meta_train(_es_cfg(tmp_path / "cut", iterations=2, workers=2))  # stopped after 2, on another world size
-    meta_train(_es_cfg(tmp_path / "cut"))
+    train_policy(_es_cfg(tmp_path / "full"))
+    train_policy(_es_cfg(tmp_path / "cut", iterations=2, workers=2))  # stopped after 2, on another world size
+    train_policy(_es_cfg(tmp_path / "cut"))
     ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert ckpt["iteration"] == 3 and len(ckpt["history"]) == 3
     assert torch.equal(_es_theta(tmp_path / "full"), _es_theta(tmp_path / "cut"))
     with pytest.raises(UserError, match="other settings"):
-        meta_train(_es_cfg(tmp_path / "cut", iterations=4, sigma=0.2))
+        train_policy(_es_cfg(tmp_path / "cut", iterations=4, sigma=0.2))
 
 
 def test_a_killed_rank_is_named(tmp_path):
@@ -125,7 +125,7 @@ def _mc(*args: str, env: dict | None = None, torchrun: int = 0) -> subprocess.Co
 @pytest.mark.integration
 def test_torchrun_policy_train_matches_one_process(tmp_path, monkeypatch, teacher_cache):
     monkeypatch.setenv("METACOMPRESS_CACHE", teacher_cache)
-    one = meta_train(_es_cfg(tmp_path / "one"))
+    one = train_policy(_es_cfg(tmp_path / "one"))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps({"teachers": TEACHERS, "iterations": 3, "tasks_per_iteration": 1, "population": 4,
                                   "regime_weights": [1, 1, 0, 0]}))

@@ -15,7 +15,7 @@ from metacompress.errors import UserError
 from metacompress.policy.features import FEATURE_NAMES, NUM_FEATURES, fold_unseen_kinds, group_features
 from metacompress.policy.network import Shapes, decide, init_params
 from metacompress.policy.store import Policy, load_policy, save_policy
-from metacompress.policy.tasks import Task, TaskPool, Teacher
+from metacompress.policy.tasks import CompressionTask, TaskPool, Teacher
 from metacompress.zoo import build_model
 
 ZOO = ["mlp", "lenet5", "vgg-small", "resnet20", "resnet56", "mobilenet-small", "vit-tiny"]
@@ -128,26 +128,26 @@ def test_shipped_policy_beats_uniform_in_the_short_regime(tmp_path, monkeypatch)
     teacher = Teacher("vit-tiny", "digits")
     gains = []
     for seed in (0, 1):
-        task = Task(teacher, 0.3, "short", seed)
+        task = CompressionTask(teacher, 0.3, "short", seed)
         gains.append(pool.policy(pol.theta, task)[1] - pool.rule(task, "uniform")[1])
     assert min(gains) > 0.02, gains
 
 
 def test_policy_train_smoke_and_resume(tmp_path, monkeypatch):
     """A CI-sized meta-training run: writes a loadable policy, checkpoints, and a reward curve."""
-    from metacompress.policy.meta_train import MetaTrainConfig, meta_train
+    from metacompress.policy.meta_train import MetaTrainConfig, train_policy
 
     monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path / "cache"))
     cfg = MetaTrainConfig(teachers=[{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 32, "depth": 1}]}],
                           iterations=2, tasks_per_iteration=1, population=4, workers=1,
                           regime_weights=(1, 1, 0, 0), out=str(tmp_path / "pol"))
-    result = meta_train(cfg)
+    result = train_policy(cfg)
     assert len(result["history"]) == 2
     pol = load_policy(tmp_path / "pol")
     assert pol.provenance["iterations"] == 2 and pol.theta.shape == (Shapes.size(),)
     assert (tmp_path / "pol" / "reward_curve.png").stat().st_size > 1000
     cfg.iterations = 3  # resumes from the checkpoint: only one more iteration runs
-    assert len(meta_train(cfg)["history"]) == 3
+    assert len(train_policy(cfg)["history"]) == 3
 
 
 def test_recipe_overrides_and_errors(tmp_path):
@@ -166,7 +166,7 @@ def test_recipe_overrides_and_errors(tmp_path):
 
 
 def test_warm_start_moves_only_the_named_blocks(tmp_path, monkeypatch):
-    from metacompress.policy.meta_train import MetaTrainConfig, block_mask, meta_train
+    from metacompress.policy.meta_train import MetaTrainConfig, block_mask, train_policy
 
     monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path / "cache"))
     base = Policy(np.random.default_rng(0).normal(0, 0.3, Shapes.size()))
@@ -174,7 +174,7 @@ def test_warm_start_moves_only_the_named_blocks(tmp_path, monkeypatch):
     cfg = MetaTrainConfig(teachers=[{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 32, "depth": 1}]}],
                           iterations=1, tasks_per_iteration=1, population=2, workers=1, regime_weights=(0, 1, 0, 0),
                           init=str(tmp_path / "base"), train_only=("wm", "br"), out=str(tmp_path / "pol"))
-    meta_train(cfg)
+    train_policy(cfg)
     after = load_policy(tmp_path / "pol").theta
     mask = block_mask(("wm", "br"))
     np.testing.assert_array_equal(after[~mask], base.theta[~mask])
@@ -224,7 +224,7 @@ def test_anchored_policy_allocates_as_the_expert_and_keeps_its_repair():
 def test_selection_ships_the_best_scored_iterate(tmp_path, monkeypatch):
     """select_every: the saved policy is the iterate with the best mean reward on the selection
     tasks (an unseen task seed), and that reward is what re-scoring it gives."""
-    from metacompress.policy.meta_train import MetaTrainConfig, meta_train, selection_tasks
+    from metacompress.policy.meta_train import MetaTrainConfig, selection_tasks, train_policy
     from metacompress.policy.tasks import teachers_from
 
     monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path / "cache"))
@@ -232,7 +232,7 @@ def test_selection_ships_the_best_scored_iterate(tmp_path, monkeypatch):
     cfg = MetaTrainConfig(teachers=teachers, iterations=2, tasks_per_iteration=1, population=2, workers=1,
                           sigma=0.5, lr=0.5, regime_weights=(0, 1, 0, 0), anchor="sensitivity",
                           select_every=1, select_budgets=(0.3,), out=str(tmp_path / "pol"))
-    meta_train(cfg)
+    train_policy(cfg)
     pol = load_policy(tmp_path / "pol")
     sel = pol.provenance["selection"]
     scores = [s["reward"] for s in sel["scores"]]
@@ -257,7 +257,7 @@ def test_selection_keeps_the_iterate_that_scores_best(tmp_path, monkeypatch, tow
     cfg = mt.MetaTrainConfig(teachers=[{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 16, "depth": 1}]}],
                              iterations=3, tasks_per_iteration=1, population=4, workers=1, lr=0.1,
                              select_every=1, select_budgets=(0.3,), out=str(tmp_path / "pol"))
-    mt.meta_train(cfg)
+    mt.train_policy(cfg)
     pol = load_policy(tmp_path / "pol")
     ckpt = torch.load(tmp_path / "pol" / "checkpoint.pt", weights_only=True)
     last = ckpt["es"]["theta"].numpy()  # every weight trains here, so ES's vector is the whole policy
@@ -265,7 +265,7 @@ def test_selection_keeps_the_iterate_that_scores_best(tmp_path, monkeypatch, tow
     assert pol.provenance["selection"]["selected_iteration"] == (0 if toward_start else 3)
     np.testing.assert_array_equal(pol.theta, start if toward_start else last)
     cfg.iterations = 4  # resuming keeps the scores and the best iterate so far, and scores only what is new
-    mt.meta_train(cfg)
+    mt.train_policy(cfg)
     sel = load_policy(tmp_path / "pol").provenance["selection"]
     assert [s["iteration"] for s in sel["scores"]] == [0, 1, 2, 3, 4]
     assert sel["selected_iteration"] == (0 if toward_start else 4)
@@ -277,7 +277,7 @@ def test_fast_adaptation_is_seeded_and_moves_the_policy(tmp_path, monkeypatch):
     monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path))
     pol = load_policy()
     pool = TaskPool(pol.defaults)
-    task = Task(Teacher("mlp", "digits", (("depth", 1), ("hidden", 32))), 0.3, "short", 0)
+    task = CompressionTask(Teacher("mlp", "digits", (("depth", 1), ("hidden", 32))), 0.3, "short", 0)
     a = adapt(pol.theta, pool, task, steps=2, population=4, seed=0)
     b = adapt(pol.theta, pool, task, steps=2, population=4, seed=0)
     np.testing.assert_array_equal(a, b)
@@ -292,7 +292,7 @@ def test_allocation_only_reward_ignores_the_repair_head(tmp_path, monkeypatch):
     monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path))
     pol = load_policy()
     pool = TaskPool(pol.defaults)
-    task = Task(Teacher("mlp", "digits", (("depth", 1), ("hidden", 32))), 0.3, "short", 0)
+    task = CompressionTask(Teacher("mlp", "digits", (("depth", 1), ("hidden", 32))), 0.3, "short", 0)
     other = pol.theta.copy()
     head = block_mask(("wr", "br"))
     other[head] += np.random.default_rng(0).normal(0, 1.0, head.sum())  # very different repair settings

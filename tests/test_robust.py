@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.masks import ChannelMasks, masked
 from metacompress.compress.prune import PruningSpace
 from metacompress.compress.robust import RobustConfig, TaskSampler, parse_budgets, robustify
+from metacompress.compress.rules import rule_allocation
 from metacompress.data import load_dataset
 from metacompress.errors import UserError
 from metacompress.pipeline import CompressConfig, Timer, compress_stages, load_dense

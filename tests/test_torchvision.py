@@ -28,10 +28,10 @@ from torch import nn
 
 pytest.importorskip("torchvision")
 
-from metacompress.compress.baselines import rule_allocation  # noqa: E402
 from metacompress.compress.distill import recalibrate_bn  # noqa: E402
 from metacompress.compress.measure import count_macs  # noqa: E402
 from metacompress.compress.prune import PruningSpace  # noqa: E402
+from metacompress.compress.rules import rule_allocation  # noqa: E402
 from metacompress.data import Dataset, load_dataset  # noqa: E402
 from metacompress.deploy import export_onnx, verify_onnx  # noqa: E402
 from metacompress.zoo import build_model  # noqa: E402

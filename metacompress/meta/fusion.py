@@ -470,7 +470,7 @@ def _logits(model: nn.Module, state_dict: StateDict, x: Tensor, batch_size: int 
         model.train(was_training)
 
 
-def accuracy(model: nn.Module, state_dict: StateDict, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
+def state_dict_accuracy(model: nn.Module, state_dict: StateDict, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of the model with these weights, in eval mode; the model is untouched."""
     _check_data(x, y)
     return int((_logits(model, state_dict, x, batch_size).argmax(1) == y).sum()) / len(x)
@@ -566,7 +566,8 @@ def fuse(
         fused = uniform_soup(state_dicts)
     elif method == "greedy":
         fused, ingredients = greedy_soup(
-            state_dicts, lambda sd: (accuracy(model, sd, data.x_val, data.y_val), -mean_loss(model, sd, data.x_val, data.y_val)),
+            state_dicts,
+            lambda sd: (state_dict_accuracy(model, sd, data.x_val, data.y_val), -mean_loss(model, sd, data.x_val, data.y_val)),
             prepare=prepare)
         report["ingredients"] = [labels[i] for i in ingredients]
     elif method == "task-arithmetic":
@@ -584,8 +585,8 @@ def fuse(
         fused = prepare(fused)
     if use_data:
         report["val_accuracy"] = {
-            "models": {label: accuracy(model, sd, data.x_val, data.y_val)
+            "models": {label: state_dict_accuracy(model, sd, data.x_val, data.y_val)
                        for label, sd in zip(labels, state_dicts, strict=True)},
-            "fused": accuracy(model, fused, data.x_val, data.y_val),
+            "fused": state_dict_accuracy(model, fused, data.x_val, data.y_val),
         }
     return fused, report

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from metacompress.compress.baselines import RULES
 from metacompress.compress.distill import RepairConfig
+from metacompress.compress.rules import RULES
 from metacompress.policy.guard import GUARD_CANDIDATES, guard_choice
 from metacompress.policy.meta_train import adapt
 from metacompress.policy.network import REGIMES, init_params
-from metacompress.policy.tasks import Score, Task, TaskPool, teachers_from
+from metacompress.policy.tasks import CompressionTask, Score, TaskPool, teachers_from
 from metacompress.progress import track
 
 COLUMNS = ("meta", "meta+guard", "meta-alloc", *RULES, "oracle", "sensitivity")
@@ -64,7 +64,7 @@ def _init(defaults: dict, theta: np.ndarray, kinds_seen: tuple[str, ...] | None)
     _POOL, _THETA = TaskPool(RepairConfig(**defaults), kinds_seen), theta
 
 
-def _row(args: tuple[Task, int]) -> dict[str, Any]:
+def _row(args: tuple[CompressionTask, int]) -> dict[str, Any]:
     task, es_evals = args
     res: dict[str, Score] = {"meta": _POOL.policy(_THETA, task),
                              "meta-alloc": _POOL.policy(_THETA, task, learned_repair=False)}
@@ -99,7 +99,7 @@ def evaluate(cfg: EvalConfig, theta: np.ndarray, kinds_seen: tuple[str, ...] | N
                 for s in range(cfg.seeds):
                     search = cfg.es_search_evals if (b in cfg.es_search_budgets and r in cfg.es_search_regimes
                                                      and s == 0) else 0
-                    jobs.append((Task(t, b, r, s), search))
+                    jobs.append((CompressionTask(t, b, r, s), search))
     if cfg.workers > 1:
         with mp.get_context("fork").Pool(cfg.workers, _init, (cfg.repair_defaults, theta, kinds_seen)) as pool:
             rows = list(track(pool.imap(_row, jobs), "evaluating policy", total=len(jobs)))

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from metacompress.compress.baselines import rule_allocation
 from metacompress.compress.groups import KINDS
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import Metric, PruningSpace
+from metacompress.compress.rules import rule_allocation
 from metacompress.meta.modules import has_batchnorm
 from metacompress.policy.probes import CURVE_RATIOS, loss_curves, removable_share, removable_shares, sensitivity_allocation
 

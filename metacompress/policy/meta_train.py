@@ -34,7 +34,7 @@ from metacompress.meta import checkpoint, distributed
 from metacompress.meta.es import ES
 from metacompress.policy.network import EXPERT_RULES, REGIMES, Shapes, anchored, init_params
 from metacompress.policy.store import Policy, load_policy, save_policy
-from metacompress.policy.tasks import Task, TaskDistribution, TaskPool, Teacher, kinds_seen, teachers_from
+from metacompress.policy.tasks import CompressionTask, CompressionTaskSampler, TaskPool, Teacher, kinds_seen, teachers_from
 from metacompress.progress import track
 
 
@@ -82,7 +82,7 @@ _POOL: TaskPool | None = None
 _NOT_FINGERPRINTED = ("iterations", "workers", "out", "checkpoint_every")
 
 
-def _score(job: tuple[np.ndarray | None, Task, bool]) -> float:
+def _score(job: tuple[np.ndarray | None, CompressionTask, bool]) -> float:
     """Validation accuracy of the policy ``theta`` on ``task`` (``None``: of the uniform baseline)."""
     theta, task, learned_repair = job
     if theta is None:
@@ -90,7 +90,7 @@ def _score(job: tuple[np.ndarray | None, Task, bool]) -> float:
     return _POOL.policy(theta, task, learned_repair).val
 
 
-def _rewards(jobs: list[tuple[np.ndarray, Task, bool]], baselines: dict[Task, float]) -> np.ndarray:
+def _rewards(jobs: list[tuple[np.ndarray, CompressionTask, bool]], baselines: dict[CompressionTask, float]) -> np.ndarray:
     """Each job's reward (policy minus uniform baseline, as ``TaskPool.reward``), over all ranks.
 
     The baselines not yet in ``baselines`` (a cache every rank holds alike) are jobs of the same
@@ -104,7 +104,7 @@ def _rewards(jobs: list[tuple[np.ndarray, Task, bool]], baselines: dict[Task, fl
     return np.array([s - baselines[t] for s, (_, t, _) in zip(scores, jobs)])
 
 
-def meta_train(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
+def train_policy(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
     """Run ES meta-training; rank 0 writes checkpoints, the final policy and a reward curve into cfg.out.
 
     Under ``torchrun`` every rank runs this and evaluates its share of each iteration's
@@ -125,7 +125,7 @@ def _train(cfg: MetaTrainConfig, resume: bool) -> dict[str, Any]:
     out = Path(cfg.out)
     defaults = RepairConfig(**cfg.repair_defaults)
     teachers = teachers_from(cfg.teachers)
-    dist = TaskDistribution(teachers, budgets=cfg.budgets, regime_weights=cfg.regime_weights)
+    dist = CompressionTaskSampler(teachers, budgets=cfg.budgets, regime_weights=cfg.regime_weights)
     theta0 = load_policy(cfg.init).theta if cfg.init else init_params(cfg.seed)
     if cfg.anchor:
         theta0 = anchored(theta0, cfg.anchor)
@@ -155,7 +155,7 @@ def _train(cfg: MetaTrainConfig, resume: bool) -> dict[str, Any]:
             torch.set_rng_state(state["torch_rng"])
     _POOL = TaskPool(defaults)
     _warm_teachers(teachers)
-    baselines: dict[Task, float] = {}
+    baselines: dict[CompressionTask, float] = {}
     t0 = time.perf_counter()
 
     def select(iteration: int) -> None:
@@ -236,9 +236,9 @@ def _provenance(cfg: MetaTrainConfig, teachers: list[Teacher], history: list[dic
     }
 
 
-def selection_tasks(teachers: list[Teacher], budgets: tuple[float, ...], seed: int) -> list[Task]:
+def selection_tasks(teachers: list[Teacher], budgets: tuple[float, ...], seed: int) -> list[CompressionTask]:
     """Every teacher x budget x regime on one task seed (training draws seeds below ``seed``)."""
-    return [Task(t, b, r, seed) for t in teachers for b in budgets for r in REGIMES]
+    return [CompressionTask(t, b, r, seed) for t in teachers for b in budgets for r in REGIMES]
 
 
 def block_mask(blocks: tuple[str, ...], frozen_experts: tuple[str, ...] = ()) -> np.ndarray:
@@ -296,7 +296,7 @@ def plot_curve(history: list[dict[str, float]], path: Path, selection: list[dict
     plt.close(fig)
 
 
-def adapt(theta: np.ndarray, pool: TaskPool, task: Task, steps: int, population: int = 8, sigma: float = 0.05,
+def adapt(theta: np.ndarray, pool: TaskPool, task: CompressionTask, steps: int, population: int = 8, sigma: float = 0.05,
           lr: float = 0.02, seed: int = 0) -> np.ndarray:
     """ES-MAML fast adaptation: ``steps`` ES steps on one task from the meta-learned weights."""
     es = ES(np.asarray(theta, dtype=np.float64), sigma=sigma, lr=lr, population=population, seed=seed)

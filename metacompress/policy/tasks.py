@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from metacompress.compress.baselines import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.compress.distill import RepairConfig, repair
 from metacompress.compress.groups import KINDS
 from metacompress.compress.prune import PruningSpace
+from metacompress.compress.rules import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.data import Dataset, load_dataset
 from metacompress.io import load_weights, save_torch
 from metacompress.policy.features import ExpertAllocations, policy_inputs
@@ -70,7 +70,7 @@ class Score(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Task:
+class CompressionTask:
     teacher: Teacher
     budget: float
     regime: str
@@ -135,7 +135,7 @@ class TaskPool:
         """Use an already prepared model (e.g. the user's own) as the teacher of ``teacher``."""
         self._contexts[teacher] = ctx
 
-    def run(self, task: Task, keep: list[int], importance: str, cfg: RepairConfig) -> Score:
+    def run(self, task: CompressionTask, keep: list[int], importance: str, cfg: RepairConfig) -> Score:
         """Prune the teacher to ``keep``, repair with ``cfg``; validation and test accuracy."""
         ctx = self.context(task.teacher)
         calib = ctx.data.calibration_batch(128, task.seed)
@@ -144,11 +144,11 @@ class TaskPool:
         val, val_loss, correct = accuracy_and_loss(student, ctx.data.x_val, ctx.data.y_val)
         return Score(val, accuracy(student, ctx.data.x_test, ctx.data.y_test), val_loss, correct)
 
-    def budget(self, task: Task) -> float:
+    def budget(self, task: CompressionTask) -> float:
         """The task's budget, raised to what its teacher can reach (sampled budgets may be below)."""
         return max(task.budget, round(self.context(task.teacher).space.floor() * 1.02 + 0.005, 3))
 
-    def rule(self, task: Task, rule: str, cfg: RepairConfig | None = None) -> Score:
+    def rule(self, task: CompressionTask, rule: str, cfg: RepairConfig | None = None) -> Score:
         """A built-in allocation with the default repair settings of the task's regime."""
         ctx = self.context(task.teacher)
         cfg = cfg or regime_config(task.regime, self.defaults)
@@ -156,13 +156,13 @@ class TaskPool:
         keep = ctx.space.project(rule_allocation(rule, ctx.space, ctx.model, calib), self.budget(task))
         return self.run(task, keep, CHANNEL_IMPORTANCE[rule], cfg)
 
-    def expert(self, task: Task, name: str) -> Score:
+    def expert(self, task: CompressionTask, name: str) -> Score:
         """One of the policy's experts alone (e.g. ``sensitivity``), with the default repair settings."""
         ctx = self.context(task.teacher)
         keep = ctx.space.project(ctx.experts.allocation(name), self.budget(task))
         return self.run(task, keep, "magnitude", regime_config(task.regime, self.defaults))
 
-    def baseline(self, task: Task) -> Score:
+    def baseline(self, task: CompressionTask) -> Score:
         """Uniform allocation with default repair (cached): what rewards are measured against."""
         ctx = self.context(task.teacher)
         key = (task.budget, task.regime, task.seed)
@@ -170,7 +170,7 @@ class TaskPool:
             ctx.baseline[key] = self.rule(task, "uniform")
         return ctx.baseline[key]
 
-    def policy(self, theta: np.ndarray, task: Task, learned_repair: bool = True) -> Score:
+    def policy(self, theta: np.ndarray, task: CompressionTask, learned_repair: bool = True) -> Score:
         """The policy's allocation (and, unless ``learned_repair`` is off, repair settings) on ``task``."""
         ctx = self.context(task.teacher)
         base = regime_config(task.regime, self.defaults)
@@ -179,14 +179,14 @@ class TaskPool:
         keep = ctx.space.project(decision.ratio_fn(), budget)
         return self.run(task, keep, "magnitude", decision.repair if learned_repair else base)
 
-    def reward(self, theta: np.ndarray, task: Task, learned_repair: bool = True) -> float:
+    def reward(self, theta: np.ndarray, task: CompressionTask, learned_repair: bool = True) -> float:
         """Validation accuracy of the policy on ``task`` minus the uniform baseline's (with the
         default repair settings instead of the policy's when ``learned_repair`` is off)."""
         return self.policy(theta, task, learned_repair)[0] - self.baseline(task)[0]
 
 
 @dataclass
-class TaskDistribution:
+class CompressionTaskSampler:
     """Teachers x budgets x regimes, sampled with a seeded generator."""
 
     teachers: list[Teacher]
@@ -195,14 +195,14 @@ class TaskDistribution:
     regime_weights: tuple[float, ...] | None = None
     task_seeds: int = 4
 
-    def sample(self, rng: np.random.Generator, n: int) -> list[Task]:
+    def sample(self, rng: np.random.Generator, n: int) -> list[CompressionTask]:
         w = np.asarray(self.regime_weights or [1.0] * len(self.regimes), dtype=float)
         tasks = []
         for _ in range(n):
             t = self.teachers[rng.integers(len(self.teachers))]
             b = float(np.round(rng.uniform(*self.budgets), 2))
             r = self.regimes[rng.choice(len(self.regimes), p=w / w.sum())]
-            tasks.append(Task(t, b, r, int(rng.integers(self.task_seeds))))
+            tasks.append(CompressionTask(t, b, r, int(rng.integers(self.task_seeds))))
         return tasks
 
 
@@ -229,4 +229,5 @@ def kinds_seen(teachers: list[Teacher]) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in kinds)
 
 
-__all__ = ["RULES", "Score", "Task", "TaskDistribution", "TaskPool", "Teacher", "kinds_seen", "regime_config", "teachers_from"]
+__all__ = ["RULES", "Score", "CompressionTask", "CompressionTaskSampler", "TaskPool", "Teacher", "kinds_seen",
+           "regime_config", "teachers_from"]
