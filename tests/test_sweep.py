@@ -84,3 +84,20 @@ def test_a_sweep_that_fails_midway_leaves_no_output(tmp_path, monkeypatch):
         sweep.run_sweep(sweep.SweepConfig(base, budgets=(0.8, 0.5), allocations=("uniform",), out=str(out)))
     assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_sweep_to_latency_budgets(tmp_path):
+    out = tmp_path / "sweep"
+    res = run("sweep", "vgg-small", "--data", "digits@16", "--weights", "none", "--metric", "latency",
+              "--budgets", "0.8,0.5", "--allocations", "uniform,lamp", "--repair-steps", "0",
+              "--latency-seconds", "0.1", "--threads", "1", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["rows"]
+    assert [(r["metric"], r["budget"], r["allocation"]) for r in rows] == [
+        ("latency", b, a) for b in (0.8, 0.5) for a in ("uniform", "lamp")]
+    for alloc in ("uniform", "lamp"):
+        at = {r["budget"]: r for r in rows if r["allocation"] == alloc}
+        assert at[0.5]["macs"] < at[0.8]["macs"] < json.loads(res.stdout)["dense"]["macs"]
+    with Image.open(out / "sweep.png") as img:
+        assert img.format == "PNG"
