@@ -15,7 +15,9 @@ import sys
 from typing import Any, Callable
 
 import typer
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from metacompress.errors import UserError
 from metacompress.signals import Interrupted, signals_raise
@@ -93,6 +95,11 @@ def command(name: str, target: typer.Typer | None = None, **kwargs: Any) -> Call
         return (target or app).command(name, **kwargs)(wrapper)
 
     return decorate
+
+
+def table(*columns: str, title: str | None = None) -> Table:
+    """Every command's tables in one style: a left-aligned title, bold header, light rules."""
+    return Table(*columns, title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
 
 
 def emit(result: dict, as_json: bool, render: Callable[[dict], None]) -> None:

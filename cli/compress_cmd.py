@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
+from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit, table
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.robust import RobustConfig
 
@@ -91,7 +90,7 @@ def compress(
 
 
 def _render_report(r: dict) -> None:
-    t = Table(title=f"{r['model']} on {r['data']} ({r['policy']}) -> {r.get('out', '')}")
+    t = table(title=f"{r['model']} on {r['data']} ({r['policy']}) -> {r.get('out', '')}")
     for col in ("", "dense", "compressed", "ratio"):
         t.add_column(col, justify="right")
     d, c = r["dense"], r["compressed"]
@@ -148,14 +147,14 @@ def inspect_model(
 def _render_inspect(r: dict) -> None:
     console.print(f"[bold]{r['model']}[/bold] on {r['data']}: input {tuple(r['input_shape'])}, "
                   f"{r['macs']:,} MACs, {r['params']:,} params")
-    g = Table(title="prunable groups")
+    g = table(title="prunable groups")
     for col in ("#", "root layer", "kind", "channels", "step", "coupled layers"):
         g.add_column(col)
     for i, grp in enumerate(r["groups"]):
         g.add_row(str(i), grp["name"], grp["kind"], str(grp["channels"]), str(grp["step"]),
                   str(len(grp["out_layers"]) + len(grp["in_layers"])))
     console.print(g)
-    t = Table(title="layers")
+    t = table(title="layers")
     for col in ("layer", "type", "MACs", "params"):
         t.add_column(col)
     for layer in r["layers"]:
@@ -170,7 +169,7 @@ def _render_latency_model(lat: dict) -> None:
     console.print(f"latency model ({lat['source']}, built in {lat['build_s']:.1f} s; key {lat['key']}): "
                   f"{rt['provider']}, {rt['threads']} threads, {rt['cpu']} ({rt['isa']}, channel block {lat['block']}), "
                   f"onnxruntime {rt['onnxruntime']}")
-    f = Table(title="fit per batch size: weight of each term, relative to the dense model's latency")
+    f = table(title="fit per batch size: weight of each term, relative to the dense model's latency")
     f.add_column("")
     for b in lat["fits"]:
         f.add_column(b, justify="right")
@@ -181,7 +180,7 @@ def _render_latency_model(lat: dict) -> None:
     for name in fits[0]["coef"]:
         f.add_row(name, *(f"{fit['coef'][name]:.3f}" for fit in fits))
     console.print(f)
-    g = Table(title=f"predicted saving when one group alone goes to its floor (batch {lat['batch']}); "
+    g = table(title=f"predicted saving when one group alone goes to its floor (batch {lat['batch']}); "
                     f"all groups at the floor keep {lat['floor_fraction']:.3f} of the latency")
     for col in ("group", "channels", "step", "floor", "saved ms"):
         g.add_column(col, justify="right")

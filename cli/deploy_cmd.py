@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 import typer
-from rich.table import Table
 
-from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
+from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit, table
 from metacompress.errors import UserError
 
 SPLITS = ("test", "val", "train")
@@ -127,18 +126,18 @@ def bench(
     result["speedup"] = speedups(result["latency"], "baseline")["model"] if baseline is not None else None
 
     def render(r: dict) -> None:
-        table = Table(title=f"onnxruntime latency, {threads or 'default'} thread(s), median of {repeats} "
+        t = table(title=f"onnxruntime latency, {threads or 'default'} thread(s), median of {repeats} "
                             "(min-max), interleaved")
-        table.add_column("model")
+        t.add_column("model")
         for b in batches:
-            table.add_column(f"batch {b} ms", justify="right")
+            t.add_column(f"batch {b} ms", justify="right")
         for key, name in (("model", r["model"]), ("baseline", r["baseline"])):
             if name is not None:
-                table.add_row(Path(name).name, *(f"{s['median_ms']:.3f} ({s['min_ms']:.3f}-{s['max_ms']:.3f})"
+                t.add_row(Path(name).name, *(f"{s['median_ms']:.3f} ({s['min_ms']:.3f}-{s['max_ms']:.3f})"
                                       for s in r["latency"][key].values()))
         if r["speedup"] is not None:
-            table.add_row("speedup (baseline / model)", *(f"{v:.2f}x" for v in r["speedup"].values()))
-        console.print(table)
+            t.add_row("speedup (baseline / model)", *(f"{v:.2f}x" for v in r["speedup"].values()))
+        console.print(t)
 
     emit(result, as_json, render)
 

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
-from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
+from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit, table
 from metacompress.data import load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, save_torch, state_dict_from
@@ -123,8 +122,8 @@ def _render(result: dict) -> None:
     if "ingredients" in result:
         console.print(f"greedy soup ingredients: {', '.join(result['ingredients'])}")
     if "val_accuracy" in result:
-        table = Table("model", "val accuracy")
+        t = table("model", "val accuracy")
         for name, acc in result["val_accuracy"]["models"].items():
-            table.add_row(name, f"{acc:.4f}")
-        table.add_row("[bold]fused[/bold]", f"[bold]{result['val_accuracy']['fused']:.4f}[/bold]")
-        console.print(table)
+            t.add_row(name, f"{acc:.4f}")
+        t.add_row("[bold]fused[/bold]", f"[bold]{result['val_accuracy']['fused']:.4f}[/bold]")
+        console.print(t)

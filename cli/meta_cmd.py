@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
-from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
+from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit, table
 from metacompress.errors import UserError
 from metacompress.io import load_weights, save_torch
 from metacompress.meta import ALGORITHMS, distributed, parse_task_spec
@@ -70,14 +69,14 @@ def meta_train(
 
 
 def _render_eval(r: dict) -> None:
-    table = Table(title=f"{r['tasks']}: {r['episodes']} meta-test episodes, {r['steps']} adaptation step(s)")
-    table.add_column("method")
+    t = table(title=f"{r['tasks']}: {r['episodes']} meta-test episodes, {r['steps']} adaptation step(s)")
+    t.add_column("method")
     metric = next(k for k in next(iter(r["results"].values())) if k != "ci95")
-    table.add_column(f"{metric} (95 % CI)", justify="right")
+    t.add_column(f"{metric} (95 % CI)", justify="right")
     for name, row in r["results"].items():
         scale, unit = (100, " %") if metric == "accuracy" else (1, "")
-        table.add_row(name, f"{row[metric] * scale:.3f}{unit} ± {row['ci95'] * scale:.3f}")
-    console.print(table)
+        t.add_row(name, f"{row[metric] * scale:.3f}{unit} ± {row['ci95'] * scale:.3f}")
+    console.print(t)
 
 
 @command("meta-eval")

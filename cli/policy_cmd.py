@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import List, Optional
 
 import typer
-from rich.table import Table
 
-from metacompress.cli.app import JSON_OPTION, app, command, console, emit
+from metacompress.cli.app import JSON_OPTION, app, command, console, emit, table
 
 policy_app = typer.Typer(help="Meta-train, inspect and evaluate the compression policy.", no_args_is_help=True)
 app.add_typer(policy_app, name="policy")
@@ -94,7 +93,7 @@ def evaluate(
     summary = summarise(rows)
 
     def render(r: dict) -> None:
-        t = Table(title="mean test accuracy (%) on held-out tasks")
+        t = table(title="mean test accuracy (%) on held-out tasks")
         cols = list(next(iter(r["summary"]["table"].values())).keys())
         t.add_column("regime")
         for c in cols:

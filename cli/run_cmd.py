@@ -23,9 +23,8 @@ from typing import Annotated, Any, List, Literal, Optional
 import typer
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
-from rich.table import Table
 
-from metacompress.cli.app import JSON_OPTION, app, command, console, emit
+from metacompress.cli.app import JSON_OPTION, app, command, console, emit, table
 from metacompress.cli.introspect import Param, callback, params_of
 from metacompress.errors import UserError
 from metacompress.progress import status
@@ -324,7 +323,7 @@ def list_recipes(as_json: bool = JSON_OPTION) -> None:
         rows.append({"name": p.stem, "pipeline": " -> ".join(map(str, pipes)), "about": first, "path": str(p)})
 
     def render(r: dict) -> None:
-        t = Table(title=f"recipes in {RECIPES_DIR} (metacompress run NAME \\[key=value ...])")
+        t = table(title=f"recipes in {RECIPES_DIR} (metacompress run NAME \\[key=value ...])")
         for col in ("name", "pipeline", "about"):
             t.add_column(col)
         for row in r["recipes"]:

@@ -6,9 +6,8 @@ from typing import Optional
 
 import typer
 from rich import box
-from rich.table import Table
 
-from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit
+from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit, table
 from metacompress.cli.compress_cmd import MODEL_HELP
 from metacompress.compress.distill import RepairConfig
 from metacompress.sweep import ALLOCATIONS
@@ -55,7 +54,7 @@ def sweep(
 def render_sweep(r: dict) -> None:
     """The sweep as one table, points grouped by budget."""
     d = r["dense"]
-    t = Table(title=f"{r['model']} on {r['data']}: kept {r['metric']} x allocation (dense accuracy {d['accuracy']:.4f}, "
+    t = table(title=f"{r['model']} on {r['data']}: kept {r['metric']} x allocation (dense accuracy {d['accuracy']:.4f}, "
                     f"{d['macs']:,} MACs) -> {r['out']}")
     t.box, t.pad_edge, t.collapse_padding = box.SIMPLE_HEAD, False, True
     for col in ("kept", "allocation", "acc", "Δ pts", "MACs", "b1 ms", "b32 ms", "x b1", "x b32", "size"):

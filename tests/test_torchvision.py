@@ -121,3 +121,27 @@ def test_torchvision_compress_export_parity(spec: str, data224: Dataset, tmp_pat
     with torch.no_grad():
         head.weight.mul_(1.01)
     assert verify_onnx(path, off, data224.x_test, None, threads=1)["max_abs_diff"] > MAX_ABS_DIFF
+
+
+def test_vision_transformer_keeps_its_residual_width_and_prunes_the_rest(tmp_path):
+    """torchvision's ViT reads its residual width as a constant (reshape by ``hidden_dim``, class
+    token, position embedding): that group stays whole; MLP hidden units and attention heads are
+    pruned to the budget, and the exported model matches PyTorch."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+                            num_classes=10).eval()
+    for p in vit.heads.parameters():  # torchvision zero-initialises the head: give parity something to bite on
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(16, 3, 32, 32)
+    space = PruningSpace(vit, x[:1], 10, round_to=1)
+    assert all(g.name != "conv_proj" for g in space.groups) and len(space.groups) >= 2
+    keep = space.project(rule_allocation("uniform", space, vit, calib=None), TARGET_MACS, "macs")
+    pruned = space.apply(copy.deepcopy(vit), keep)
+    assert pruned.conv_proj.out_channels == 64 and pruned.hidden_dim == 64
+    ratio = count_macs(pruned, x[:1]) / count_macs(vit, x[:1])
+    assert ratio < 0.95 and abs(ratio - space.kept_fraction(keep, "macs")) < 0.02
+    export_onnx(pruned, x[:2], tmp_path / "vit.onnx", dynamo=False)
+    res = verify_onnx(tmp_path / "vit.onnx", pruned, x, None)
+    assert res["max_abs_diff"] <= 1e-4 and res["top1_agreement"] == 1.0

@@ -154,6 +154,19 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         raise UserError(f"cannot trace the model for pruning: {type(exc).__name__}: {exc}") from None
 
 
+def fixed_width_layers(model: nn.Module) -> list[nn.Module]:
+    """Layers whose output width the model's own code reads as a constant, so they must keep it.
+
+    torchvision's VisionTransformer reshapes ``conv_proj``'s output with ``self.hidden_dim`` and
+    adds a class token and a position embedding of that width (plain parameters the dependency
+    graph does not see): its residual stream keeps its width, while the MLPs and attention heads
+    are still pruned.
+    """
+    return [m.conv_proj for m in model.modules()
+            if isinstance(getattr(m, "hidden_dim", None), int) and isinstance(getattr(m, "conv_proj", None), nn.Conv2d)
+            and isinstance(getattr(m, "class_token", None), nn.Parameter)]
+
+
 def _is_layer(m: nn.Module) -> bool:
     return isinstance(m, (nn.Conv2d, nn.Linear))
 
@@ -166,7 +179,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
     classifier = find_classifier(model, num_classes)
     attn = {qkv: (proj, heads) for qkv, proj, heads in attention_blocks(model)}
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
-    ignored = ([classifier] if classifier is not None else []) + list(hints.get("frozen", []))
+    ignored = ([classifier] if classifier is not None else []) + list(hints.get("frozen", [])) + fixed_width_layers(model)
     groups: list[Group] = []
     for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
         root = g[0].dep.target.module
