@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from metacompress.data import load_dataset
 from metacompress.io import save_torch, write_json
 from metacompress.meta.fusion import (
-    accuracy,
     dare,
     estimate_fisher,
     fisher_merge,
@@ -42,6 +41,7 @@ from metacompress.meta.fusion import (
     ties_merge,
     uniform_soup,
 )
+from metacompress.meta.fusion import state_dict_accuracy as accuracy
 from metacompress.zoo import build_model
 
 TASK_A = (0, 1, 2, 3, 4)
