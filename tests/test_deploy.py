@@ -305,7 +305,7 @@ def test_cli_bench_prints_both_medians_and_ratio(resnet, tmp_path):
         out["latency"]["baseline"]["b1"]["median_ms"] / out["latency"]["model"]["b1"]["median_ms"])
     text = runner.invoke(app, args)
     assert text.exit_code == 0
-    rows = {line.split()[1]: line for line in text.stdout.splitlines() if line.startswith("│")}
+    rows = {line.split()[0]: line for line in text.stdout.splitlines() if line.strip()}
     assert re.search(r"\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", rows[path.name])
     assert re.search(r"\d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", rows["baseline.onnx"])
     assert re.search(r"\d+\.\d{2}x", rows["speedup"])
