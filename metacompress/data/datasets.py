@@ -135,13 +135,19 @@ def _finish(name: str, x_tr, y_tr, x_te, y_te, num_classes: int | None = None) -
     )
 
 
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    """N x C x H x W images resized to size x size (bilinear)."""
+    return F.interpolate(torch.from_numpy(np.ascontiguousarray(x)), size=(size, size), mode="bilinear",
+                         align_corners=False).numpy()
+
+
 def _digits(size: int) -> Dataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = d.images.astype(np.float32)[:, None]  # N x 1 x 8 x 8, values 0..16
     if size != 8:
-        x = F.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False).numpy()
+        x = _resize(x, size)
     x_tr, x_te, y_tr, y_te = _split(x, d.target, TEST_FRACTION, seed=0)
     return _finish("digits" if size == 8 else f"digits@{size}", x_tr, y_tr, x_te, y_te, 10)
 
@@ -334,8 +340,7 @@ def _idx(arg: str) -> Dataset:
     x_te = a["x_test"]
     if size:
         check_size(f"idx:{arg}", len(x_tr) + len(x_te), (x_tr.shape[1], size, size))
-        x_tr, x_te = (F.interpolate(torch.from_numpy(np.ascontiguousarray(x)), size=(size, size), mode="bilinear",
-                                    align_corners=False).numpy() for x in (x_tr, x_te))
+        x_tr, x_te = _resize(x_tr, size), _resize(x_te, size)
     return _finish(f"idx:{arg}", x_tr, y_tr, x_te, y_te, classes)
 
 
