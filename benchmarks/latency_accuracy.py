@@ -7,8 +7,9 @@ enough. For each model, latency target and repair regime (and seed):
 
 1. ``compress --target-latency F`` (the allocation given by ``--allocation``, seeded) gives an
    accuracy and a measured latency fraction L (interleaved, batch 1, 2 threads);
-2. the MACs fraction M whose allocation measures L is found by bisection (each step prunes,
-   exports and times the architecture against the dense model);
+2. the MACs fraction M whose allocation measures L is found by bisection from the MACs fraction
+   the latency budget kept (each step prunes, exports and times the architecture against the
+   dense model);
 3. ``compress --target-macs M`` with the same allocation, repair and seed gives the accuracy to
    compare with.
 
@@ -16,6 +17,7 @@ Dense teachers are trained once per model (30 epochs, seed 0) and shared by ever
 
     python benchmarks/latency_accuracy.py [--models resnet20,vgg-small,mobilenet-small] [--data digits@32]
         [--targets 0.5,0.3] [--regimes bn,short,generous] [--seeds 0,1,2] [--allocation meta]
+        [--teachers DIR]
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ THREADS = 2
 def teacher(spec: str, data_spec: str, folder: Path) -> str:
     from metacompress.data import load_dataset
 
-    path = folder / f"{spec}.pt"
+    path = folder / f"{spec}-{data_spec.replace(':', '_').replace('/', '_')}.pt"
     if not path.exists():
         save_torch(load_dense(spec, load_dataset(data_spec), None, seed=0, epochs=30).state_dict(), path)
     return str(path)
@@ -65,19 +67,21 @@ def measured_fraction_of_macs(cfg: CompressConfig, prep, macs: float, meter: Lat
     return meter.measure(keep)
 
 
-def equal_latency_macs(cfg: CompressConfig, goal: float, meter: LatencyTarget, steps: int = 7) -> tuple[float, float]:
-    """Bisection on the kept MACs fraction until the allocation measures ``goal`` (within 2 %)."""
+def equal_latency_macs(cfg: CompressConfig, goal: float, meter: LatencyTarget, start: float,
+                       steps: int = 7) -> tuple[float, float]:
+    """Bisection on the kept MACs fraction until the allocation measures ``goal`` (within 2 %),
+    starting from ``start`` (the MACs fraction the latency budget kept: usually close)."""
     prep = prepare(cfg)
-    lo, hi = 0.05, 1.0
+    lo, hi, mid = 0.02, 1.0, start
     best = (1.0, 1.0)
     for _ in range(steps):
-        mid = (lo + hi) / 2
         got = measured_fraction_of_macs(cfg, prep, mid, meter)
         if abs(got - goal) < abs(best[1] - goal):
             best = (mid, got)
         if abs(got / goal - 1) <= 0.02:
             break
         lo, hi = (mid, hi) if got < goal else (lo, mid)
+        mid = (lo + hi) / 2
     return best
 
 
@@ -90,7 +94,7 @@ def run_cell(spec, data, weights, target, regime, seed, allocation, work: Path) 
     prep = prepare(config(spec, data, weights, regime, seed, work / "x", allocation, target_latency=target))
     meter = prep.budget.latency
     try:
-        macs, matched = equal_latency_macs(macs_cfg, measured, meter)
+        macs, matched = equal_latency_macs(macs_cfg, measured, meter, lat["achieved_macs_ratio"])
     finally:
         meter.close()
     macs_cfg.target_macs = macs
@@ -130,14 +134,17 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--allocation", default="meta")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--teachers", default=None, help="folder that keeps the dense teachers between runs")
     args = ap.parse_args()
     os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
     torch.set_num_threads(min(THREADS, default_threads()))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        teachers = Path(args.teachers) if args.teachers else work
+        teachers.mkdir(parents=True, exist_ok=True)
         for spec in args.models.split(","):
-            weights = teacher(spec, args.data, work)
+            weights = teacher(spec, args.data, teachers)
             for target in (float(t) for t in args.targets.split(",")):
                 for regime in args.regimes.split(","):
                     for seed in (int(s) for s in args.seeds.split(",")):

@@ -193,6 +193,14 @@ class LatencyTarget:
                        f"machine too noisy")
         return best.keep
 
+    def predicted_keep(self, ratio_fn: Callable[[float], Sequence[float]]) -> list[int]:
+        """The projection onto the (feasible) target as the latency model predicts it, with no
+        measurement: cheap enough to call inside a search over allocations."""
+        goal = min(1.0, max(self.target, self.floor_fraction * (1 + LATENCY_TOL)))
+        if goal >= 1.0:
+            return [g.channels for g in self.space.groups]
+        return self.space.project(_freeze(ratio_fn, self.idle_groups()), goal, self.model, grid_only=True)
+
     def idle_groups(self) -> set[int]:
         """Groups whose pruning saves no predicted time (a width the runtime pads back up to its
         block): pruning them would cost accuracy for nothing, so a latency budget leaves them."""

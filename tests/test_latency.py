@@ -17,6 +17,7 @@ from test_cli import assert_user_error, run
 from torch import nn
 
 from metacompress.budget import LATENCY_TOL, MAX_ROUNDS, Budget, LatencyTarget, budget_spec
+from metacompress.compress.distill import RepairConfig
 from metacompress.compress.prune import PruningSpace
 from metacompress.deploy import latency as latency_mod
 from metacompress.deploy import runtime
@@ -288,3 +289,24 @@ def test_a_final_measurement_off_the_target_is_warned_about_once():
     assert "0.580" in warning and "16%" in warning and "0.500" in warning
     assert final_latency_warning(section, 1, warned=True) == []  # the loop already warned (floor, miss)
     assert final_latency_warning(section | {"within_tolerance": True}, 1, warned=False) == []
+
+
+def test_policy_on_a_latency_budget_is_told_the_macs_fraction_it_keeps(cnn, monkeypatch, digits):
+    """Per-op overhead: latency = 0.3 + 0.7 x kept MACs, so a latency target of 0.6 keeps ~0.43
+    of the MACs. The policy was meta-trained on MACs budgets and picks its allocation and repair
+    settings by the budget it is told: it must be told the ~0.43 it will keep, not 0.6."""
+    from metacompress.policy import allocate
+    from metacompress.policy.store import load_policy
+
+    model, space = cnn
+    lt = _target(cnn, 0.6, lambda p: p)
+    lt.model.fraction = lambda keep: 0.3 + 0.7 * space.kept_fraction(keep, "macs")
+    told = []
+    real_decide = allocate.decide
+    monkeypatch.setattr(allocate, "decide", lambda theta, f, b, *a: told.append(b) or real_decide(theta, f, b, *a))
+    x = torch.nn.functional.interpolate(digits.x_train[:64], size=(16, 16))
+    keep, _ = allocate.policy_allocation(load_policy(None), model, space, (x, digits.y_train[:64]),
+                                         Budget("latency", 0.6, lt.model, lt), RepairConfig(steps=20))
+    kept_macs = space.kept_fraction(keep, "macs")
+    assert abs(lt.model.fraction(keep) / 0.6 - 1) <= LATENCY_TOL
+    assert kept_macs < 0.5 and told[-1] == pytest.approx(kept_macs, abs=0.03)
