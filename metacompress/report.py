@@ -52,6 +52,7 @@ def compress_report(cfg: "CompressConfig", c: "Compressed", r: dict[str, Any]) -
     if prep.budget.latency is not None:
         report["latency"] = latency_section(cfg, c, lat)
         warnings += final_latency_warning(report["latency"], cfg.latency_batch, bool(c.warnings))
+    warnings += not_faster_warnings(report["speedup"], cfg.latency_batch if spec.is_latency else None)
     if warnings:
         report["warnings"] = warnings
     if c.guard is not None:
@@ -80,6 +81,16 @@ def final_latency_warning(section: dict[str, Any], batch: int, warned: bool) -> 
             f"{abs(final / target - 1):.0%} off the target {target:.3f} that the correction loop met within "
             f"{section['tolerance']:.0%}: timings on this machine vary that much between sessions "
             f"(`metacompress bench` re-times it)"]
+
+
+def not_faster_warnings(speedup: dict[str, float], budget_batch: int | None) -> list[str]:
+    """A warning for each batch size at which the compressed model runs no faster than the dense
+    one: what a user compresses for, and what a MACs budget or a latency budget set at another
+    batch size does not promise."""
+    hint = ("MACs are not time on this runtime; --target-latency budgets the measured time" if budget_batch is None
+            else f"the latency budget holds at batch {budget_batch}; --latency-batch sets the batch it holds at")
+    return [f"the compressed model is not faster than the dense model at batch {b[1:]} ({s:.2f}x): {hint}"
+            for b, s in speedup.items() if s < 1.0]
 
 
 def determinism_section(latency_budget: bool) -> dict[str, Any]:

@@ -160,13 +160,18 @@ def test_report_warns_when_whole_units_cannot_meet_the_budget(tmp_path):
                                          round_to=8))
     assert report["achieved_macs_ratio"] == 0.25
     assert [g["kept"] for g in report["groups"]] == [4] and not report["groups"][0]["on_grid"]
-    assert len(report["warnings"]) == 2
-    assert "not reachable in whole units within 2%: the nearest allocation keeps 0.250" in report["warnings"][0]
-    assert "off the round_to=8 grid" in report["warnings"][1]
+    budget_warnings = _budget_warnings(report)  # a model this small may also time no faster than dense
+    assert len(budget_warnings) == 2
+    assert "not reachable in whole units within 2%: the nearest allocation keeps 0.250" in budget_warnings[0]
+    assert "off the round_to=8 grid" in budget_warnings[1]
     ok = run_compress(CompressConfig(model=f"{tmp_path / 'tiny.py'}:factory", data="digits", target_macs=0.5,
                                      allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "ok"),
                                      round_to=8))
-    assert "warnings" not in ok and ok["groups"][0]["on_grid"]
+    assert _budget_warnings(ok) == [] and ok["groups"][0]["on_grid"]
+
+
+def _budget_warnings(report: dict) -> list[str]:
+    return [w for w in report.get("warnings", []) if "not faster than the dense model" not in w]
 
 
 def test_meta_policy_with_guard(tmp_path):

@@ -310,3 +310,13 @@ def test_policy_on_a_latency_budget_is_told_the_macs_fraction_it_keeps(cnn, monk
     kept_macs = space.kept_fraction(keep, "macs")
     assert abs(lt.model.fraction(keep) / 0.6 - 1) <= LATENCY_TOL
     assert kept_macs < 0.5 and told[-1] == pytest.approx(kept_macs, abs=0.03)
+
+
+def test_a_compressed_model_that_is_not_faster_is_warned_about():
+    from metacompress.report import not_faster_warnings
+
+    assert not_faster_warnings({"b1": 1.9, "b32": 2.1}, None) == []
+    (macs,) = not_faster_warnings({"b1": 1.4, "b32": 0.98}, None)
+    assert "batch 32 (0.98x)" in macs and "--target-latency" in macs
+    (lat,) = not_faster_warnings({"b1": 2.0, "b32": 0.91}, 1)
+    assert "batch 32 (0.91x)" in lat and "batch 1" in lat and "--latency-batch" in lat

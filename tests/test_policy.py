@@ -1,6 +1,7 @@
 """The meta-learned policy: projection, features, save/load, bad files, and that the shipped
 default beats the uniform rule on a small task in the short-repair regime."""
 
+import copy
 import json
 import time
 
@@ -300,3 +301,24 @@ def test_allocation_only_reward_ignores_the_repair_head(tmp_path, monkeypatch):
     assert pool.reward(other, task) != pool.reward(pol.theta, task)
     with pytest.raises(UserError, match="reward_repair"):
         MetaTrainConfig.from_dict({"teachers": [], "reward_repair": "teacher"})
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet-small", "vit-tiny"])
+def test_allocation_loss_is_the_loss_of_the_pruned_model(name, digits):
+    """Masking every group at once computes what the physically pruned model computes (BatchNorm
+    on the batch's statistics in both), so ranking allocations by it ranks the real models."""
+    from metacompress.compress.importance import unit_scores
+    from metacompress.policy.probes import allocation_loss, batch_statistics
+
+    torch.manual_seed(0)
+    model = build_model(name, digits.input_shape, 10, digits.mean, digits.std).eval()
+    space = PruningSpace(model, digits.x_train[:1], 10)
+    keep = space.project(lambda s: [0.6 * s] * len(space.groups), 0.4)
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    scores = unit_scores(model, space.groups, "magnitude", example=space.example)
+    pruned = space.apply(copy.deepcopy(model), keep, scores=scores).eval()
+    with torch.no_grad(), batch_statistics(pruned):
+        expected = torch.nn.functional.cross_entropy(pruned(x), y).item()
+    assert allocation_loss(model, space, keep, (x, y), scores) == pytest.approx(expected, abs=1e-4)
+    assert allocation_loss(model, space, [g.channels for g in space.groups], (x, y), scores) != pytest.approx(
+        expected, abs=1e-3)

@@ -3,19 +3,20 @@ units per group on the budget."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from metacompress.compress.distill import RepairConfig
+from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import PruningSpace
 from metacompress.policy.features import policy_inputs
-from metacompress.policy.network import EXPERT_RULES, decide
+from metacompress.policy.network import EXPERT_RULES, Decision, decide
+from metacompress.policy.probes import allocation_loss
 
-MACS_EQUIVALENT_ROUNDS = 5   # fixed-point rounds of ``macs_equivalent``
-MACS_EQUIVALENT_TOL = 0.005  # kept MACs fractions closer than this agree
+LATENCY_CONTEXTS = 6  # kept MACs fractions the policy is asked at on a latency budget
 
 if TYPE_CHECKING:
     from metacompress.budget import Budget
@@ -31,29 +32,36 @@ def policy_allocation(policy: "Policy", model: nn.Module, space: PruningSpace,
     ``inputs``: ``policy_inputs`` already computed for this model)."""
     features, experts = inputs or policy_inputs(model, space, calib, EXPERT_RULES)
     theta = policy.theta if theta is None else theta
-    target = budget.feasible_target
-    expert_ratios = experts.ratios(target, budget.cost)
-    context = target if budget.latency is None else macs_equivalent(
-        lambda b: decide(theta, features, b, repair, expert_ratios, policy.kinds_seen).ratio_fn(), space, budget)
-    decision = decide(theta, features, context, repair, expert_ratios, policy.kinds_seen)
-    return budget.project(space, decision.ratio_fn()), decision.repair
+
+    def told(b: float, metric="macs") -> Decision:
+        return decide(theta, features, b, repair, experts.ratios(b, metric), policy.kinds_seen)
+
+    if budget.latency is None:
+        decision = told(budget.target, budget.cost)
+        return budget.project(space, decision.ratio_fn()), decision.repair
+    decision = latency_decision(told, model, space, calib, budget)
+    keep = budget.project(space, decision.ratio_fn())
+    return keep, told(space.kept_fraction(keep, "macs")).repair
 
 
-def macs_equivalent(ratio_fn_at: Callable[[float], Callable[[float], Sequence[float]]], space: PruningSpace,
-                    budget: "Budget", rounds: int = MACS_EQUIVALENT_ROUNDS) -> float:
-    """The kept MACs fraction of the policy's allocation on a latency budget, as a fixed point.
+def latency_decision(told: Callable[..., Decision], model: nn.Module, space: PruningSpace,
+                     calib: tuple[torch.Tensor, torch.Tensor], budget: "Budget") -> Decision:
+    """The policy's allocation for a latency budget: of the allocations it gives when told a
+    range of kept MACs fractions (what it was meta-trained on) and the one from its experts
+    projected on the latency model, the one with the lowest calibration loss at the target
+    latency as predicted.
 
-    The policy reads its budget as a kept MACs fraction (what it was meta-trained on), and both
-    its allocation and its repair settings depend on it: a latency target of 0.5 can keep 0.2 of
-    the MACs, and posed as "0.5" the policy would allocate and repair for a far milder
-    compression than it gets. ``ratio_fn_at(b)`` is the policy's allocation told budget ``b``;
-    its predicted projection onto the latency target keeps some MACs fraction, which is told to
-    the policy again until the two agree.
+    A latency target does not say how many MACs it keeps (allocations that run equally fast can
+    keep MACs fractions far apart, depending on where the pruning goes), and the policy allocates
+    and picks repair settings by the MACs fraction it is told. Allocations that meet one latency differ in
+    what they keep; the latency model makes each one's projection cost microseconds, and one
+    masked forward pass ranks them.
     """
-    b = budget.feasible_target
-    for _ in range(rounds):
-        kept = space.kept_fraction(budget.latency.predicted_keep(ratio_fn_at(b)), "macs")
-        if abs(kept - b) < MACS_EQUIVALENT_TOL:
-            return kept
-        b = kept
-    return b
+    target, lat = budget.feasible_target, budget.latency
+    first = told(target, budget.cost)
+    kept = space.kept_fraction(lat.predicted_keep(first.ratio_fn()), "macs")
+    contexts = np.geomspace(max(0.02, kept / 2), max(target, kept), LATENCY_CONTEXTS)
+    candidates = {tuple(lat.predicted_keep(d.ratio_fn())): d for d in (first, *map(told, contexts))}
+    scores = unit_scores(model, space.groups, "magnitude", example=space.example)
+    best = min(candidates, key=lambda keep: allocation_loss(model, space, keep, calib, scores))
+    return candidates[best]

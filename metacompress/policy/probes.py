@@ -21,7 +21,7 @@ instead of trusting weight scales, so it carries over to families where those sc
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -119,6 +119,21 @@ def loss_curves(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor
                 with masked(model, g, order[:k]):
                     out[gi, ri] = F.cross_entropy(model(x), y).item() - base
     return out
+
+
+def allocation_loss(model: nn.Module, space: PruningSpace, keep: Sequence[int],
+                    calib: tuple[torch.Tensor, torch.Tensor], scores: list[torch.Tensor]) -> float:
+    """Calibration loss of the whole allocation ``keep`` (every group masked at once to its least
+    important units, BatchNorm on the batch's statistics as BN recalibration would give): ranks
+    allocations of one model by what they cost before repair, at the probes' batch size."""
+    n = int(np.clip(MACS_PER_CURVE_POINT / max(1, space.dense_macs), *PROBE_BATCH))
+    x, y = calib[0][:n], calib[1][:n]
+    model.eval()
+    with torch.no_grad(), batch_statistics(model), ExitStack() as stack:
+        for g, s, k in zip(space.groups, scores, keep):
+            if k < g.channels:
+                stack.enter_context(masked(model, g, torch.argsort(s)[:g.channels - k]))
+        return F.cross_entropy(model(x), y).item()
 
 
 def removable_shares(space: PruningSpace) -> tuple[np.ndarray, np.ndarray]:
