@@ -320,3 +320,27 @@ def test_a_compressed_model_that_is_not_faster_is_warned_about():
     assert "batch 32 (0.98x)" in macs and "--target-latency" in macs
     (lat,) = not_faster_warnings({"b1": 2.0, "b32": 0.91}, 1)
     assert "batch 32 (0.91x)" in lat and "batch 1" in lat and "--latency-batch" in lat
+
+
+def test_latency_budget_keeps_the_policy_allocation_with_the_lowest_calibration_loss(cnn, monkeypatch, digits):
+    """The policy's answers for several MACs contexts are projected onto one latency target and
+    ranked by calibration loss: the allocation kept is the one ranked best, and it is distinct
+    allocations that are ranked (the contexts do change the policy's answer)."""
+    from metacompress.policy import allocate
+    from metacompress.policy.store import load_policy
+
+    model, space = cnn
+    lt = _target(cnn, 0.6, lambda p: p)
+    lt.model.fraction = lambda keep: 0.3 + 0.7 * space.kept_fraction(keep, "macs")
+    ranked = {}
+
+    def loss(model, space, keep, calib, scores):  # a stand-in that prefers wide early layers
+        ranked[tuple(keep)] = -float(np.dot(keep, np.arange(len(keep), 0, -1)))
+        return ranked[tuple(keep)]
+
+    monkeypatch.setattr(allocate, "allocation_loss", loss)
+    x = torch.nn.functional.interpolate(digits.x_train[:64], size=(16, 16))
+    keep, _ = allocate.policy_allocation(load_policy(None), model, space, (x, digits.y_train[:64]),
+                                         Budget("latency", 0.6, lt.model, lt), RepairConfig(steps=20))
+    assert len(ranked) >= 2
+    assert tuple(keep) == min(ranked, key=ranked.get)
