@@ -539,6 +539,8 @@ def test_register_refuses_broken_declarations():
         register(type("Again", (MergeMethod,), {"name": "ties"}))
     with pytest.raises(UserError, match="x must be in \\(0, 1\\), got 2.0"):
         register(type("BadDefault", (MergeMethod,), {"name": "bad", "params": (Param("x", float, 2.0, gt=0, lt=1),)}))
+    with pytest.raises(TypeError, match="int, float or str, not bool"):
+        register(type("Flag", (MergeMethod,), {"name": "flag", "params": (Param("on", bool, False),)}))
     with pytest.raises(ValueError, match="declares a parameter twice"):
         register(type("Twice", (MergeMethod,), {"name": "twice", "params": (Param("x", int, 1),) * 2}))
     assert method_names() == SHIPPED

@@ -176,7 +176,7 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     """Class decorator: make a method available to ``fuse`` and the CLI under ``cls.name``.
 
     The declarations are checked here, so that a broken method fails at import, not when a user
-    picks it: a name not yet taken, unique parameter names, defaults that pass their own checks.
+    picks it: a name not yet taken, unique parameter names of type int, float or str, defaults that pass their own checks.
     """
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
@@ -187,6 +187,8 @@ def register(cls: type[MergeMethod]) -> type[MergeMethod]:
     if len(set(names)) != len(names):
         raise ValueError(f"{cls.__name__} declares a parameter twice: {names}")
     for p in cls.params:
+        if p.type not in (int, float, str):
+            raise TypeError(f"{cls.__name__}.{p.name}: parameters are int, float or str, not {p.type.__name__}")
         if p.default is not None:
             p.check(p.default)
         if p.only_with and p.only_with[0] not in names:
