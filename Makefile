@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 #   make test TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint policy clean
+.PHONY: setup demo test test-fast lint policy clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the unit tests only: no subprocess, benchmark-smoke or whole-model runs (marked integration)
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
 
 lint: setup
 	$(VENV)/bin/ruff check metacompress cli tests benchmarks

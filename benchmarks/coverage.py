@@ -99,7 +99,7 @@ def walk_one(name: str) -> dict:
         model.eval()
         row["macs_ratio"] = count_macs(model, example) / space.dense_macs
         res = _export_parity(model, data, full=True)
-        with torch.no_grad():  # parity only bites when logits are not ~0 (see tests/test_torchvision.py)
+        with torch.no_grad():  # parity only bites when logits are not ~0 (see tests/compress/test_torchvision.py)
             row["logit_std"] = float(model(data.x_test).std())
         row["max_abs_diff"] = res["max_abs_diff"]
         row["top1_agreement"] = res["top1_agreement"]

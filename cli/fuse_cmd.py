@@ -16,44 +16,45 @@ from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emi
 from metacompress.data import load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, save_torch, state_dict_from
-from metacompress.meta.fusion import DARE_MERGES, METHODS, FusionData, fuse
+from metacompress.meta.fusion import DARE_MERGES, FusionData, fuse, lookup, method_names
 from metacompress.recipes import load_recipe
 from metacompress.zoo import build_model
 
-# Config-file keys: top level, and inside ``parameters`` (mapped to the command's option names).
+# Config-file keys at the top level; ``parameters`` holds the method's own, checked against its declarations.
 _TOP_KEYS = ("method", "model", "weights", "base", "data", "out", "seed", "parameters")
-_PARAM_KEYS = {"lambda": "lam", "density": "density", "p": "p", "dare_merge": "dare_merge"}
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    """The config file as option name -> value, validated: a typo fails loudly, not silently."""
+    """The config file as option name -> value, validated: a typo fails loudly, not silently.
+
+    ``parameters`` stays a mapping: its names and values are checked against the method's
+    declarations once the method is known (the command line may override it).
+    """
     raw = load_recipe(path)
     unknown = [str(k) for k in raw if k not in _TOP_KEYS]
     if unknown:
         raise UserError(f"{path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(_TOP_KEYS)})")
     params = raw.pop("parameters", None) or {}
-    if not isinstance(params, dict):
-        raise UserError(f"{path}: 'parameters' must be a mapping ({', '.join(_PARAM_KEYS)})")
-    unknown = [str(k) for k in params if k not in _PARAM_KEYS]
-    if unknown:
-        raise UserError(f"{path}: unknown parameter(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(_PARAM_KEYS)})")
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise UserError(f"{path}: 'parameters' must be a mapping of parameter name -> value")
     cfg: dict[str, Any] = {"model_spec" if k == "model" else k: v for k, v in raw.items()}
-    for key, value in params.items():
-        if key != "dare_merge" and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise UserError(f"{path}: parameter '{key}' must be a number, got {value!r}")
-        cfg[_PARAM_KEYS[key]] = value
+    cfg["parameters"] = params
     weights = cfg.get("weights")
     if isinstance(weights, list):
         if not all(isinstance(w, str) for w in weights):
             raise UserError(f"{path}: 'weights' must be a list of file paths")
         cfg["weights"] = ",".join(weights)
-    for key in ("method", "model_spec", "weights", "base", "data", "out", "dare_merge"):
+    for key in ("method", "model_spec", "weights", "base", "data", "out"):
         if key in cfg and not isinstance(cfg[key], str):
             raise UserError(f"{path}: '{key}' must be a string, got {cfg[key]!r}")
     if "seed" in cfg and (isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int)):
         raise UserError(f"{path}: 'seed' must be an integer, got {cfg['seed']!r}")
     return cfg
+
+
+def _method_params(method: str, from_config: dict[str, Any], from_flags: dict[str, Any]) -> dict[str, Any]:
+    """The method's parameters (flags over the config file), checked against its declarations."""
+    return lookup(method).resolve({**from_config, **{k: v for k, v in from_flags.items() if v is not None}})
 
 
 def _load_state_dict(path: str, trust_pickle: bool) -> dict:
@@ -67,7 +68,7 @@ def fuse_command(
     model_spec: str | None = typer.Argument(
         None, help="Model the weights belong to (zoo name, torchvision:NAME, file.py:factory, which runs that file); built "
                    "with --data to recompute BN statistics, estimate Fisher and score the soup."),
-    method: str | None = typer.Option(None, "--method", "-m", help=f"One of: {', '.join(METHODS)}."),
+    method: str | None = typer.Option(None, "--method", "-m", help=f"One of: {', '.join(method_names())}."),
     weights: str | None = typer.Option(None, "--weights", "-w", help="Comma-separated state-dict files."),
     base: str | None = typer.Option(None, "--base", help="Base model (task-arithmetic, ties, dare)."),
     data: str | None = typer.Option(None, "--data", help="Data spec (needed by greedy and fisher)."),
@@ -82,8 +83,7 @@ def fuse_command(
     as_json: bool = JSON_OPTION,
 ) -> None:
     opts: dict[str, Any] = _read_config(Path(config)) if config is not None else {}
-    given = {"model_spec": model_spec, "method": method, "weights": weights, "base": base, "data": data,
-             "out": out, "lam": lam, "density": density, "p": p, "dare_merge": dare_merge}
+    given = {"model_spec": model_spec, "method": method, "weights": weights, "base": base, "data": data, "out": out}
     opts.update({k: v for k, v in given.items() if v is not None})
     seed_source = ctx.get_parameter_source("seed")  # --seed has a default: was it typed?
     if "seed" not in opts or (seed_source is not None and seed_source.name != "DEFAULT"):
@@ -92,8 +92,8 @@ def fuse_command(
                       ("out", "--out")):
         if not opts.get(key):
             raise UserError(f"fuse needs {what} (on the command line or in --config)")
-    if opts["method"] not in METHODS:
-        raise UserError(f"unknown fusion method '{opts['method']}': use one of {', '.join(METHODS)}")
+    flags = {"lambda": lam, "density": density, "p": p, "dare_merge": dare_merge}
+    params = _method_params(opts["method"], opts.pop("parameters", {}), flags)
     paths = [w.strip() for w in opts["weights"].split(",")]
     if any(not w for w in paths):
         raise UserError(f"empty file name in weights list '{opts['weights']}'")
@@ -106,11 +106,8 @@ def fuse_command(
         ds = load_dataset(opts["data"])
         model = build_model(opts["model_spec"], ds.input_shape, ds.num_classes, ds.mean, ds.std)
         fusion_data = FusionData(ds.x_train, ds.y_train, ds.x_val, ds.y_val)
-    fused, report = fuse(
-        opts["method"], state_dicts, names=paths, base=base_sd, model=model, data=fusion_data,
-        lam=opts.get("lam"), density=opts.get("density"), p=opts.get("p"), dare_merge=opts.get("dare_merge"),
-        seed=opts["seed"],
-    )
+    fused, report = fuse(opts["method"], state_dicts, names=paths, base=base_sd, model=model, data=fusion_data,
+                         seed=opts["seed"], params=params)
     save_torch(fused, opts["out"])
     result = {"model": opts["model_spec"], "out": str(opts["out"]), "seed": opts["seed"], **report}
     emit(result, as_json, _render)

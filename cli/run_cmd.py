@@ -62,18 +62,26 @@ RANGES: dict[str, dict[str, float]] = {
     "latency_batch": dict(ge=1), "threads": dict(ge=1),
     "meta_steps": dict(ge=1), "meta_batch": dict(ge=1), "inner_steps": dict(ge=1),
     "inner_lr": dict(gt=0.0), "outer_lr": dict(gt=0.0), "joint_steps": dict(ge=1), "latency_seconds": dict(ge=0.0),
-    "lambda": dict(gt=0.0), "density": dict(gt=0.0, lt=1.0), "p": dict(gt=0.0, lt=1.0),
 }
+
+
+def _ranges(name: str) -> dict[str, float]:
+    """RANGES, and the fusion methods' declared bounds (``fuse`` checks the chosen method's own)."""
+    from metacompress.meta.fusion import declared_params
+
+    declared = declared_params().get(name)
+    return {**(declared.limits() if declared else {}), **RANGES.get(name, {})}
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
     from metacompress.meta import ALGORITHMS
-    from metacompress.meta.fusion import DARE_MERGES, METHODS
+    from metacompress.meta.fusion import declared_params, method_names
     from metacompress.pipeline import QUANTIZE_MODES
     from metacompress.sweep import ALLOCATIONS, SWEEP_METRICS
 
-    return {"allocation": ALLOCATIONS, "quantize": QUANTIZE_MODES, "metric": SWEEP_METRICS, "method": METHODS,
-            "algo": tuple(ALGORITHMS), "dare_merge": DARE_MERGES, "mode": ("auto", "static", "dynamic")}
+    return {"allocation": ALLOCATIONS, "quantize": QUANTIZE_MODES, "metric": SWEEP_METRICS, "method": method_names(),
+            "algo": tuple(ALGORITHMS), "dare_merge": declared_params()["dare_merge"].choices,
+            "mode": ("auto", "static", "dynamic")}
 
 
 Regime = Literal["bn", "short", "few", "generous"]
@@ -138,7 +146,7 @@ def command_params(pipeline: str) -> list[Param]:
 def _field(param: Param, choices: dict[str, tuple[str, ...]]) -> tuple[Any, Any]:
     """The pydantic type and default of one command option or argument."""
     info, name = param.info, param.key
-    limits = dict(RANGES.get(name, {}))
+    limits = _ranges(name)
     limits.update({k: v for k, v in (("ge", info.min), ("le", info.max)) if v is not None})
     kind = param.base_type
     if kind is bool:

@@ -56,3 +56,12 @@ def tiny_onnx():
         return raw
 
     return write
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """A ``slow`` test is an ``integration`` test too, so that ``-m "not integration"`` (which replaces
+    the default ``-m "not slow"`` of pyproject.toml) leaves it out as well."""
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.integration)

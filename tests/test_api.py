@@ -101,6 +101,7 @@ def test_bad_arguments_are_user_errors(trained):
         mc.compress(lambda t: t, x[:1], target=0.5, train=train)
 
 
+@pytest.mark.integration
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     """README's "Use from Python" block, run as written (small images keep it quick)."""
     text = (Path(__file__).parents[1] / "README.md").read_text()

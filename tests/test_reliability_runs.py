@@ -107,6 +107,7 @@ def test_signal_while_publishing_waits_until_every_output_is_in_place(tmp_path):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signals_raise_interrupted_and_later_signals_wait_for_cleanup(sig, code):
     cleaned = False
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(Interrupted) as info, signals_raise():
         try:
             os.kill(os.getpid(), sig)
@@ -116,7 +117,7 @@ def test_signals_raise_interrupted_and_later_signals_wait_for_cleanup(sig, code)
             time.sleep(0.05)
             cleaned = True
     assert info.value.exit_code == code and cleaned
-    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored: pytest lives on
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored: pytest lives on
 
 
 # ---------------------------------------------------------------- SIGTERM during compress

@@ -6,7 +6,7 @@ A mask zeroes, for every unit a group drops, every parameter entry that physical
 remove: the producing layers' output rows and biases, the BatchNorm scale and shift after them,
 and the consuming layers' input columns (through torch-pruning's index mapping, so a flatten or
 a residual addition maps each unit to the right entries). The masked model then computes exactly
-what the physically pruned model computes (tests/test_robust.py): dropped channels carry zeros
+what the physically pruned model computes (tests/compress/test_robust.py): dropped channels carry zeros
 (zero rows, zero BN scale and shift) and are ignored by their consumers (zero columns) even where
 an activation does not map zero to zero. Attention groups mask the same head dims of q, k and v in
 every head and the matching proj inputs, as ``_prune_head_dims`` removes them; the attention scale

@@ -100,6 +100,7 @@ def _check_conditioning(model: nn.Module, x: torch.Tensor, max_abs_diff: float) 
         f"near-tied logits: min top-1 margin {min_margin:.3g} vs ONNX error {max_abs_diff:.3g}"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("spec", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
 def test_torchvision_compress_export_parity(spec: str, data224: Dataset, tmp_path: Path) -> None:
     model, macs_ratio = _compress(spec, data224, SEED)

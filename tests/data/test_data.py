@@ -6,6 +6,7 @@ import torch
 
 from metacompress.data import load_dataset, subsample_per_class
 from metacompress.errors import UserError
+from tests.helpers import write_idx
 
 
 def test_digits_splits_are_fixed_and_disjoint():
@@ -74,24 +75,13 @@ def test_unknown_spec():
         load_dataset("mnist")
 
 
-def _write_idx(path, arr: np.ndarray, gz: bool = False, dims=None):
-    import gzip
-    import struct
-
-    code = {np.uint8: 0x08, np.int32: 0x0C}[arr.dtype.type]
-    dims = arr.shape if dims is None else dims
-    head = bytes([0, 0, code, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
-    body = arr.astype(arr.dtype.newbyteorder(">")).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(head + body)
-
-
 def _idx_folder(root, gz: bool, n: int = 60, classes: int = 3):
     rng = np.random.default_rng(0)
     suffix = ".gz" if gz else ""
     root.mkdir(exist_ok=True)
     for split, count in (("train", n), ("t10k", n // 2)):
-        _write_idx(root / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (count, 6, 5), dtype=np.uint8), gz)
-        _write_idx(root / f"{split}-labels-idx1-ubyte{suffix}", (np.arange(count) % classes).astype(np.uint8), gz)
+        write_idx(root / f"{split}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (count, 6, 5), dtype=np.uint8), gz)
+        write_idx(root / f"{split}-labels-idx1-ubyte{suffix}", (np.arange(count) % classes).astype(np.uint8), gz)
     return root
 
 
@@ -109,10 +99,10 @@ def test_idx_reads_mnist_format_plain_and_gzip(tmp_path, gz):
 def test_idx_refuses_forged_and_broken_files(tmp_path):
     root = _idx_folder(tmp_path / "fm", gz=False)
     # a header that declares 10^12 images is refused before any allocation
-    _write_idx(root / "train-images-idx3-ubyte", np.zeros((2, 6, 5), np.uint8), dims=(10**9, 1000, 1000))
+    write_idx(root / "train-images-idx3-ubyte", np.zeros((2, 6, 5), np.uint8), dims=(10**9, 1000, 1000))
     with pytest.raises(UserError, match="GiB"):
         load_dataset(f"idx:{root}")
-    _write_idx(root / "train-images-idx3-ubyte", np.zeros((2, 6, 5), np.uint8), dims=(60, 6, 5))
+    write_idx(root / "train-images-idx3-ubyte", np.zeros((2, 6, 5), np.uint8), dims=(60, 6, 5))
     with pytest.raises(UserError, match="header declares"):
         load_dataset(f"idx:{root}")
     (root / "train-images-idx3-ubyte").write_bytes(b"not an idx file")

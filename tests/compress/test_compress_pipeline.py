@@ -40,6 +40,7 @@ def test_every_allocation_meets_budget_and_onnx_parity(name, digits, tmp_path):
         assert ver["top1_agreement"] >= 0.995, (rule, ver["top1_agreement"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["mlp", "resnet20"])
 def test_default_repair_loses_at_most_three_points(name, digits, trained):
     dense = trained(name)
@@ -112,6 +113,7 @@ def _flat(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.integration
 def test_forked_students_share_a_trunk(digits, trained):
     """Student 0 is exactly the plain repair; forked students stay closer together than
     independently repaired ones (why their soup works: BENCHMARKS.md, soup of students)."""
@@ -148,6 +150,7 @@ def test_students_soup_and_int8_in_the_report(tmp_path):
     assert (out / "model.int8.onnx").is_file()
 
 
+@pytest.mark.integration
 def test_report_warns_when_whole_units_cannot_meet_the_budget(tmp_path):
     """A 16-unit hidden layer cannot keep 0.3 of the MACs (4 units keep 0.25, 5 keep 0.31): the
     nearest allocation is used, off the round_to grid, and the report and stderr say both."""

@@ -26,6 +26,7 @@ def test_help_lists_flags_without_a_value_type(path):
     assert "<" not in help_line
 
 
+@pytest.mark.integration
 def test_quiet_silences_stage_notes_but_not_the_result(tmp_path):
     import json
     import os

@@ -8,7 +8,7 @@ from PIL import Image
 
 from metacompress.compress.prune import BUDGET_TOL
 from metacompress.sweep import COLUMNS
-from tests.test_cli import assert_user_error, run
+from tests.helpers import assert_user_error, run
 
 BUDGETS = (0.8, 0.4)
 ALLOCATIONS = ("uniform", "lamp", "meta")
@@ -49,6 +49,7 @@ def test_sweep_writes_csv_json_and_plot(tmp_path):
         assert img.format == "PNG" and img.size[0] > 400 and img.size[1] > 200
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args,fragments", [
     (["--budgets", "0.8,1.5"], ["(0, 1]", "1.5"]),
     (["--budgets", "0.8,half"], ["--budgets", "numbers"]),

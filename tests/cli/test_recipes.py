@@ -11,10 +11,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_cli import assert_user_error, run
-from tests.test_data import _write_idx
+from tests.helpers import assert_user_error, run, write_idx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_TEACHERS = "teachers=[{model: mlp, data: [digits], kwargs: [{hidden: 16, depth: 1}]}]"
 SHIPPED = {"quickstart", "seed-mlp", "fashion-resnet20", "fuse", "deploy-int8", "policy-default",
            "policy-default-stage2", "policy-eval"}
@@ -29,8 +28,8 @@ def _learnable_idx(root: Path, n_train: int = 300, n_test: int = 100, classes: i
         images = rng.integers(0, 60, (count, 12, 12), dtype=np.uint8)
         for i, c in enumerate(labels):
             images[i, 6 * (c // 2):6 * (c // 2) + 6, 6 * (c % 2):6 * (c % 2) + 6] += 150
-        _write_idx(root / f"{split}-images-idx3-ubyte", images)
-        _write_idx(root / f"{split}-labels-idx1-ubyte", labels)
+        write_idx(root / f"{split}-images-idx3-ubyte", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte", labels)
     return root
 
 
@@ -51,6 +50,7 @@ def _run_json(*args):
     return json.loads(res.stdout)
 
 
+@pytest.mark.integration
 def test_recipes_list_shows_exactly_the_shipped_ones():
     res = run("recipes", "list", "--json")
     assert res.returncode == 0, res.stderr
@@ -190,6 +190,7 @@ overrides = st.lists(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS + [
                                st.text(max_size=8)), max_size=3)
 
 
+@pytest.mark.integration
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=documents, extra=overrides)
 def test_random_recipe_documents_never_crash(doc, extra):

@@ -13,10 +13,13 @@ from typer.testing import CliRunner
 
 import metacompress.cli.main  # noqa: F401  (registers the commands)
 from metacompress.cli.app import app
-from metacompress.data import load_dataset
 from metacompress.errors import UserError
 from metacompress.meta.fusion import (
+    REGISTRY,
     FusionData,
+    MergeContext,
+    MergeMethod,
+    Param,
     check_compatible,
     dare,
     elect_and_merge,
@@ -24,7 +27,11 @@ from metacompress.meta.fusion import (
     fisher_merge,
     fuse,
     greedy_soup,
+    lookup,
+    method_names,
     recompute_bn,
+    register,
+    state_dict_accuracy,
     task_arithmetic,
     ties_merge,
     trim,
@@ -431,8 +438,9 @@ def test_fuse_recomputes_bn_and_reports_accuracies():
     fused, report = fuse("uniform", sds, names=["a", "b"], model=net, data=data)
     assert report["bn_stats"] == "recomputed"
     assert _equal(fused, recompute_bn(net, uniform_soup(sds), data.x_train))
-    assert set(report["val_accuracy"]["models"]) == {"a", "b"}
-    assert 0.0 <= report["val_accuracy"]["fused"] <= 1.0
+    assert report["val_accuracy"] == {
+        "models": {name: state_dict_accuracy(net, sd, data.x_val, data.y_val) for name, sd in zip("ab", sds)},
+        "fused": state_dict_accuracy(net, fused, data.x_val, data.y_val)}
     fused_avg, report_avg = fuse("uniform", sds)
     assert report_avg["bn_stats"] == "averaged" and _equal(fused_avg, uniform_soup(sds))
     greedy, report_g = fuse("greedy", sds, names=["a", "b"], model=net, data=data)
@@ -449,27 +457,99 @@ def test_fuse_recomputes_bn_and_reports_accuracies():
     ("uniform", {"base": _sd(0)}, "method 'uniform' takes no base model"),
     ("greedy", {}, "method 'greedy' needs data"),
     ("fisher", {}, "method 'fisher' needs data"),
-    ("ties", {"base": _sd(0)}, "method 'ties' needs a density"),
-    ("dare", {"base": _sd(0)}, "method 'dare' needs a drop probability"),
+    ("ties", {"base": _sd(0)}, "method 'ties' needs parameter 'density'"),
+    ("dare", {"base": _sd(0)}, "method 'dare' needs parameter 'p'"),
     ("ties", {"base": _sd(0), "density": 1.5}, r"density must be in \(0, 1\), got 1.5"),
     ("dare", {"base": _sd(0), "p": 1.0}, r"p must be in \(0, 1\), got 1.0"),
-    ("uniform", {"density": 0.5}, "density does not apply to method 'uniform'"),
-    ("dare", {"base": _sd(0), "p": 0.5, "density": 0.5}, "density needs dare merge 'ties'"),
+    ("uniform", {"density": 0.5}, "parameter 'density' does not apply to method 'uniform'"),
+    ("ties", {"base": _sd(0), "density": 0.5, "lam": 0.5},
+     r"parameter 'lam' does not apply to method 'ties' \(its parameters: density, lambda\)"),
+    ("dare", {"base": _sd(0), "p": 0.5, "density": 0.5}, "density applies to method 'dare' only with dare_merge 'ties'"),
+    ("dare", {"base": _sd(0), "p": 0.5, "dare_merge": "sum"}, "dare_merge must be one of average, ties, got 'sum'"),
+    ("fisher", {"fisher_samples": 0}, "fisher_samples must be an integer >= 1, got 0"),
+    ("fisher", {"fisher_samples": 2.5}, "fisher_samples must be an integer >= 1, got 2.5"),
+    ("task-arithmetic", {"params": {"lambda": "big"}}, "lambda must be a finite number, got 'big'"),
 ])
 def test_fuse_rejects_what_a_method_cannot_use(method, kwargs, message):
     with pytest.raises(UserError, match=message):
         fuse(method, [_sd(1), _sd(2)], **kwargs)
 
 
+# ----------------------------------------------------------------------------- registry
+
+
+SHIPPED = ("uniform", "greedy", "task-arithmetic", "ties", "dare", "fisher")
+
+
+def test_registry_lists_every_method_with_its_declarations():
+    assert method_names() == SHIPPED
+    for name in SHIPPED:
+        cls = lookup(name)
+        assert cls.name == name and issubclass(cls, MergeMethod) and cls.summary
+        assert all(p.help for p in cls.params)
+    assert [p.name for p in lookup("ties").params] == ["density", "lambda"]
+    assert lookup("dare").resolve({"p": 0.3}) == {"p": 0.3, "dare_merge": "average", "lambda": 1.0, "density": None}
+    assert lookup("fisher").resolve({}) == {"fisher_samples": 512, "eps": 1e-8}
+    assert {n for n in SHIPPED if lookup(n).needs_base} == {"task-arithmetic", "ties", "dare"}
+    assert {n for n in SHIPPED if lookup(n).needs_data} == {"greedy", "fisher"}
+
+
+class ScaledMean(MergeMethod):
+    """A method as a user would add it: one class, one registration line."""
+
+    name = "scaled-mean"
+    summary = "The mean of the models, scaled."
+    params = (Param("scale", float, 1.0, "factor applied to the mean", gt=0.0),
+              Param("skip", int, 0, "models left out, from the end", ge=0))
+
+    def merge(self, ctx: MergeContext) -> dict[str, torch.Tensor]:
+        kept = ctx.state_dicts[:len(ctx.state_dicts) - ctx.params["skip"]]
+        soup = uniform_soup(kept)
+        return {k: v * ctx.params["scale"] if v.is_floating_point() and not k.startswith("bn.") else v
+                for k, v in soup.items()}
+
+
+@pytest.fixture
+def scaled_mean():
+    register(ScaledMean)
+    yield ScaledMean
+    del REGISTRY[ScaledMean.name]
+
+
+def test_a_registered_method_is_usable_through_fuse(scaled_mean):
+    assert method_names() == (*SHIPPED, "scaled-mean")
+    a, b, c = _sd(1), _sd(2), _sd(3)
+    fused, report = fuse("scaled-mean", [a, b, c], scale=2.0, skip=1)
+    assert torch.allclose(fused["w"], a["w"] + b["w"]) and torch.allclose(fused["b"], a["b"] + b["b"])
+    assert torch.equal(fused["bn.num_batches_tracked"], a["bn.num_batches_tracked"])
+    assert report["method"] == "scaled-mean" and report["parameters"] == {"scale": 2.0, "skip": 1}
+    assert _equal(fuse("scaled-mean", [a, b])[0], uniform_soup([a, b]))  # defaults apply
+    for kwargs, message in (({"scale": 0.0}, r"scale must be > 0, got 0.0"),
+                            ({"skip": -1}, r"skip must be an integer >= 0, got -1"),
+                            ({"skip": True}, r"skip must be an integer >= 0, got True"),
+                            ({"density": 0.5}, r"parameter 'density' does not apply to method 'scaled-mean' "
+                                               r"\(its parameters: scale, skip\)"),
+                            ({"base": a}, "method 'scaled-mean' takes no base model")):
+        with pytest.raises(UserError, match=message):
+            fuse("scaled-mean", [a, b], **kwargs)
+
+
+def test_register_refuses_broken_declarations():
+    with pytest.raises(ValueError, match="'ties' is already registered"):
+        register(type("Again", (MergeMethod,), {"name": "ties"}))
+    with pytest.raises(UserError, match="x must be in \\(0, 1\\), got 2.0"):
+        register(type("BadDefault", (MergeMethod,), {"name": "bad", "params": (Param("x", float, 2.0, gt=0, lt=1),)}))
+    with pytest.raises(TypeError, match="int, float or str, not bool"):
+        register(type("Flag", (MergeMethod,), {"name": "flag", "params": (Param("on", bool, False),)}))
+    with pytest.raises(ValueError, match="declares a parameter twice"):
+        register(type("Twice", (MergeMethod,), {"name": "twice", "params": (Param("x", int, 1),) * 2}))
+    assert method_names() == SHIPPED
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
 
 
 @pytest.fixture
@@ -554,6 +634,7 @@ def test_cli_mismatch_exits_2_naming_the_keys(tmp_path, ckpts, digits):
     (["--method", "fisher"], "method 'fisher' needs data"),
     (["--method", "ties", "--base", "{base}", "--density", "1.5"], r"density must be in (0, 1), got 1.5"),
     (["--method", "dare", "--base", "{base}", "--p", "0"], r"p must be in (0, 1), got 0.0"),
+    (["--method", "uniform", "--density", "0.5"], "parameter 'density' does not apply to method 'uniform'"),
     (["--method", "avg"], "unknown fusion method 'avg'"),
     (["--method", "uniform", "--weights", "{a},missing.pt"], "weights file not found: missing.pt"),
 ])
@@ -573,15 +654,60 @@ def test_cli_bad_config_exits_2(tmp_path, ckpts):
                                     "out": str(tmp_path / "fused.pt")}))
     res = runner.invoke(app, ["fuse", "--config", str(path)])
     assert res.exit_code == 2 and "unknown key(s) weight" in res.stderr
-    path.write_text(yaml.safe_dump({"method": "ties", "parameters": {"density": "half"}}))
+    complete = {"model": "mlp", "base": str(ckpts["base"]), "weights": [str(ckpts["a"]), str(ckpts["b"])],
+                "out": str(tmp_path / "fused.pt")}
+    for method, params, message in (
+        ("ties", {"density": "half"}, "density must be in (0, 1), got 'half'"),
+        ("ties", {"density": 0.5, "lamda": 1.0}, "parameter 'lamda' does not apply to method 'ties' "
+                                                 "(its parameters: density, lambda)"),
+        ("ties", {"lambda": 1.0}, "method 'ties' needs parameter 'density'"),
+        ("dare", {"p": 0.5, "dare_merge": "sum"}, "dare_merge must be one of average, ties, got 'sum'"),
+        ("soup", {}, "unknown fusion method 'soup': use one of uniform, greedy, task-arithmetic, ties, dare, fisher"),
+    ):
+        path.write_text(yaml.safe_dump({**complete, "method": method, "parameters": params}))
+        res = runner.invoke(app, ["fuse", "--config", str(path)])
+        assert res.exit_code == 2, res.output
+        assert message in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.output
+    path.write_text(yaml.safe_dump({**complete, "method": "ties", "parameters": [0.5]}))
     res = runner.invoke(app, ["fuse", "--config", str(path)])
-    assert res.exit_code == 2 and "parameter 'density' must be a number" in res.stderr
+    assert res.exit_code == 2 and "'parameters' must be a mapping" in res.stderr
     assert _no_leftovers(tmp_path)
 
 
 def test_shipped_recipe_is_a_valid_config():
     from metacompress.cli.fuse_cmd import _read_config
 
-    cfg = _read_config(Path(__file__).resolve().parents[1] / "benchmarks" / "recipes" / "fuse-example.yaml")
-    assert cfg["method"] == "ties" and cfg["model_spec"] == "mlp" and cfg["density"] == 0.2
+    cfg = _read_config(Path(__file__).resolve().parents[2] / "benchmarks" / "recipes" / "fuse-example.yaml")
+    assert cfg["method"] == "ties" and cfg["model_spec"] == "mlp"
+    assert lookup(cfg["method"]).resolve(cfg["parameters"]) == {"density": 0.2, "lambda": 1.0}
     assert cfg["weights"] == "out/fuse/task_a.pt,out/fuse/task_b.pt"
+
+
+def test_cli_config_drives_a_registered_method(tmp_path, ckpts, scaled_mean):
+    out = tmp_path / "fused.pt"
+    path = tmp_path / "fuse.yaml"
+    cfg = {"method": "scaled-mean", "model": "mlp", "weights": [str(ckpts["a"]), str(ckpts["b"])], "out": str(out)}
+    path.write_text(yaml.safe_dump({**cfg, "parameters": {"scale": 0.5}}))
+    res = runner.invoke(app, ["fuse", "--config", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["parameters"] == {"scale": 0.5, "skip": 0}
+    a, b = _load(ckpts["a"]), _load(ckpts["b"])
+    assert all(torch.allclose(v, (a[k] + b[k]) / 4) for k, v in _load(out).items())
+    out.unlink()
+    path.write_text(yaml.safe_dump({**cfg, "parameters": {"scale": -1}}))
+    res = runner.invoke(app, ["fuse", "--config", str(path)])
+    assert res.exit_code == 2 and res.stderr == "error: scale must be > 0, got -1\n"
+    assert _no_leftovers(tmp_path)
+
+
+def test_run_recipe_fuse_step_follows_the_declarations(scaled_mean):
+    from pydantic import ValidationError
+
+    from metacompress.cli.run_cmd import schema
+
+    step = {"pipeline": "fuse", "model": "mlp", "weights": "a.pt,b.pt", "out": "f.pt"}
+    assert schema("fuse").model_validate({**step, "method": "scaled-mean", "lambda": -0.5}).model_dump()["lambda"] == -0.5
+    for bad in ({"method": "soup"}, {"method": "ties", "density": 1.5}, {"method": "dare", "p": 0.0},
+                {"method": "dare", "dare_merge": "sum"}):
+        with pytest.raises(ValidationError):
+            schema("fuse").model_validate({**step, **bad})

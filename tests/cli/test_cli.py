@@ -1,30 +1,14 @@
 """The command line: exit codes, one-line errors, no half-written outputs, JSON on stdout."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from metacompress.zoo import build_model
+from tests.helpers import assert_user_error, run
 
-MC = [sys.executable, "-m", "metacompress.cli.main"]
-ENV = {**os.environ, "METACOMPRESS_PROGRESS": "0"}
-
-
-def run(*args, cwd=None):
-    return subprocess.run([*MC, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=600)
-
-
-def assert_user_error(res, *fragments):
-    assert res.returncode == 2, res.stderr
-    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip() and "Warning" not in ln]
-    assert len(lines) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
+pytestmark = pytest.mark.integration  # every test runs the CLI in a subprocess
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,7 @@ def test_features_are_fast_for_resnet20(digits):
     assert time.perf_counter() - t0 < 10  # issue target is 2 s on an idle machine: BENCHMARKS.md
 
 
+@pytest.mark.integration
 def test_shipped_policy_beats_uniform_in_the_short_regime(tmp_path, monkeypatch):
     """A CI-sized held-out task: vit-tiny (a family never seen in meta-training) on digits,
     20 repair steps at 0.3 kept MACs. BENCHMARKS.md has the full held-out comparison, including

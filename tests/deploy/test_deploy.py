@@ -154,6 +154,7 @@ def test_failed_export_leaves_no_file(tmp_path, digits8):
 # ---------------------------------------------------------------- verify / simplify
 
 
+@pytest.mark.integration
 def test_verify_matches_pytorch_and_reports_facts(resnet, digits32):
     model, path, _ = resnet
     r = verify_onnx(path, model, digits32.x_test, digits32.y_test, batch_size=100)
@@ -165,6 +166,7 @@ def test_verify_matches_pytorch_and_reports_facts(resnet, digits32):
     assert no_ref["max_abs_diff"] is None and no_ref["top1_agreement"] is None and no_ref["accuracy"] is None
 
 
+@pytest.mark.integration
 def test_verify_bad_inputs(resnet, digits8, tmp_path):
     model, path, _ = resnet
     with pytest.raises(UserError, match="model takes 1x32x32"):
@@ -192,6 +194,7 @@ def test_simplify_keeps_parity_and_shrinks(tmp_path, digits32):
 # ---------------------------------------------------------------- quantize
 
 
+@pytest.mark.integration
 def test_static_int8_resnet20_accuracy_and_size(resnet, digits32, tmp_path):
     model, path, ratio = resnet
     assert abs(ratio - 0.5) <= 0.01
@@ -232,6 +235,7 @@ def test_choose_mode_by_op_mix():
         choose_mode({"Add": 1})
 
 
+@pytest.mark.integration
 def test_quantize_bad_calibration_leaves_no_file(resnet, digits8, tmp_path):
     _, path, _ = resnet
     with pytest.raises(UserError, match="needs calibration data"):
@@ -246,6 +250,7 @@ def test_quantize_bad_calibration_leaves_no_file(resnet, digits8, tmp_path):
 # ---------------------------------------------------------------- bench
 
 
+@pytest.mark.integration
 def test_benchmark_interleaved_stats_and_speedup(resnet, mlp):
     _, path, _ = resnet
     r = benchmark_latency({"a": path, "b": load_session(path, threads=1)}, (1, 32, 32), batches=(1, 4),
@@ -265,6 +270,7 @@ def test_benchmark_interleaved_stats_and_speedup(resnet, mlp):
 runner = CliRunner()
 
 
+@pytest.mark.integration
 def test_cli_verify_truncated_exits_2_with_one_line(resnet, tmp_path):
     _, path, _ = resnet
     bad = tmp_path / "bad.onnx"
@@ -275,6 +281,7 @@ def test_cli_verify_truncated_exits_2_with_one_line(resnet, tmp_path):
     assert "Traceback" not in res.output
 
 
+@pytest.mark.integration
 def test_cli_verify_json_with_compressed_reference(resnet, digits32, tmp_path):
     from metacompress.compress.checkpoint import save_compressed
 
@@ -291,6 +298,7 @@ def test_cli_verify_json_with_compressed_reference(resnet, digits32, tmp_path):
     assert wrong.exit_code == 2 and "model takes 1x32x32" in wrong.stderr
 
 
+@pytest.mark.integration
 def test_cli_bench_prints_both_medians_and_ratio(resnet, tmp_path):
     _, path, _ = resnet
     baseline = tmp_path / "baseline.onnx"
@@ -312,6 +320,7 @@ def test_cli_bench_prints_both_medians_and_ratio(resnet, tmp_path):
     assert runner.invoke(app, ["bench", str(path), "--batch", "0"]).exit_code == 2
 
 
+@pytest.mark.integration
 def test_cli_quantize(mlp, resnet, tmp_path):
     _, mlp_path, _ = mlp
     out = tmp_path / "q.onnx"

@@ -159,6 +159,7 @@ def test_bad_robust_settings_are_refused():
     assert parse_budgets("0.3") == (0.3, 0.3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args,fragment", [
     (("--budgets", "0-0.5"), "(0, 1]"),
     (("--budgets", "0.2-1.5"), "(0, 1]"),
@@ -173,6 +174,7 @@ def test_robustify_cli_bad_input_exits_2(tmp_path, args, fragment):
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_robustify_cli_refuses_a_model_without_prunable_groups(tmp_path):
     (tmp_path / "tiny.py").write_text(NO_GROUPS)
     out = tmp_path / "robust.pt"

@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_cli import assert_user_error, run
 from torch import nn
 
 from metacompress.budget import LATENCY_TOL, MAX_ROUNDS, Budget, LatencyTarget, budget_spec
@@ -24,6 +23,7 @@ from metacompress.deploy import runtime
 from metacompress.deploy.latency import TERMS, build_latency_model, fit_terms, loo_error
 from metacompress.errors import UserError
 from metacompress.zoo import build_model
+from tests.helpers import assert_user_error, run
 
 
 @pytest.fixture
@@ -221,6 +221,7 @@ def test_budget_spec_rejects_bad_budgets(kwargs, fragment):
         budget_spec(**kwargs)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("args, fragment", [
     (["--target-macs", "0.5", "--target-latency", "0.5"], "give exactly one budget"),
     (["--target-ms", "3", "--target-params", "0.5"], "give exactly one budget"),
@@ -236,6 +237,7 @@ def test_cli_budget_errors_exit_2_without_output(tmp_path, args, fragment):
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_compress_to_a_latency_budget_reports_prediction_and_measurement(tmp_path, quick_timing):
     """End to end in-process on a small CNN: the report holds the latency section, the widths are
     on the runtime's grid, and the stated tolerance agrees with the stated numbers."""
