@@ -7,9 +7,9 @@ enough. For each model, latency target and repair regime (and seed):
 
 1. ``compress --target-latency F`` (the allocation given by ``--allocation``, seeded) gives an
    accuracy and a measured latency fraction L (interleaved, batch 1, 2 threads);
-2. the MACs fraction M whose allocation measures L is found by bisection from the MACs fraction
-   the latency budget kept (each step prunes, exports and times the architecture against the
-   dense model);
+2. the MACs fraction M whose allocation measures L (within 3 %) is searched from the MACs
+   fraction the latency budget kept (each step prunes, exports and times the architecture
+   against the dense model);
 3. ``compress --target-macs M`` with the same allocation, repair and seed gives the accuracy to
    compare with.
 
@@ -39,7 +39,9 @@ from metacompress.compress.distill import RepairConfig
 from metacompress.deploy.runtime import default_threads
 from metacompress.io import save_torch
 from metacompress.pipeline import CompressConfig, allocate, load_dense, prepare, run_compress
+from metacompress.policy import features
 
+POLICY_INPUTS = features.policy_inputs
 REGIMES = {"bn": RepairConfig(steps=0), "short": RepairConfig(steps=20), "generous": RepairConfig(steps=150)}
 THREADS = 2
 
@@ -68,21 +70,46 @@ def measured_fraction_of_macs(cfg: CompressConfig, prep, macs: float, meter: Lat
 
 
 def equal_latency_macs(cfg: CompressConfig, goal: float, meter: LatencyTarget, start: float,
-                       steps: int = 7) -> tuple[float, float]:
-    """Bisection on the kept MACs fraction until the allocation measures ``goal`` (within 2 %),
-    starting from ``start`` (the MACs fraction the latency budget kept: usually close)."""
+                       steps: int = 6) -> tuple[float, float]:
+    """The kept MACs fraction whose allocation measures ``goal`` (within 3 %): secant steps on the
+    measured latency from ``start`` (the MACs fraction the latency budget kept: usually close),
+    bisection once the goal is bracketed."""
     prep = prepare(cfg)
-    lo, hi, mid = 0.02, 1.0, start
-    best = (1.0, 1.0)
-    for _ in range(steps):
-        got = measured_fraction_of_macs(cfg, prep, mid, meter)
-        if abs(got - goal) < abs(best[1] - goal):
-            best = (mid, got)
-        if abs(got / goal - 1) <= 0.02:
-            break
-        lo, hi = (mid, hi) if got < goal else (lo, mid)
-        mid = (lo + hi) / 2
-    return best
+    features.policy_inputs = once_per_model(POLICY_INPUTS)  # the same model and seed at every step
+    points: list[tuple[float, float]] = []
+    macs = start
+    try:
+        for _ in range(steps):
+            points.append((macs, measured_fraction_of_macs(cfg, prep, macs, meter)))
+            if abs(points[-1][1] / goal - 1) <= 0.03:
+                break
+            macs = next_guess(points, goal)
+    finally:
+        features.policy_inputs = POLICY_INPUTS
+    return min(points, key=lambda p: abs(p[1] - goal))
+
+
+def once_per_model(fn):
+    """``fn(model, ...)`` computed once per model object."""
+    memo: dict[int, object] = {}
+
+    def wrapped(model, *args, **kwargs):
+        if id(model) not in memo:
+            memo[id(model)] = fn(model, *args, **kwargs)
+        return memo[id(model)]
+
+    return wrapped
+
+
+def next_guess(points: list[tuple[float, float]], goal: float) -> float:
+    """The next MACs fraction to try: bisection inside the tightest bracket around ``goal``, else a
+    step along the line through the origin and the closest point (latency grows with MACs)."""
+    below = [p for p in points if p[1] < goal]
+    above = [p for p in points if p[1] >= goal]
+    if below and above:
+        return (max(below)[0] + min(above)[0]) / 2
+    m, lat = min(points, key=lambda p: abs(p[1] - goal))
+    return float(np.clip(m * (goal / lat) ** 2, 0.02, 1.0))
 
 
 def run_cell(spec, data, weights, target, regime, seed, allocation, work: Path) -> dict:
@@ -143,12 +170,13 @@ def main() -> None:
         work = Path(tmp)
         teachers = Path(args.teachers) if args.teachers else work
         teachers.mkdir(parents=True, exist_ok=True)
-        for spec in args.models.split(","):
-            weights = teacher(spec, args.data, teachers)
-            for target in (float(t) for t in args.targets.split(",")):
-                for regime in args.regimes.split(","):
-                    for seed in (int(s) for s in args.seeds.split(",")):
-                        rows.append(run_cell(spec, args.data, weights, target, regime, seed, args.allocation, work))
+        weights = {spec: teacher(spec, args.data, teachers) for spec in args.models.split(",")}
+        for seed in (int(s) for s in args.seeds.split(",")):  # whole seeds first: a cut run still covers every cell
+            for spec in weights:
+                for target in (float(t) for t in args.targets.split(",")):
+                    for regime in args.regimes.split(","):
+                        rows.append(run_cell(spec, args.data, weights[spec], target, regime, seed, args.allocation,
+                                             work))
                         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print_table(rows)
     if args.json:
