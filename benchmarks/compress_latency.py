@@ -50,6 +50,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from metacompress.allocation import allocate
 from metacompress.compress.measure import count_macs
 from metacompress.compress.prune import PruningSpace
 from metacompress.compress.rules import rule_allocation
@@ -57,7 +58,7 @@ from metacompress.deploy import export_onnx, load_session, verify_onnx
 from metacompress.deploy.bench import benchmark_latency
 from metacompress.deploy.simplify import simplify_onnx
 from metacompress.io import write_json
-from metacompress.pipeline import CompressConfig, allocate, prepare
+from metacompress.pipeline import CompressConfig, prepare
 from metacompress.students import prune_to
 from metacompress.zoo import build_model
 

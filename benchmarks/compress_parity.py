@@ -18,11 +18,12 @@ import torch
 
 os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 
+from metacompress.allocation import allocate
 from metacompress.compress.distill import repair  # noqa: E402
 from metacompress.compress.measure import count_macs  # noqa: E402
 from metacompress.compress.rules import RULES  # noqa: E402
 from metacompress.deploy import export_onnx, verify_onnx  # noqa: E402
-from metacompress.pipeline import CompressConfig, allocate, prepare
+from metacompress.pipeline import CompressConfig, prepare
 from metacompress.students import prune_to  # noqa: E402
 
 

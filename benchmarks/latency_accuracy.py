@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metacompress.allocation import allocate
 from metacompress.budget import Budget, LatencyTarget
 from metacompress.compress.distill import RepairConfig
 from metacompress.deploy.runtime import default_threads
 from metacompress.io import save_torch
-from metacompress.pipeline import CompressConfig, allocate, load_dense, prepare, run_compress
+from metacompress.pipeline import CompressConfig, load_dense, prepare, run_compress
 from metacompress.policy import features
 
 POLICY_INPUTS = features.policy_inputs

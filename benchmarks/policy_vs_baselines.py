@@ -22,11 +22,12 @@ import torch
 
 os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 
+from metacompress.allocation import allocate  # noqa: E402
 from metacompress.budget import Budget  # noqa: E402
 from metacompress.compress.distill import RepairConfig  # noqa: E402
 from metacompress.compress.prune import PruningSpace  # noqa: E402
 from metacompress.data import load_dataset  # noqa: E402
-from metacompress.pipeline import CompressConfig, Prepared, allocate  # noqa: E402
+from metacompress.pipeline import CompressConfig, Prepared  # noqa: E402
 from metacompress.policy.evaluate import EvalConfig, evaluate, markdown, summarise  # noqa: E402
 from metacompress.policy.store import load_policy  # noqa: E402
 from metacompress.recipes import load_recipe  # noqa: E402

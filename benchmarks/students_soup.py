@@ -21,11 +21,12 @@ import torch
 
 os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 
+from metacompress.allocation import allocate  # noqa: E402
 from metacompress.compress.distill import RepairConfig  # noqa: E402
 from metacompress.meta.fusion import recompute_bn, uniform_soup  # noqa: E402
 from metacompress.meta.fusion import state_dict_accuracy as fused_accuracy  # noqa: E402
 from metacompress.meta.modules import has_batchnorm  # noqa: E402
-from metacompress.pipeline import CompressConfig, allocate, prepare  # noqa: E402
+from metacompress.pipeline import CompressConfig, prepare  # noqa: E402
 from metacompress.students import prune_to, repair_one, repair_students, soup_students  # noqa: E402
 from metacompress.training import accuracy  # noqa: E402
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from metacompress.allocation import budget_allocation
 from metacompress.compress.groups import discover_groups
 from metacompress.compress.measure import count_params, module_macs
 from metacompress.compress.prune import PruningSpace
@@ -11,7 +12,7 @@ from metacompress.compress.robust import RobustConfig, robustify
 from metacompress.data import load_dataset
 from metacompress.errors import UserError
 from metacompress.io import save_torch
-from metacompress.pipeline import CompressConfig, budget_allocation, load_dense, prepare
+from metacompress.pipeline import CompressConfig, load_dense, prepare
 from metacompress.training import accuracy
 
 
