@@ -119,6 +119,78 @@ def train_policy(cfg: MetaTrainConfig, resume: bool = True) -> dict[str, Any]:
     return distributed.launch_local(_train, max(1, cfg.workers), cfg, resume)
 
 
+@dataclass
+class _Run:
+    """The state of one ES run that a checkpoint holds, and the steps that move it."""
+
+    cfg: MetaTrainConfig
+    theta0: np.ndarray
+    mask: np.ndarray
+    es: ES
+    rng: np.random.Generator
+    select_tasks: list[CompressionTask]
+    history: list[dict[str, float]] = field(default_factory=list)
+    selection: list[dict[str, float]] = field(default_factory=list)  # {iteration, reward} of every scored iterate
+    best: np.ndarray | None = None
+    baselines: dict[CompressionTask, float] = field(default_factory=dict)
+
+    def full(self, v: Any) -> np.ndarray:
+        """The whole policy vector with the trained blocks set to ``v``."""
+        theta = self.theta0.copy()
+        theta[self.mask] = np.asarray(v, dtype=np.float64)
+        return theta
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.es.load_state_dict(state["es"])
+        self.history = state["history"]
+        self.rng.bit_generator.state = state["rng"]
+        self.selection = state.get("selection", [])
+        if "best" in state:
+            self.best = state["best"].numpy()
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"])
+
+    def state(self, iteration: int) -> dict[str, Any]:
+        return {"es": self.es.state_dict(), "history": self.history, "rng": self.rng.bit_generator.state,
+                "selection": self.selection, "best": torch.as_tensor(self.best), "torch_rng": torch.get_rng_state(),
+                "iteration": iteration}
+
+    def select(self, iteration: int) -> None:
+        """Score the current weights on the selection tasks; keep them if they are the best yet."""
+        theta = self.full(self.es.theta)
+        jobs = [(theta, t, self.cfg.reward_repair == "policy") for t in self.select_tasks]
+        reward = float(np.mean(_rewards(jobs, self.baselines)))
+        if not self.selection or reward > max(s["reward"] for s in self.selection):
+            self.best = theta
+        self.selection.append({"iteration": iteration, "reward": reward})
+
+    def step(self, it: int, dist: CompressionTaskSampler, t0: float) -> None:
+        """One ES iteration on freshly sampled tasks (``t0``: when training started)."""
+        tasks = dist.sample(self.rng, self.cfg.tasks_per_iteration)
+        candidates = self.es.ask()
+        # task-major order: with a population that is a multiple of the world size, each rank gets whole
+        # members on every task, so ranks carry equal work even when the tasks' costs differ
+        jobs = [(self.full(c), t, self.cfg.reward_repair == "policy") for t in tasks for c in candidates]
+        fitness = _rewards(jobs, self.baselines).reshape(len(tasks), len(candidates)).mean(0)
+        metrics = self.es.tell(fitness)
+        self.history.append({"iteration": it, "mean_reward": float(np.mean(fitness)),
+                             "best_reward": float(fitness.max()), "seconds": round(time.perf_counter() - t0, 1),
+                             **{k: float(v) for k, v in metrics.items()}})
+
+    def final(self) -> np.ndarray:
+        return self.best if self.select_tasks else self.full(self.es.theta)
+
+
+def _start(cfg: MetaTrainConfig, teachers: list[Teacher], dist: CompressionTaskSampler) -> _Run:
+    theta0 = load_policy(cfg.init).theta if cfg.init else init_params(cfg.seed)
+    if cfg.anchor:
+        theta0 = anchored(theta0, cfg.anchor)
+    mask = block_mask(cfg.train_only, cfg.frozen_experts)
+    es = ES(theta0[mask], sigma=cfg.sigma, lr=cfg.lr, population=cfg.population, seed=cfg.seed)
+    select_tasks = selection_tasks(teachers, cfg.select_budgets, dist.task_seeds) if cfg.select_every else []
+    return _Run(cfg, theta0, mask, es, np.random.default_rng(cfg.seed), select_tasks, best=theta0)
+
+
 def _train(cfg: MetaTrainConfig, resume: bool) -> dict[str, Any]:
     """The ES loop every rank runs: same tasks, same perturbations, its shard of the rewards."""
     global _POOL
@@ -126,75 +198,30 @@ def _train(cfg: MetaTrainConfig, resume: bool) -> dict[str, Any]:
     defaults = RepairConfig(**cfg.repair_defaults)
     teachers = teachers_from(cfg.teachers)
     dist = CompressionTaskSampler(teachers, budgets=cfg.budgets, regime_weights=cfg.regime_weights)
-    theta0 = load_policy(cfg.init).theta if cfg.init else init_params(cfg.seed)
-    if cfg.anchor:
-        theta0 = anchored(theta0, cfg.anchor)
-    mask = block_mask(cfg.train_only, cfg.frozen_experts)
-    es = ES(theta0[mask], sigma=cfg.sigma, lr=cfg.lr, population=cfg.population, seed=cfg.seed)
-
-    def full(v: np.ndarray) -> np.ndarray:
-        theta = theta0.copy()
-        theta[mask] = v
-        return theta
-
-    history: list[dict[str, float]] = []
-    selection: list[dict[str, float]] = []  # {iteration, reward} of every scored iterate
-    best = theta0
-    select_tasks = selection_tasks(teachers, cfg.select_budgets, dist.task_seeds) if cfg.select_every else []
-    rng = np.random.default_rng(cfg.seed)
+    run = _start(cfg, teachers, dist)
     ckpt = out / "checkpoint.pt"
     fp = checkpoint.fingerprint({k: v for k, v in asdict(cfg).items() if k not in _NOT_FINGERPRINTED})
     state = _load_state(ckpt, fp) if resume else None
     if state is not None:
-        es.load_state_dict(state["es"])
-        history = state["history"]
-        rng.bit_generator.state = state["rng"]
-        selection = state.get("selection", [])
-        best = state["best"].numpy() if "best" in state else best
-        if "torch_rng" in state:
-            torch.set_rng_state(state["torch_rng"])
+        run.restore(state)
     _POOL = TaskPool(defaults)
     _warm_teachers(teachers)
-    baselines: dict[CompressionTask, float] = {}
     t0 = time.perf_counter()
-
-    def select(iteration: int) -> None:
-        """Score the current weights on the selection tasks; keep them if they are the best yet."""
-        nonlocal best
-        theta = full(np.asarray(es.theta, dtype=np.float64))
-        jobs = [(theta, t, cfg.reward_repair == "policy") for t in select_tasks]
-        reward = float(np.mean(_rewards(jobs, baselines)))
-        if not selection or reward > max(s["reward"] for s in selection):
-            best = theta
-        selection.append({"iteration": iteration, "reward": reward})
-
-    if select_tasks and not selection:
-        select(0)
-    iterations = range(len(history), cfg.iterations)
+    if run.select_tasks and not run.selection:
+        run.select(0)
+    iterations = range(len(run.history), cfg.iterations)
     for it in (track(iterations, "meta-training policy", total=len(iterations)) if distributed.is_main() else iterations):
-        tasks = dist.sample(rng, cfg.tasks_per_iteration)
-        candidates = es.ask()
-        # task-major order: with a population that is a multiple of the world size, each rank gets whole
-        # members on every task, so ranks carry equal work even when the tasks' costs differ
-        jobs = [(full(np.asarray(c)), t, cfg.reward_repair == "policy") for t in tasks for c in candidates]
-        rewards = _rewards(jobs, baselines).reshape(len(tasks), len(candidates))
-        fitness = rewards.mean(0)
-        metrics = es.tell(fitness)
-        center = float(np.mean(fitness))
-        history.append({"iteration": it, "mean_reward": center, "best_reward": float(fitness.max()),
-                        "seconds": round(time.perf_counter() - t0, 1), **{k: float(v) for k, v in metrics.items()}})
-        if select_tasks and ((it + 1) % cfg.select_every == 0 or it + 1 == cfg.iterations):
-            select(it + 1)
-        if it + 1 == cfg.iterations or (cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0):
-            checkpoint.save({"es": es.state_dict(), "history": history, "rng": rng.bit_generator.state,
-                             "selection": selection, "best": torch.as_tensor(best),
-                             "torch_rng": torch.get_rng_state(), "iteration": it + 1}, ckpt, fp)
-    theta = best if select_tasks else full(np.asarray(es.theta, dtype=np.float64))
-    provenance = _provenance(cfg, teachers, history, selection, len(select_tasks), dist.task_seeds)
+        run.step(it, dist, t0)
+        done = it + 1
+        if run.select_tasks and (done % cfg.select_every == 0 or done == cfg.iterations):
+            run.select(done)
+        if done == cfg.iterations or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+            checkpoint.save(run.state(done), ckpt, fp)
+    provenance = _provenance(cfg, teachers, run.history, run.selection, len(run.select_tasks), dist.task_seeds)
     if distributed.is_main():
-        save_policy(Policy(theta, defaults, provenance, kinds_seen(teachers)), out)
-        plot_curve(history, out / "reward_curve.png", selection)
-    return {"out": str(out), "iterations": cfg.iterations, "history": history,
+        save_policy(Policy(run.final(), defaults, provenance, kinds_seen(teachers)), out)
+        plot_curve(run.history, out / "reward_curve.png", run.selection)
+    return {"out": str(out), "iterations": cfg.iterations, "history": run.history,
             "final_mean_reward_last10": provenance["final_mean_reward_last10"]}
 
 
