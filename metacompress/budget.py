@@ -155,6 +155,7 @@ class LatencyTarget:
     input_shape: tuple[int, ...]
     threads: int
     provider: str = "cpu"
+    dynamo: bool = True    # the exporter of the deployed file, which each measurement times
     history: list[list[Round]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     _workdir: tempfile.TemporaryDirectory | None = None
@@ -228,15 +229,15 @@ class LatencyTarget:
     def measure(self, keep: Sequence[int]) -> float:
         """The pruned architecture's latency over the dense model's, timed interleaved."""
         from metacompress.compress.importance import unit_scores
-        from metacompress.deploy.export import export_onnx
         from metacompress.deploy.latency import measure_ratio
+        from metacompress.deploy.simplify import export_simplified
 
         if self._workdir is None:
             self._workdir = tempfile.TemporaryDirectory(prefix="mc-budget-")
-            export_onnx(self.dense, self.space.example, self._path("dense"), dynamo=False)
+            export_simplified(self.dense, self.space.example, self._path("dense"), dynamo=self.dynamo)
             self._scores = unit_scores(self.dense, self.space.groups, "magnitude", example=self.space.example)
         variant = self.space.apply(copy.deepcopy(self.dense), keep, scores=self._scores)
-        export_onnx(variant, self.space.example, self._path("variant"), dynamo=False)
+        export_simplified(variant, self.space.example, self._path("variant"), dynamo=self.dynamo)
         ratio, _ = measure_ratio(self._path("dense"), self._path("variant"), self.input_shape, self.model.batch,
                                  self.threads, self.provider)
         return ratio
@@ -260,7 +261,7 @@ def _freeze(ratio_fn: Callable[[float], Sequence[float]], idle: set[int]) -> Cal
 
 
 def resolve_budget(spec: BudgetSpec, dense: nn.Module, space: PruningSpace, input_shape: Sequence[int],
-                   cache: bool = True) -> Budget:
+                   cache: bool = True, dynamo: bool = True) -> Budget:
     """The budget as a cost model on ``space``: analytic, or the runtime's latency model (built here
     or read from the cache) with the measured projection."""
     if not spec.is_latency:
@@ -272,7 +273,8 @@ def resolve_budget(spec: BudgetSpec, dense: nn.Module, space: PruningSpace, inpu
     model = build_latency_model(dense, space, input_shape, batch=spec.batch, threads=threads,
                                 provider=spec.provider, cache=cache)
     target = spec.value if spec.metric == "latency" else spec.value / model.dense_ms(spec.batch)
-    latency = LatencyTarget(model, dense, space, min(1.0, target), tuple(input_shape), threads, spec.provider)
+    latency = LatencyTarget(model, dense, space, min(1.0, target), tuple(input_shape), threads, spec.provider,
+                            dynamo=dynamo)
     if target >= 1.0:
         latency.warnings.append(f"the dense model already runs in {model.dense_ms(spec.batch):.3f} ms at batch "
                                 f"{spec.batch}, within --target-ms {spec.value:g}: nothing to prune")

@@ -145,13 +145,13 @@ def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
     with timer.stage("load"):
         data = load_dataset(cfg.data)
         dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle, for_pruning=True)
-    return prepare_model(dense, data, spec, round_to, timer)
+    return prepare_model(dense, data, spec, round_to, timer, cfg.dynamo)
 
 
 def prepare_model(dense: nn.Module, data: Dataset, spec: BudgetSpec, round_to: int | str = "auto",
-                  timer: Timer | None = None) -> Prepared:
+                  timer: Timer | None = None, dynamo: bool = True) -> Prepared:
     """Find the dense model's groups and resolve the budget (a latency budget builds or reads the
-    runtime's latency model)."""
+    runtime's latency model; ``dynamo``: the exporter whose files its measurements time)."""
     from metacompress.deploy.runtime import resolve_round_to
 
     timer = timer or Timer()
@@ -159,7 +159,7 @@ def prepare_model(dense: nn.Module, data: Dataset, spec: BudgetSpec, round_to: i
         space = PruningSpace(dense, data.x_train[:1], data.num_classes, resolve_round_to(round_to, spec.provider))
         dense_acc = accuracy(dense, data.x_test, data.y_test)
     with timer.stage("latency model") if spec.is_latency else _nothing():
-        budget = resolve_budget(spec, dense, space, data.input_shape)
+        budget = resolve_budget(spec, dense, space, data.input_shape, dynamo=dynamo)
     return Prepared(data, dense, space, dense_acc, budget)
 
 
@@ -274,19 +274,18 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
 def export_and_verify(cfg: CompressConfig, c: Compressed, tmp: Path, timer: Timer) -> dict[str, Any]:
     """Write model.onnx (and model.int8.onnx), check both against PyTorch in onnxruntime and time
     them against the dense model, interleaved, at batch 1, 32 and the latency batch."""
-    from metacompress.deploy import export_onnx, verify_onnx
+    from metacompress.deploy import verify_onnx
     from metacompress.deploy.bench import benchmark_latency
     from metacompress.deploy.latency import SESSIONS
     from metacompress.deploy.quantize import quantize_onnx
     from metacompress.deploy.runtime import default_threads
-    from metacompress.deploy.simplify import simplify_onnx
+    from metacompress.deploy.simplify import export_simplified
 
     data, example = c.prep.data, c.prep.data.x_test[:1]
     out: dict[str, Any] = {}
     with timer.stage("export"):
-        out["export"] = export_onnx(c.student, example, tmp / "raw.onnx", dynamo=cfg.dynamo)
-        out["export"].update(simplify_onnx(tmp / "raw.onnx", tmp / "model.onnx"))
-        out["dense_export"] = export_onnx(c.prep.dense, example, tmp / "dense.onnx", dynamo=cfg.dynamo)
+        out["export"] = export_simplified(c.student, example, tmp / "model.onnx", dynamo=cfg.dynamo)
+        out["dense_export"] = export_simplified(c.prep.dense, example, tmp / "dense.onnx", dynamo=cfg.dynamo)
         if cfg.quantize != "none":
             out["quant"] = quantize_onnx(tmp / "model.onnx", tmp / "model.int8.onnx", cfg.quantize,
                                          calibration=data.calibration_batch(256, cfg.seed)[0].numpy())

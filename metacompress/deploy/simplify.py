@@ -82,3 +82,19 @@ def simplify_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, A
     after = model_facts(dst)
     return {"src_bytes": before["bytes"], "bytes": after["bytes"],
             "src_nodes": sum(before["ops"].values()), "nodes": sum(after["ops"].values())}
+
+
+def export_simplified(model, example, path: str | os.PathLike, dynamo: bool = True) -> dict[str, Any]:
+    """``export_onnx`` then ``simplify_onnx`` into ``path``: the file ``compress`` deploys, and so
+    the file every latency measurement of a candidate must time (exporters and simplification
+    change the graph the runtime runs, and its speed by up to ~10 %)."""
+    from metacompress.deploy.export import export_onnx
+
+    raw = f"{os.fspath(path)}.raw"
+    info = export_onnx(model, example, raw, dynamo=dynamo)
+    try:
+        info.update(simplify_onnx(raw, path))
+    finally:
+        if os.path.exists(raw):
+            os.remove(raw)
+    return info
