@@ -75,22 +75,22 @@ def test_pickled_module_needs_trust_flag(tmp_path, digits):
     assert_user_error(res, "refusing to unpickle", "--trust-pickle")
 
 
+def factory_spec(tmp_path, args: str, layers: str) -> str:
+    """A user model file whose ``build(args)`` returns ``nn.Sequential(layers)``, as a model spec."""
+    (tmp_path / "net.py").write_text(f"import torch.nn as nn\ndef build({args}):\n    return nn.Sequential({layers})\n")
+    return f"{tmp_path / 'net.py'}:build"
+
+
 def test_user_model_factory_whose_forward_fails(tmp_path):
-    (tmp_path / "net.py").write_text(
-        "import torch.nn as nn\n"
-        "def build(num_classes):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))\n")
-    res = run("compress", f"{tmp_path / 'net.py'}:build", "--weights", "none", "--target-macs", "0.5",
-              "--out", tmp_path / "o")
+    spec = factory_spec(tmp_path, "num_classes", "nn.Flatten(), nn.Linear(784, num_classes)")
+    res = run("compress", spec, "--weights", "none", "--target-macs", "0.5", "--out", tmp_path / "o")
     assert_user_error(res, "cannot run on inputs of shape (1, 8, 8)")
 
 
 def test_user_model_factory_compresses(tmp_path):
-    (tmp_path / "net.py").write_text(
-        "import torch.nn as nn\n"
-        "def build(input_shape, num_classes):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, num_classes))\n")
-    res = run("compress", f"{tmp_path / 'net.py'}:build", "--weights", "none", "--target-params", "0.5",
+    spec = factory_spec(tmp_path, "input_shape, num_classes",
+                        "nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, num_classes)")
+    res = run("compress", spec, "--weights", "none", "--target-params", "0.5",
               "--allocation", "uniform", "--repair-steps", "0", "--out", tmp_path / "o", "--json")
     assert res.returncode == 0, res.stderr
     assert abs(json.loads(res.stdout)["achieved_params_ratio"] - 0.5) <= 0.01
