@@ -132,8 +132,7 @@ class Budget:
     def feasible_target(self) -> float:
         """The target, raised to the latency floor where it lies below (what allocation rules and
         the policy are asked for: a budget they can meet)."""
-        return self.target if self.latency is None else max(self.target,
-                                                             self.latency.floor_fraction * (1 + LATENCY_TOL))
+        return self.target if self.latency is None else self.latency.feasible_target
 
 
 @dataclass
@@ -194,10 +193,15 @@ class LatencyTarget:
                        f"machine too noisy")
         return best.keep
 
+    @property
+    def feasible_target(self) -> float:
+        """The target, raised to the predicted floor (+ the tolerance) where it lies below."""
+        return max(self.target, self.floor_fraction * (1 + LATENCY_TOL))
+
     def predicted_keep(self, ratio_fn: Callable[[float], Sequence[float]]) -> list[int]:
-        """The projection onto the (feasible) target as the latency model predicts it, with no
+        """The projection onto the feasible target as the latency model predicts it, with no
         measurement: cheap enough to call inside a search over allocations."""
-        goal = min(1.0, max(self.target, self.floor_fraction * (1 + LATENCY_TOL)))
+        goal = min(1.0, self.feasible_target)
         if goal >= 1.0:
             return [g.channels for g in self.space.groups]
         return self.space.project(_freeze(ratio_fn, self.idle_groups()), goal, self.model, grid_only=True)

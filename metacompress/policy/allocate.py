@@ -53,15 +53,15 @@ def latency_decision(told: Callable[..., Decision], model: nn.Module, space: Pru
 
     A latency target does not say how many MACs it keeps (allocations that run equally fast can
     keep MACs fractions far apart, depending on where the pruning goes), and the policy allocates
-    and picks repair settings by the MACs fraction it is told. Allocations that meet one latency differ in
-    what they keep; the latency model makes each one's projection cost microseconds, and one
-    masked forward pass ranks them.
+    and picks repair settings by the MACs fraction it is told. The latency model makes each
+    candidate's projection cost microseconds, and one masked forward pass ranks them.
     """
     target, lat = budget.feasible_target, budget.latency
     first = told(target, budget.cost)
-    kept = space.kept_fraction(lat.predicted_keep(first.ratio_fn()), "macs")
+    first_keep = tuple(lat.predicted_keep(first.ratio_fn()))
+    kept = space.kept_fraction(first_keep, "macs")
     contexts = np.geomspace(max(0.02, kept / 2), max(target, kept), LATENCY_CONTEXTS)
-    candidates = {tuple(lat.predicted_keep(d.ratio_fn())): d for d in (first, *map(told, contexts))}
+    candidates = {first_keep: first} | {tuple(lat.predicted_keep(d.ratio_fn())): d for d in map(told, contexts)}
     scores = unit_scores(model, space.groups, "magnitude", example=space.example)
     best = min(candidates, key=lambda keep: allocation_loss(model, space, keep, calib, scores))
     return candidates[best]
