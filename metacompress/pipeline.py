@@ -75,6 +75,7 @@ class CompressConfig:
     dynamo: bool = True
     latency_repeats: int = 20
     latency_seconds: float = 3.0        # at least this long timing each batch size (interleaved rounds)
+    latency_max_seconds: float = 60.0   # at most about this long per batch size (fewer rounds, >= 5, on big models)
     trust_pickle: bool = False
     robustify: RobustConfig | None = None  # prune-robust meta-training of the dense model before allocating
 
@@ -299,7 +300,8 @@ def export_and_verify(cfg: CompressConfig, c: Compressed, tmp: Path, timer: Time
         batches = sorted({1, 32, cfg.latency_batch})
         out["latency"] = benchmark_latency(sessions, data.input_shape, batches=batches, repeats=cfg.latency_repeats,
                                            threads=cfg.threads or default_threads(), provider=cfg.provider,
-                                           min_seconds=cfg.latency_seconds, sessions_per_model=SESSIONS)
+                                           min_seconds=cfg.latency_seconds, sessions_per_model=SESSIONS,
+                                           max_seconds=cfg.latency_max_seconds)
     return out
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.rules import rule_allocation
 from metacompress.data import Dataset
+from metacompress.meta.modules import has_batchnorm
 from metacompress.progress import status
 from metacompress.training import accuracy, accuracy_and_loss
 
@@ -70,9 +71,10 @@ def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned
     options = {"policy": (keep, learned), "policy-allocation": (keep, cfg.repair), "uniform": (uniform, cfg.repair)}
     models: dict[str, nn.Module] = {}
     tried: dict[str, dict[str, Any]] = {}
+    bn = has_batchnorm(pruned)
     for name, (k, rc) in options.items():
-        if any(options[n] == (k, rc) for n in tried):  # e.g. all repair settings given explicitly
-            continue
+        if any(options[n][0] == k and options[n][1].outcome(bn) == rc.outcome(bn) for n in tried):
+            continue  # the same repair again: all settings given explicitly, or BN-only with one BN size
         models[name] = pruned if k == keep else prune_to(prep, k, "magnitude", cfg.seed)
         tried[name] = repair_one(models[name], prep.dense, prep.data, rc, cfg.seed)
     acc = {n: t["val_accuracy"] for n, t in tried.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,14 @@ class RepairConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def outcome(self, batchnorm: bool = True) -> tuple:
+        """The settings the repaired model depends on: with ``steps=0`` only BN recalibration's,
+        and none on a model without BatchNorm (``batchnorm``). Two configs with the same outcome
+        repair a model to the same weights."""
+        if self.steps == 0:
+            return (0, self.bn_samples, self.samples_per_class) if batchnorm else (0,)
+        return astuple(self)
 
 
 @torch.no_grad()

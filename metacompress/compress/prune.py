@@ -113,7 +113,10 @@ class PruningSpace:
             terms.append((own, 0, gi, -1))
             layers.append(LayerTerm(parent, "attention", own, 0, qkv.out_features // 3, qkv.out_features // 3, gi, -1))
             covered += own
-        self._terms = terms
+        self._term_macs = np.array([t[0] for t in terms], dtype=np.float64)
+        self._term_params = np.array([t[1] for t in terms], dtype=np.float64)
+        self._term_out = np.array([t[2] for t in terms], dtype=np.int64)  # -1: the constant 1.0 at f[-1]
+        self._term_in = self._input_matrix([t[3] for t in terms])
         self.layers = layers
         self._fixed_macs = self.dense_macs - covered
         self._fixed_params = self.dense_params - sum(t[1] for t in terms)
@@ -129,13 +132,19 @@ class PruningSpace:
             shares = [(gi, s / total) for gi, s in shares]
         return tuple(shares), max(0.0, 1.0 - total)
 
-    @staticmethod
-    def input_fraction(f: np.ndarray, source) -> float:
-        """Kept fraction of a layer's input width (``source`` from ``_input_of``) under fractions ``f``."""
-        if isinstance(source, (int, np.integer)):
-            return f[source]
-        shares, rest = source
-        return rest + sum(s * f[gi] for gi, s in shares)
+    def _input_matrix(self, sources: list) -> np.ndarray:
+        """(terms x groups+1): row t times the kept fractions ``f`` (``fractions``) is the kept
+        fraction of term t's input width; one matrix product prices every layer at once."""
+        rows = np.zeros((len(sources), len(self.groups) + 1))
+        for t, source in enumerate(sources):
+            if isinstance(source, (int, np.integer)):
+                rows[t, source] = 1.0
+                continue
+            shares, rest = source
+            for gi, share in shares:
+                rows[t, gi] += share
+            rows[t, -1] += rest
+        return rows
 
     def fractions(self, keep: Sequence[int]) -> np.ndarray:
         return np.array([k / g.channels for k, g in zip(keep, self.groups)] + [1.0])
@@ -143,12 +152,9 @@ class PruningSpace:
     def estimate(self, keep: Sequence[int]) -> tuple[float, float]:
         """Estimated (MACs, params) when group i keeps ``keep[i]`` units."""
         f = self.fractions(keep)
-        macs, params = float(self._fixed_macs), float(self._fixed_params)
-        for m, p, go, source in self._terms:
-            scale = f[go] * self.input_fraction(f, source)
-            macs += m * scale
-            params += p * scale
-        return macs, params
+        scale = f[self._term_out] * (self._term_in @ f)
+        return (float(self._fixed_macs + self._term_macs @ scale),
+                float(self._fixed_params + self._term_params @ scale))
 
     # ----- rounding ---------------------------------------------------------------------
     @staticmethod

@@ -25,16 +25,20 @@ RULES = ("uniform", "global-magnitude", "global-taylor", "lamp")
 # which unit scores pick the channels once an allocation has decided how many
 CHANNEL_IMPORTANCE = {"uniform": "magnitude", "global-magnitude": "magnitude",
                       "global-taylor": "taylor", "lamp": "magnitude"}
+# which unit scores a ranking rule thresholds to decide how many
+RULE_SCORES = {"global-magnitude": "magnitude", "global-taylor": "taylor", "lamp": "lamp"}
 
 
-def rule_allocation(rule: str, space: PruningSpace, model: nn.Module,
-                    calib: tuple[torch.Tensor, torch.Tensor]) -> Callable[[float], Sequence[float]]:
-    """The allocation function of a fixed rule, for ``space`` built on ``model``."""
+def rule_allocation(rule: str, space: PruningSpace, model: nn.Module, calib: tuple[torch.Tensor, torch.Tensor],
+                    scores: list[torch.Tensor] | None = None) -> Callable[[float], Sequence[float]]:
+    """The allocation function of a fixed rule, for ``space`` built on ``model`` (``scores``: the
+    rule's ``RULE_SCORES`` unit scores, if already computed)."""
     n = len(space.groups)
     if rule == "uniform":
         return lambda s: [s * MAX_RATIO] * n
-    method = {"global-magnitude": "magnitude", "global-taylor": "taylor", "lamp": "lamp"}[rule]
-    scores = [s.numpy() for s in unit_scores(model, space.groups, method, calib=calib, example=space.example)]
+    if scores is None:
+        scores = unit_scores(model, space.groups, RULE_SCORES[rule], calib=calib, example=space.example)
+    scores = [s.numpy() for s in scores]
     pooled = np.sort(np.concatenate(scores))
 
     def ratios(scale: float) -> list[float]:

@@ -20,6 +20,7 @@ from metacompress.deploy.verify import check_input, load_session
 from metacompress.errors import UserError
 
 MAX_REPEATS = 5000
+MIN_ROUNDS = 5  # fewest interleaved rounds a time cap (``max_seconds``) may cut a measurement to
 
 
 def _session(ref: Any, threads: int | None, spin: bool, provider: str) -> ort.InferenceSession:
@@ -29,7 +30,8 @@ def _session(ref: Any, threads: int | None, spin: bool, provider: str) -> ort.In
 def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
                       threads: int | None = None, repeats: int = 20, warmup: int = 3,
                       seed: int = 0, spin: bool = False, provider: str = "cpu", min_seconds: float = 0.0,
-                      sessions_per_model: int = 1) -> dict[str, dict[str, dict[str, float]]]:
+                      sessions_per_model: int = 1, max_seconds: float = float("inf")
+                      ) -> dict[str, dict[str, dict[str, float]]]:
     """Time one forward pass of each model per batch size, interleaved across models.
 
     ``models`` maps a name to an ONNX path or an open session (a session keeps its own thread
@@ -38,12 +40,14 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     on ``provider``).
     ``input_shape`` is one sample's shape. ``min_seconds``: repeat more than ``repeats`` times
     until the timed rounds of a batch size last this long (fast models need thousands of
-    repeats before a burst of other work on the machine stops moving the median).
+    repeats before a burst of other work on the machine stops moving the median). ``max_seconds``:
+    repeat fewer than ``repeats`` times (at least MIN_ROUNDS) where the rounds of a batch size
+    would last longer: a ViT-B at batch 32 takes seconds per pass, and its median moves little.
     ``sessions_per_model``: open each path this many times and report the median of the
     sessions' medians: one session of a model can run a few percent faster or slower than
     another of the same file for as long as it lives (measured: 15.8-17.1 ms for three sessions
     of one resnet18), which no number of repeats averages out. Returns ``{name: {"b1":
-    {"median_ms", "min_ms", "max_ms"}, "b32": {...}}}``.
+    {"median_ms", "min_ms", "max_ms", "rounds"}, "b32": {...}}}``.
     """
     if not models:
         raise UserError("no models to benchmark")
@@ -63,12 +67,8 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     for batch in batches:
         x = rng.standard_normal((int(batch), *shape)).astype(np.float32)
         feeds = {name: {sess.get_inputs()[0].name: x} for name, sess in sessions.items()}
-        start = time.perf_counter()
-        for _ in range(max(1, warmup)):
-            for name in names:
-                sessions[name].run(None, feeds[name])
-        per_round = (time.perf_counter() - start) / max(1, warmup)
-        rounds = max(repeats, min(MAX_REPEATS, int(min_seconds / max(per_round, 1e-9))))
+        per_round = _warm_up(sessions, feeds, warmup, max_seconds)
+        rounds = _rounds(per_round, repeats, min_seconds, max_seconds)
         times: dict[tuple[str, int], list[float]] = {key: [] for key in names}
         for r in range(rounds):
             for k in range(len(names)):
@@ -79,8 +79,31 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
         for name in models:
             runs = [ts for (n, _), ts in times.items() if n == name]
             result[name][f"b{batch}"] = {"median_ms": statistics.median(statistics.median(ts) for ts in runs),
-                                         "min_ms": min(map(min, runs)), "max_ms": max(map(max, runs))}
+                                         "min_ms": min(map(min, runs)), "max_ms": max(map(max, runs)),
+                                         "rounds": rounds}
     return result
+
+
+def _warm_up(sessions: dict, feeds: dict, warmup: int, max_seconds: float) -> float:
+    """Untimed rounds over every session: ``warmup`` of them, or fewer (at least one) where they
+    would take over a tenth of ``max_seconds``. Returns the seconds one round takes."""
+    done, start = 0, time.perf_counter()
+    while done < max(1, warmup):
+        for key, sess in sessions.items():
+            sess.run(None, feeds[key])
+        done += 1
+        if (time.perf_counter() - start) / done * max(1, warmup) > max_seconds / 10:
+            break
+    return (time.perf_counter() - start) / done
+
+
+def _rounds(per_round: float, repeats: int, min_seconds: float, max_seconds: float) -> int:
+    """Timed rounds: ``repeats``, more to last ``min_seconds``, fewer (>= MIN_ROUNDS) to stay
+    within ``max_seconds``."""
+    rounds = max(repeats, min(MAX_REPEATS, int(min_seconds / max(per_round, 1e-9))))
+    if max_seconds < rounds * per_round:
+        rounds = min(rounds, max(MIN_ROUNDS, int(max_seconds / max(per_round, 1e-9))))
+    return rounds
 
 
 def speedups(result: dict[str, dict[str, dict[str, float]]], baseline: str) -> dict[str, dict[str, float]]:

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from metacompress.compress.groups import KINDS
-from metacompress.compress.importance import unit_scores
+from metacompress.compress.importance import unit_scores, unit_scores_by_method
 from metacompress.compress.prune import Metric, PruningSpace
-from metacompress.compress.rules import rule_allocation
+from metacompress.compress.rules import RULE_SCORES, rule_allocation
 from metacompress.meta.modules import has_batchnorm
 from metacompress.policy.probes import CURVE_RATIOS, loss_curves, removable_share, removable_shares, sensitivity_allocation
 
@@ -37,6 +37,7 @@ FEATURE_NAMES = (
 )
 NUM_FEATURES = len(FEATURE_NAMES)
 TAYLOR_MACS_BUDGET = 3e9  # MACs the Taylor expert's calibration pass may spend: seconds on two CPU cores
+TAYLOR_MIN_SAMPLES = 8    # fewest samples it runs on, whatever the model's size
 
 
 def group_features(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
@@ -101,22 +102,36 @@ def fold_unseen_kinds(features: np.ndarray, seen: tuple[str, ...] | None) -> np.
     return out
 
 
+def taylor_batch(space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration batch gradient-based scores run on: a forward and a backward pass (~3
+    forwards) per sample, so on a large model it shrinks to fit TAYLOR_MACS_BUDGET."""
+    n = int(np.clip(TAYLOR_MACS_BUDGET / max(1, 3 * space.dense_macs), TAYLOR_MIN_SAMPLES, len(calib[0])))
+    return calib[0][:n], calib[1][:n]
+
+
+def expert_scores(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
+                  rules: tuple[str, ...], extra: tuple[str, ...] = ()) -> dict[str, list[torch.Tensor]]:
+    """The unit scores the ranking rules among ``rules`` need, and ``extra`` methods, in one pass."""
+    methods = tuple(dict.fromkeys((*extra, *(RULE_SCORES[r] for r in rules if r in RULE_SCORES))))
+    return unit_scores_by_method(model, space.groups, methods, calib=taylor_batch(space, calib), example=space.example)
+
+
 class ExpertAllocations:
     """The allocations the policy mixes, for one model at any budget (scores computed once): the
-    fixed rules' and ``sensitivity`` (from the groups' loss curves, ``curves`` if computed)."""
+    fixed rules' and ``sensitivity`` (from the groups' loss curves, ``curves`` if computed;
+    ``scores``: ``expert_scores`` if computed)."""
 
     def __init__(self, model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
-                 rules: tuple[str, ...], curves: np.ndarray | None = None):
+                 rules: tuple[str, ...], curves: np.ndarray | None = None,
+                 scores: dict[str, list[torch.Tensor]] | None = None):
         self.space = space
         self.rules = rules
         if "sensitivity" in rules:
             self._curves = loss_curves(model, space, calib) if curves is None else curves
             self._shares: dict[str, np.ndarray] = {}
-        # gradient-based scores (Taylor) cost a forward and a backward pass (~3 forwards) per
-        # sample: on a large model the calibration batch shrinks to fit TAYLOR_MACS_BUDGET
-        n = int(np.clip(TAYLOR_MACS_BUDGET / max(1, 3 * space.dense_macs), 16, len(calib[0])))
-        calib = (calib[0][:n], calib[1][:n])
-        self._fns = {rule: rule_allocation(rule, space, model, calib) for rule in rules if rule != "sensitivity"}
+        scores = expert_scores(model, space, calib, rules) if scores is None else scores
+        self._fns = {rule: rule_allocation(rule, space, model, calib, scores.get(RULE_SCORES.get(rule, "")))
+                     for rule in rules if rule != "sensitivity"}
 
     def allocation(self, rule: str, metric: Metric = "macs"):
         """One expert's ``scale -> ratios`` function (for ``PruningSpace.project``); the sensitivity
@@ -144,8 +159,12 @@ def policy_inputs(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tens
     costly part of allocating on a large model. Without BN the features read their probes off
     the expert's curves; with BN they are measured again on running statistics (module doc).
     """
-    scores = unit_scores(model, space.groups, "magnitude", example=space.example)
-    curves = loss_curves(model, space, calib, scores)
-    probes = None if has_batchnorm(model) else curves[:, [CURVE_RATIOS.index(r) for r in PROBE_RATIOS]]
+    by_method = expert_scores(model, space, calib, rules, extra=("magnitude",))
+    scores = by_method["magnitude"]
+    bn = has_batchnorm(model)
+    points = len(CURVE_RATIOS) + (len(PROBE_RATIOS) if bn else 0)  # one probe plan for both calls
+    curves = loss_curves(model, space, calib, scores, points=points)
+    probes = (loss_curves(model, space, calib, scores, PROBE_RATIOS, batch_stats=False, points=points) if bn
+              else curves[:, [CURVE_RATIOS.index(r) for r in PROBE_RATIOS]])
     return (group_features(model, space, calib, probes, scores),
-            ExpertAllocations(model, space, calib, rules, curves))
+            ExpertAllocations(model, space, calib, rules, curves, by_method))

@@ -33,6 +33,7 @@ from metacompress.compress.groups import Group
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import MAX_RATIO, Metric, PruningSpace
 from metacompress.meta.modules import batchnorm_layers
+from metacompress.policy.probe_plan import PrefixCache, plan_probes, profile_forward
 
 CURVE_RATIOS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # up to MAX_RATIO
 MACS_PER_CURVE_POINT = 1e9  # MACs the probes of one curve point may spend over all groups: the whole
@@ -95,30 +96,42 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = track
 
 
+def probe_samples(space: PruningSpace) -> int:
+    """Calibration samples one probe runs on: what MACS_PER_CURVE_POINT allows, within PROBE_BATCH."""
+    return int(np.clip(MACS_PER_CURVE_POINT / (max(1, space.dense_macs) * len(space.groups)), *PROBE_BATCH))
+
+
 def loss_curves(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
                 scores: list[torch.Tensor] | None = None, ratios: Sequence[float] = CURVE_RATIOS,
-                batch_stats: bool = True) -> np.ndarray:
+                batch_stats: bool = True, points: int | None = None) -> np.ndarray:
     """(groups x ratios) calibration-loss increase when the group alone loses that share of its
     least important units (L2 magnitude unless ``scores`` are given), with BatchNorm on the
-    batch's statistics (``batch_stats``) or on its running ones. The batch is cut to what the
-    MACs budget allows (PROBE_BATCH)."""
+    batch's statistics (``batch_stats``) or on its running ones, on ``probe_samples`` samples.
+
+    Probes reuse the unmasked pass's layers before the group, and on a model too large to probe
+    every group within the budget, a spread subset is measured and shared (``probe_plan``);
+    ``points``: the probes per group the caller spends over all its calls (default
+    ``len(ratios)``), so that calls that must agree plan alike."""
     if scores is None:
         scores = unit_scores(model, space.groups, "magnitude", example=space.example)
-    n = int(np.clip(MACS_PER_CURVE_POINT / (max(1, space.dense_macs) * len(space.groups)), *PROBE_BATCH))
+    n = probe_samples(space)
     x, y = calib[0][:n], calib[1][:n]
     model.eval()
+    profile = profile_forward(model, x)
+    plan = plan_probes(space.groups, profile, n, points or len(ratios))
     out = np.zeros((len(space.groups), len(ratios)))
     with torch.no_grad(), (batch_statistics(model) if batch_stats else nullcontext()):
-        base = F.cross_entropy(model(x), y).item()
-        for gi, (g, s) in enumerate(zip(space.groups, scores)):
-            order = torch.argsort(s)
+        cache = PrefixCache(model, profile)
+        base = F.cross_entropy(cache.record(x), y).item()
+        for gi in plan.probed:
+            g, order = space.groups[gi], torch.argsort(scores[gi])
             for ri, r in enumerate(ratios):
                 k = min(g.channels - 1, int(round(r * g.channels)))
                 if k <= 0:
                     continue
-                with masked(model, g, order[:k]):
+                with masked(model, g, order[:k]), cache.replaying(plan.prefix[gi]):
                     out[gi, ri] = F.cross_entropy(model(x), y).item() - base
-    return out
+    return out[list(plan.source)]
 
 
 def allocation_loss(model: nn.Module, space: PruningSpace, keep: Sequence[int],

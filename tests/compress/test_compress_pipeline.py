@@ -243,3 +243,25 @@ def test_dense_and_compressed_models_are_timed_as_the_same_kind_of_file(tmp_path
                                          allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "o")))
     assert report["achieved_macs_ratio"] == 1.0
     assert report["compressed"]["onnx_bytes"] == report["dense"]["onnx_bytes"]
+
+
+def test_guard_repairs_candidates_with_the_same_outcome_once():
+    """BN-only repairs differ only by their BN sample count: a policy that changes the distillation
+    settings alone gives the same model as the default, and the guard does not repair it twice."""
+    from dataclasses import replace
+
+    from metacompress.pipeline import prepare
+    from metacompress.students import guard_repair, prune_to
+
+    cfg = CompressConfig(model="resnet20", data="digits", target_macs=0.5, repair=RepairConfig(steps=0),
+                         train_epochs=1)
+    prep = prepare(cfg)
+    keep = prep.budget.project(prep.space, rule_allocation("lamp", prep.space, prep.dense, None))
+    pruned = prune_to(prep, keep, "magnitude")
+    same = guard_repair(cfg, prep, keep, replace(cfg.repair, lr=0.1, temperature=2.0, alpha=0.9), pruned)
+    assert set(same.info["val_accuracy"]) == {"policy", "uniform"}
+    other = guard_repair(cfg, prep, keep, replace(cfg.repair, bn_samples=64), pruned)
+    assert set(other.info["val_accuracy"]) == {"policy", "policy-allocation", "uniform"}
+    assert RepairConfig(steps=5, lr=0.1).outcome() != RepairConfig(steps=5).outcome()
+    # without BatchNorm a BN-only repair changes nothing, whatever its sample count
+    assert RepairConfig(steps=0, bn_samples=64).outcome(batchnorm=False) == RepairConfig(steps=0).outcome(False)

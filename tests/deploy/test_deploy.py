@@ -265,6 +265,18 @@ def test_benchmark_interleaved_stats_and_speedup(resnet, mlp):
         benchmark_latency({"a": path}, (1, 8, 8), threads=1, repeats=1)
 
 
+def test_benchmark_rounds_follow_the_time_limits(resnet):
+    """``min_seconds`` adds rounds to a fast model; ``max_seconds`` cuts a slow one's, to MIN_ROUNDS at least."""
+    from metacompress.deploy.bench import MIN_ROUNDS
+
+    _, path, _ = resnet
+    rounds = lambda **kw: benchmark_latency({"a": path}, (1, 32, 32), batches=(1,), threads=1, warmup=1,  # noqa: E731
+                                            **kw)["a"]["b1"]["rounds"]
+    assert rounds(repeats=12) == 12
+    assert rounds(repeats=12, max_seconds=0.0) == MIN_ROUNDS
+    assert rounds(repeats=2, min_seconds=0.2) > 2
+
+
 # ---------------------------------------------------------------- CLI
 
 runner = CliRunner()
