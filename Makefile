@@ -22,12 +22,16 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/metacompress compress vgg-small --data digits@16 --target-latency 0.5 --out out/demo
 
+# tests run in parallel worker processes, one per core (each test model uses one thread)
+PYTEST_WORKERS ?= auto
+XDIST := -n $(PYTEST_WORKERS) --maxprocesses=4
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # the unit tests only: no subprocess, benchmark-smoke or whole-model runs (marked integration)
 test-fast: setup
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q $(XDIST) -m "not integration"
 
 lint: setup
 	$(VENV)/bin/ruff check metacompress cli tests benchmarks
