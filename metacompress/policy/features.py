@@ -26,7 +26,14 @@ from metacompress.compress.importance import unit_scores, unit_scores_by_method
 from metacompress.compress.prune import Metric, PruningSpace
 from metacompress.compress.rules import RULE_SCORES, rule_allocation
 from metacompress.meta.modules import has_batchnorm
-from metacompress.policy.probes import CURVE_RATIOS, loss_curves, removable_share, removable_shares, sensitivity_allocation
+from metacompress.policy.probes import (
+    CURVE_RATIOS,
+    loss_curves,
+    probe_setup,
+    removable_share,
+    removable_shares,
+    sensitivity_allocation,
+)
 
 PROBE_RATIOS = (0.3, 0.6, 0.9)  # points of the loss curve the network sees
 FEATURE_NAMES = (
@@ -162,9 +169,9 @@ def policy_inputs(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tens
     by_method = expert_scores(model, space, calib, rules, extra=("magnitude",))
     scores = by_method["magnitude"]
     bn = has_batchnorm(model)
-    points = len(CURVE_RATIOS) + (len(PROBE_RATIOS) if bn else 0)  # one probe plan for both calls
-    curves = loss_curves(model, space, calib, scores, points=points)
-    probes = (loss_curves(model, space, calib, scores, PROBE_RATIOS, batch_stats=False, points=points) if bn
+    setup = probe_setup(model, space, calib, len(CURVE_RATIOS) + (len(PROBE_RATIOS) if bn else 0))
+    curves = loss_curves(model, space, calib, scores, setup=setup)
+    probes = (loss_curves(model, space, calib, scores, PROBE_RATIOS, batch_stats=False, setup=setup) if bn
               else curves[:, [CURVE_RATIOS.index(r) for r in PROBE_RATIOS]])
     return (group_features(model, space, calib, probes, scores),
             ExpertAllocations(model, space, calib, rules, curves, by_method))

@@ -22,6 +22,7 @@ instead of trusting weight scales, so it carries over to families where those sc
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ from metacompress.compress.groups import Group
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import MAX_RATIO, Metric, PruningSpace
 from metacompress.meta.modules import batchnorm_layers
-from metacompress.policy.probe_plan import PrefixCache, plan_probes, profile_forward
+from metacompress.policy.probe_plan import ForwardProfile, PrefixCache, ProbePlan, masked_modules, plan_probes, profile_forward
 
 CURVE_RATIOS = (0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # up to MAX_RATIO
 MACS_PER_CURVE_POINT = 1e9  # MACs the probes of one curve point may spend over all groups: the whole
@@ -43,34 +44,35 @@ PROBE_BATCH = (8, 128)      # fewest and most calibration samples a probe runs o
 
 @contextmanager
 def masked(model: nn.Module, group: Group, drop: torch.Tensor) -> Iterator[None]:
-    """Zero the group's dropped units wherever they are consumed, for the duration of the block."""
+    """Zero the group's dropped units wherever they are consumed (``masked_modules``), for the
+    duration of the block: in attention, the dropped q/k/v dims at the qkv projection's output;
+    otherwise the dropped input channels of every consumer."""
     modules = dict(model.named_modules())
     handles = []
-    if group.kind == "attention":
-        qkv = modules[group.name]
-        hd = group.channels
-        rows = torch.tensor([p * group.heads * hd + h * hd + int(j) for p in range(3)
-                             for h in range(group.heads) for j in drop])
-        mask = torch.ones(qkv.out_features)
-        mask[rows] = 0
-        handles.append(qkv.register_forward_hook(lambda m, i, o: o * mask))
-    else:
-        for name in group.in_layers:
-            layer = modules[name]
-            width = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
-            mask = torch.ones(width)
-            if width != group.channels:  # e.g. flatten before a linear layer: units repeat spatially
-                per = width // group.channels
-                idx = (drop.view(-1, 1) * per + torch.arange(per)).flatten()
-            else:
-                idx = drop
-            mask[idx] = 0
-            shape = (1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (1, -1)
+    for name in masked_modules(group):
+        layer = modules[name]
+        if group.kind == "attention":
+            hd = group.channels
+            rows = torch.tensor([p * group.heads * hd + h * hd + int(j) for p in range(3)
+                                 for h in range(group.heads) for j in drop])
+            mask = torch.ones(layer.out_features)
+            mask[rows] = 0
+            handles.append(layer.register_forward_hook(lambda m, i, o, mask=mask: o * mask))
+            continue
+        width = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+        mask = torch.ones(width)
+        if width != group.channels:  # e.g. flatten before a linear layer: units repeat spatially
+            per = width // group.channels
+            idx = (drop.view(-1, 1) * per + torch.arange(per)).flatten()
+        else:
+            idx = drop
+        mask[idx] = 0
+        shape = (1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (1, -1)
 
-            def hook(m, inputs, mask=mask.view(*shape)):
-                return (inputs[0] * mask,) + tuple(inputs[1:])
+        def hook(m, inputs, mask=mask.view(*shape)):
+            return (inputs[0] * mask,) + tuple(inputs[1:])
 
-            handles.append(layer.register_forward_pre_hook(hook))
+        handles.append(layer.register_forward_pre_hook(hook))
     try:
         yield
     finally:
@@ -96,32 +98,53 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
             m.track_running_stats = track
 
 
-def probe_samples(space: PruningSpace) -> int:
-    """Calibration samples one probe runs on: what MACS_PER_CURVE_POINT allows, within PROBE_BATCH."""
-    return int(np.clip(MACS_PER_CURVE_POINT / (max(1, space.dense_macs) * len(space.groups)), *PROBE_BATCH))
+def probe_samples(space: PruningSpace, passes: int | None = None) -> int:
+    """Calibration samples a probe runs on: what MACS_PER_CURVE_POINT allows for ``passes`` forward
+    passes (default: one per group, a curve point), within PROBE_BATCH."""
+    passes = len(space.groups) if passes is None else passes
+    return int(np.clip(MACS_PER_CURVE_POINT / (max(1, space.dense_macs) * max(1, passes)), *PROBE_BATCH))
+
+
+@dataclass(frozen=True)
+class ProbeSetup:
+    """What the loss-curve calls on one model share: the probe batch, its forward profile and the
+    probe plan (calls that must agree on which groups they measure take the same setup)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    profile: ForwardProfile
+    plan: ProbePlan
+
+
+def probe_setup(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
+                points: int) -> ProbeSetup:
+    """The probe batch (``probe_samples``), profile and plan for ``points`` probes per group over all calls."""
+    n = probe_samples(space)
+    x, y = calib[0][:n], calib[1][:n]
+    model.eval()
+    profile = profile_forward(model, x)
+    return ProbeSetup(x, y, profile, plan_probes(space.groups, profile, n, points))
 
 
 def loss_curves(model: nn.Module, space: PruningSpace, calib: tuple[torch.Tensor, torch.Tensor],
                 scores: list[torch.Tensor] | None = None, ratios: Sequence[float] = CURVE_RATIOS,
-                batch_stats: bool = True, points: int | None = None) -> np.ndarray:
+                batch_stats: bool = True, setup: ProbeSetup | None = None) -> np.ndarray:
     """(groups x ratios) calibration-loss increase when the group alone loses that share of its
     least important units (L2 magnitude unless ``scores`` are given), with BatchNorm on the
     batch's statistics (``batch_stats``) or on its running ones, on ``probe_samples`` samples.
 
     Probes reuse the unmasked pass's layers before the group, and on a model too large to probe
     every group within the budget, a spread subset is measured and shared (``probe_plan``);
-    ``points``: the probes per group the caller spends over all its calls (default
-    ``len(ratios)``), so that calls that must agree plan alike."""
+    ``setup``: the batch and plan shared with the caller's other calls (default: planned for
+    ``ratios`` alone)."""
     if scores is None:
         scores = unit_scores(model, space.groups, "magnitude", example=space.example)
-    n = probe_samples(space)
-    x, y = calib[0][:n], calib[1][:n]
+    setup = setup or probe_setup(model, space, calib, len(ratios))
+    x, y, plan = setup.x, setup.y, setup.plan
     model.eval()
-    profile = profile_forward(model, x)
-    plan = plan_probes(space.groups, profile, n, points or len(ratios))
     out = np.zeros((len(space.groups), len(ratios)))
     with torch.no_grad(), (batch_statistics(model) if batch_stats else nullcontext()):
-        cache = PrefixCache(model, profile)
+        cache = PrefixCache(model, setup.profile)
         base = F.cross_entropy(cache.record(x), y).item()
         for gi in plan.probed:
             g, order = space.groups[gi], torch.argsort(scores[gi])
@@ -139,7 +162,7 @@ def allocation_loss(model: nn.Module, space: PruningSpace, keep: Sequence[int],
     """Calibration loss of the whole allocation ``keep`` (every group masked at once to its least
     important units, BatchNorm on the batch's statistics as BN recalibration would give): ranks
     allocations of one model by what they cost before repair, at the probes' batch size."""
-    n = int(np.clip(MACS_PER_CURVE_POINT / max(1, space.dense_macs), *PROBE_BATCH))
+    n = probe_samples(space, passes=1)
     x, y = calib[0][:n], calib[1][:n]
     model.eval()
     with torch.no_grad(), batch_statistics(model), ExitStack() as stack:
