@@ -6,6 +6,12 @@ group has one *root* layer, named by its module path, which is how allocations a
 Attention blocks are handled here too: their qkv projection is pruned by head dimension,
 the same dims in every head of q, k and v, so that the block keeps its shape.
 
+Some blocks compute with shapes read off their input width (torchvision's Swin attention derives
+its head size from it); torch-pruning's trace of their reshapes, rolls and window partitions
+explodes in time and memory (swin_t: no group after minutes, then out of memory). Such blocks
+are registered as *opaque* (``OPAQUE_BLOCKS``): the graph treats each as one width-preserving
+layer and never prunes the width it sits on, while the layers around it (Swin's MLPs) are pruned.
+
 Grouped convolutions (``groups > 1``, not depthwise: ResNeXt, RegNet) split their channels into
 G conv groups of equal width, and torch-pruning slices their input weights by keeping the first
 kept indices of conv group 0 (``ConvPruner.prune_in_channels``), which is only right when every
@@ -22,6 +28,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch_pruning.pruner.function import BasePruningFunc
 
 from metacompress.errors import UserError
 
@@ -63,6 +70,38 @@ def attention_blocks(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]
     """(qkv, proj, num_heads) triples the model declares through ``pruning_hints()``."""
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     return list(hints.get("attention", []))
+
+
+def _opaque_types() -> dict[type, str]:
+    """Opaque block types (module doc) and the linear layer whose input width is the block's width."""
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
+    except ImportError:  # torchvision is optional; without it there are no such blocks to find
+        return {}
+    return {ShiftedWindowAttention: "qkv", ShiftedWindowAttentionV2: "qkv"}
+
+
+def opaque_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's opaque blocks: kept whole, together with the width they read and write."""
+    types = tuple(_opaque_types())
+    return [m for m in model.modules() if types and isinstance(m, types)]
+
+
+class _KeptWhole(BasePruningFunc):
+    """torch-pruning's handler of an opaque block: a layer of constant width that is never pruned
+    (its blocks are ignored layers, so no group that touches them is yielded)."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        raise UserError(f"internal: an opaque block ({type(layer).__name__}) was asked to prune channels")
+
+    def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
+        return self.prune_out_channels(layer, idxs)
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return getattr(layer, _opaque_types()[type(layer)]).in_features
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return self.get_out_channels(layer)
 
 
 class _ChannelShuffleProbe(TorchFunctionMode):
@@ -148,7 +187,8 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     refuse_unsupported(model, example)
     try:
         return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters")
+            model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters"),
+            customized_pruners={t: _KeptWhole() for t in _opaque_types()},
         )
     except Exception as exc:
         raise UserError(f"cannot trace the model for pruning: {type(exc).__name__}: {exc}") from None
@@ -180,6 +220,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
     attn = {qkv: (proj, heads) for qkv, proj, heads in attention_blocks(model)}
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     ignored = ([classifier] if classifier is not None else []) + list(hints.get("frozen", [])) + fixed_width_layers(model)
+    ignored += opaque_blocks(model)
     groups: list[Group] = []
     for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
         root = g[0].dep.target.module

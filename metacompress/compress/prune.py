@@ -235,8 +235,10 @@ class PruningSpace:
         floor = cost([self.min_keep(g, fine) for g in self.groups])
         if floor > target * (1 + tol):
             name = metric if isinstance(metric, str) else metric.name
+            fixed = cost([0] * len(self.groups))
             raise UserError(f"target {name} {target:g} is unreachable without removing whole layers: pruning "
-                            f"every group to its limit keeps {floor:.3f} of the {name}; ask for >= {floor:.2f}")
+                            f"every group to its limit keeps {floor:.3f} of the {name} ({fixed:.3f} in what no group "
+                            f"prunes: unprunable layers, blocks kept whole); ask for >= {floor:.2f}")
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2

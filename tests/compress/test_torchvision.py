@@ -146,3 +146,32 @@ def test_vision_transformer_keeps_its_residual_width_and_prunes_the_rest(tmp_pat
     export_onnx(pruned, x[:2], tmp_path / "vit.onnx", dynamo=False)
     res = verify_onnx(tmp_path / "vit.onnx", pruned, x, None)
     assert res["max_abs_diff"] <= 1e-4 and res["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_keeps_its_attention_width_and_prunes_the_mlps(v2: bool, tmp_path: Path) -> None:
+    """torchvision's Swin attention derives its head size from its input width, and tracing its
+    window partitions exploded torch-pruning (swin_t: out of memory). The attention blocks are
+    kept whole with the width they sit on; every MLP's hidden units are pruned to the budget, and
+    the exported model matches PyTorch."""
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    extra = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
+    swin = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                           num_classes=10, **extra).eval()
+    for p in swin.head.parameters():  # random logits large enough for parity to mean something
+        nn.init.normal_(p, std=0.5)
+    x = torch.randn(16, 3, 32, 32)
+    space = PruningSpace(swin, x[:1], 10, round_to=1)
+    mlps = sorted(n for n, m in swin.named_modules() if n.endswith(".mlp.0"))
+    assert sorted(g.name for g in space.groups) == mlps
+    keep = space.project(rule_allocation("uniform", space, swin, calib=None), 0.7, "macs")
+    pruned = space.apply(copy.deepcopy(swin), keep)
+    widths = {n: m.qkv.in_features for n, m in pruned.named_modules() if hasattr(m, "qkv")}
+    assert widths == {n: m.qkv.in_features for n, m in swin.named_modules() if hasattr(m, "qkv")}
+    ratio = count_macs(pruned, x[:1]) / count_macs(swin, x[:1])
+    assert abs(ratio - 0.7) <= MACS_TOL * 0.7 and abs(ratio - space.kept_fraction(keep, "macs")) < 1e-6
+    export_onnx(pruned, x[:2], tmp_path / "swin.onnx", dynamo=False)
+    res = verify_onnx(tmp_path / "swin.onnx", pruned, x, None)
+    assert res["max_abs_diff"] <= MAX_ABS_DIFF and res["top1_agreement"] == 1.0
