@@ -6,11 +6,12 @@ group has one *root* layer, named by its module path, which is how allocations a
 Attention blocks are handled here too: their qkv projection is pruned by head dimension,
 the same dims in every head of q, k and v, so that the block keeps its shape.
 
-Some blocks compute with shapes read off their input width (torchvision's Swin attention derives
-its head size from it); torch-pruning's trace of their reshapes, rolls and window partitions
-explodes in time and memory (swin_t: no group after minutes, then out of memory). Such blocks
-are registered as *opaque* (``OPAQUE_BLOCKS``): the graph treats each as one width-preserving
-layer and never prunes the width it sits on, while the layers around it (Swin's MLPs) are pruned.
+Some attention blocks compute with shapes read off their input width (torchvision's Swin derives
+its head size from it, MaxViT reshapes its heads' output back to it), and torch-pruning's trace of
+their reshapes, rolls and window partitions explodes in time and memory (swin_t: no group after
+minutes, then out of memory). Such blocks are *opaque* (``_opaque_types``): the graph treats each
+as one width-preserving layer and never prunes the width it sits on, while the layers around it
+(MLPs, MaxViT's convolutions) are pruned.
 
 Grouped convolutions (``groups > 1``, not depthwise: ResNeXt, RegNet) split their channels into
 G conv groups of equal width, and torch-pruning slices their input weights by keeping the first
@@ -75,10 +76,11 @@ def attention_blocks(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]
 def _opaque_types() -> dict[type, str]:
     """Opaque block types (module doc) and the linear layer whose input width is the block's width."""
     try:
+        from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
         from torchvision.models.swin_transformer import ShiftedWindowAttention, ShiftedWindowAttentionV2
     except ImportError:  # torchvision is optional; without it there are no such blocks to find
         return {}
-    return {ShiftedWindowAttention: "qkv", ShiftedWindowAttentionV2: "qkv"}
+    return {ShiftedWindowAttention: "qkv", ShiftedWindowAttentionV2: "qkv", RelativePositionalMultiHeadAttention: "to_qkv"}
 
 
 def opaque_blocks(model: nn.Module) -> list[nn.Module]:
