@@ -8,7 +8,7 @@ import typer
 from rich import box
 
 from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit, table
-from metacompress.cli.compress_cmd import MODEL_HELP
+from metacompress.cli.compress_cmd import DATA_HELP, MODEL_HELP
 from metacompress.compress.distill import RepairConfig
 from metacompress.sweep import ALLOCATIONS
 
@@ -17,7 +17,7 @@ from metacompress.sweep import ALLOCATIONS
 def sweep(
     model: str = typer.Argument(..., help=MODEL_HELP),
     data: str = typer.Option("digits", "--data",
-                             help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, imagefolder:DIR, idx:DIR."),
+                             help=DATA_HELP),
     weights: Optional[str] = typer.Option(
         None, "--weights", help="Dense state dict (.pt). Omit to train once first; 'none' for untrained weights."),
     budgets: str = typer.Option("0.8,0.6,0.4,0.3,0.2", "--budgets", help="Kept fractions of the metric, comma-separated."),

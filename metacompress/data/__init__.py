@@ -7,7 +7,9 @@
 - ``synthetic:SHAPE``: seeded, learnable classification data, e.g. ``synthetic:3x32x32``
   (images) or ``synthetic:20`` (features); ``synthetic:3x32x32:classes=5:n=2000`` sets more.
 - ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test``; images NCHW, NHWC or flat.
-- ``imagefolder:DIR``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (needs torchvision).
+- ``imagefolder:DIR[:size=S]``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (needs
+  torchvision); ``size`` resizes each image's shorter side to S and center-crops S x S, so images
+  may have any size.
 - ``idx:DIR[:n=N][:size=S]``: MNIST-format idx files (plain or .gz), e.g. Fashion-MNIST from
   ``/usr/share/datasets/fashion-mnist``; ``n`` keeps N training images, ``size`` resizes.
 

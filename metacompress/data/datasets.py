@@ -19,6 +19,7 @@ MAX_DATA_BYTES = 2**32          # all splits together, as float32
 MAX_SAMPLE_ELEMENTS = 2**24     # one sample: e.g. 3 x 2364 x 2364
 MAX_CLASSES = 100_000
 MAX_DIGITS_SIZE = 512
+MAX_IMAGE_SIZE = 1024           # imagefolder:DIR:size=S, S at most this
 
 
 @dataclass
@@ -259,18 +260,22 @@ def _npz(path: str) -> Dataset:
     return _finish(f"npz:{p}", xs[0], y_tr, xs[1], y_te)
 
 
-def _imagefolder(root: str) -> Dataset:
+def _imagefolder(arg: str) -> Dataset:
+    """``imagefolder:DIR[:size=S]``: ``DIR/{train,test}/<class>/*`` images; with ``size``, each is
+    resized so that its shorter side is S and center-cropped to S x S (images of any size and
+    aspect), without it all images must have one size."""
     try:
         from torchvision import datasets
     except ImportError:
         raise UserError("imagefolder data needs torchvision: pip install 'metacompress[vision]'") from None
+    root, size = _imagefolder_options(arg)
     base = Path(root)
     if not (base / "train").is_dir() or not (base / "test").is_dir():
         raise UserError(f"imagefolder:{root} needs sub-folders train/ and test/, one folder per class in each")
     out, classes = [], None
     for split in ("train", "test"):
         try:
-            ds = datasets.ImageFolder(str(base / split), loader=_read_image)
+            ds = datasets.ImageFolder(str(base / split), loader=lambda path: _read_image(path, size))
         except (FileNotFoundError, OSError) as exc:  # no class folders, or a class without images
             raise UserError(f"imagefolder:{root}: {split}/: {' '.join(str(exc).split())[:200]}") from None
         if classes is not None and ds.classes != classes:
@@ -282,18 +287,31 @@ def _imagefolder(root: str) -> Dataset:
             x = ds.loader(path)
             if xs and x.shape != xs[0].shape:
                 raise UserError(f"imagefolder:{root}: images differ in size ({tuple(xs[0].shape)} and "
-                                f"{tuple(x.shape)} at {path}); resize them first")
+                                f"{tuple(x.shape)} at {path}); give a size to resize and crop them to: "
+                                f"imagefolder:{root}:size=S")
             if not xs:
                 check_size(f"imagefolder:{root}/{split}", len(ds.samples), tuple(x.shape))
             xs.append(x)
             ys.append(label)
         out.append((np.stack(xs), np.array(ys)))
-    return _finish(f"imagefolder:{root}", out[0][0], out[0][1], out[1][0], out[1][1], len(classes))
+    return _finish(f"imagefolder:{arg}", out[0][0], out[0][1], out[1][0], out[1][1], len(classes))
 
 
-def _read_image(path: str) -> np.ndarray:
+def _imagefolder_options(arg: str) -> tuple[str, int | None]:
+    root, *parts = arg.split(":")
+    if not parts:
+        return root, None
+    key, _, value = parts[0].partition("=")
+    if len(parts) > 1 or key != "size" or not value.isdigit() or not 1 <= int(value) <= MAX_IMAGE_SIZE:
+        raise UserError(f"malformed imagefolder spec 'imagefolder:{arg}': use imagefolder:DIR[:size=S] "
+                        f"with 1 <= S <= {MAX_IMAGE_SIZE}")
+    return root, int(value)
+
+
+def _read_image(path: str, size: int | None = None) -> np.ndarray:
     """One image as float32 C x H x W in [0, 1] (RGB, as torchvision's loader), its size checked
-    from the header before the pixels are decoded."""
+    from the header before the pixels are decoded; with ``size``, resized (bilinear, shorter side
+    to ``size``) and center-cropped to size x size, the standard evaluation transform."""
     import warnings
 
     from PIL import Image
@@ -306,12 +324,28 @@ def _read_image(path: str) -> np.ndarray:
                 if 3 * w * h > MAX_SAMPLE_ELEMENTS:
                     raise UserError(f"{path}: a {w} x {h} image is larger than the limit of "
                                     f"{MAX_SAMPLE_ELEMENTS // 3:,} pixels")
-                rgb = np.asarray(im.convert("RGB"), dtype=np.float32)
+                rgb = im.convert("RGB")
+                if size is not None:
+                    rgb = _resize_center_crop(rgb, size)
+                pixels = np.asarray(rgb, dtype=np.float32)
     except UserError:
         raise
     except Exception as exc:  # PIL raises many types for truncated or forged files
         raise UserError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:150]}") from None
-    return rgb.transpose(2, 0, 1) / 255.0
+    return pixels.transpose(2, 0, 1) / 255.0
+
+
+def _resize_center_crop(im, size: int):
+    """A PIL image with its shorter side resized to ``size`` (aspect kept), cropped to its central size x size."""
+    from PIL import Image
+
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
 
 
 def _idx(arg: str) -> Dataset:
@@ -347,9 +381,9 @@ def _idx(arg: str) -> Dataset:
 def data_paths(spec: str) -> list[str]:
     """The files or folders a data spec reads (none for embedded and generated data)."""
     kind, _, arg = spec.partition(":")
-    if kind in ("npz", "imagefolder") and arg:
+    if kind == "npz" and arg:
         return [arg]
-    if kind == "idx" and arg:
+    if kind in ("idx", "imagefolder") and arg:
         return [arg.split(":")[0]]
     return []
 
@@ -377,4 +411,4 @@ def load_dataset(spec: str) -> Dataset:
     if kind == "idx" and arg:
         return _idx(arg)
     raise UserError(f"unknown data spec '{spec}': use digits, digits@32, synthetic:SHAPE, npz:PATH, "
-                    "imagefolder:DIR or idx:DIR")
+                    "imagefolder:DIR[:size=S] or idx:DIR")

@@ -62,6 +62,33 @@ def test_imagefolder(tmp_path):
         load_dataset(f"imagefolder:{tmp_path / 'train'}")
 
 
+def test_imagefolder_of_mixed_sizes_is_resized_and_center_cropped(tmp_path):
+    """Images of any size and aspect, with ``:size=S``: shorter side to S, central S x S kept (the
+    standard evaluation transform); without it, one line naming the fix."""
+    from PIL import Image
+
+    stripes = np.zeros((16, 32, 3), dtype=np.uint8)  # 16 x 32: red | green (central 16 columns) | blue
+    stripes[:, :8, 0] = stripes[:, 8:24, 1] = stripes[:, 24:, 2] = 255
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 15), ("test", 4)):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.fromarray(stripes).save(tmp_path / split / c / "0stripes.png")
+            for i in range(1, n):
+                h, w = rng.integers(12, 60, 2)
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    d = load_dataset(f"imagefolder:{tmp_path}:size=16")
+    assert d.input_shape == (3, 16, 16) and len(d.x_test) == 8 and d.num_classes == 2
+    center = d.x_test[0]  # sorted: the stripes image of class 0 comes first
+    assert torch.allclose(center[1], torch.ones(16, 16)) and center[0].abs().max() == 0 and center[2].abs().max() == 0
+    assert load_dataset(f"imagefolder:{tmp_path}:size=8").input_shape == (3, 8, 8)  # downscaled
+    with pytest.raises(UserError, match="images differ in size.*:size=S"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    for bad in ("size=0", "size=x", "width=16", "size=16:n=3"):
+        with pytest.raises(UserError, match="malformed imagefolder spec"):
+            load_dataset(f"imagefolder:{tmp_path}:{bad}")
+
+
 def test_subsample_per_class():
     d = load_dataset("digits")
     x, y = subsample_per_class(d.x_train, d.y_train, 10, seed=0)
