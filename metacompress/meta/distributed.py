@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -168,7 +169,7 @@ def _free_port() -> int:
 
 
 def _child(rank: int, world: int, address: str, fn: Callable[..., Any], args: tuple, report: Any) -> None:
-    """A forked rank: join the group, run ``fn``, leave without running the parent's atexit code.
+    """A child rank: join the group, run ``fn``, leave without running the parent's atexit code.
 
     A failure is sent to rank 0 through ``report`` (rank 0 names it if the run stops because of
     it) rather than printed, so an error every rank meets is reported once, by rank 0.
@@ -195,14 +196,15 @@ def _describe_exit(code: int | None) -> str:
 def launch_local(fn: Callable[..., T], world: int, *args: Any) -> T:
     """Run ``fn(*args)`` on ``world`` ranks of this machine and return rank 0's result.
 
-    This process is rank 0; ranks 1.. are forked children (one thread each). The same code runs
-    under ``torchrun``; this is its single-machine case for users who do not launch one. A child
-    that dies makes rank 0 raise ``WorkerLost`` naming that child's rank and how it ended.
+    This process is rank 0; ranks 1.. are child processes (one thread each), started as
+    ``start_method`` says. The same code runs under ``torchrun``; this is its single-machine case
+    for users who do not launch one. A child that dies makes rank 0 raise ``WorkerLost`` naming
+    that child's rank and how it ended.
     """
     if world <= 1 or dist.is_initialized():
         return fn(*args)
     address = f"tcp://127.0.0.1:{_free_port()}"
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(start_method(fn, args))
     pipes = [ctx.Pipe(duplex=False) for _ in range(1, world)]
     children = [ctx.Process(target=_child, args=(r, world, address, fn, args, pipes[r - 1][1]), daemon=True)
                 for r in range(1, world)]
@@ -229,6 +231,21 @@ def launch_local(fn: Callable[..., T], world: int, *args: Any) -> T:
             if c.is_alive():
                 c.kill()
             c.join()
+
+
+def start_method(fn: Callable[..., Any], args: tuple) -> str:
+    """``spawn`` when ``fn`` and ``args`` can be pickled, else ``fork``.
+
+    A forked child cannot run autograd once the parent's autograd engine has started its worker
+    threads (PyTorch's "Autograd and Fork" note): a process that has already trained something can
+    fork ranks whose first backward pass fails. Spawned ranks start clean, at the cost of importing
+    torch again (seconds); closures cannot be sent to them, so those are forked (and must not need
+    autograd in a process that has used it)."""
+    try:
+        pickle.dumps((fn, args))
+    except Exception:  # noqa: BLE001 - lambdas, local functions, unpicklable state
+        return "fork"
+    return "spawn"
 
 
 def _dead_children(children: list, reports: list) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -99,7 +100,7 @@ def test_meta_batches_on_two_ranks_give_the_weights_of_one_process(algo):
     args = (spec, algo, 3, 0)
     kw = dict(meta_batch=5, joint_steps=1)  # 5 tasks: shards of 3 and 2
     one = train_checkpoint(*args, **kw)
-    two = distributed.launch_local(lambda: train_checkpoint(*args, **kw), 2)
+    two = distributed.launch_local(functools.partial(train_checkpoint, *args, **kw), 2)  # picklable: spawned ranks
     for name, p in one["state"]["model"].items():
         assert (p - two["state"]["model"][name]).abs().max() < 1e-5, name
     assert one["history"]["query_loss"] == pytest.approx(two["history"]["query_loss"], abs=1e-6)
