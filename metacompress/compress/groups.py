@@ -23,6 +23,7 @@ the same offsets in each of the G conv groups, so ``groups`` stays valid and the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,7 @@ def attention_blocks(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]
     return list(hints.get("attention", []))
 
 
+@functools.cache
 def _opaque_types() -> dict[type, str]:
     """Opaque block types (module doc) and the linear layer whose input width is the block's width."""
     try:
@@ -94,7 +96,8 @@ class _KeptWhole(BasePruningFunc):
     (its blocks are ignored layers, so no group that touches them is yielded)."""
 
     def prune_out_channels(self, layer: nn.Module, idxs) -> nn.Module:
-        raise UserError(f"internal: an opaque block ({type(layer).__name__}) was asked to prune channels")
+        raise RuntimeError(f"an opaque block ({type(layer).__name__}) was asked to prune channels: its groups "
+                           "should have been ignored")
 
     def prune_in_channels(self, layer: nn.Module, idxs) -> nn.Module:
         return self.prune_out_channels(layer, idxs)
