@@ -35,6 +35,7 @@ from metacompress.compress.rules import RULES
 from metacompress.data import Dataset, data_paths, load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, state_dict_from, write_json
+from metacompress.meta.modules import load_state
 from metacompress.progress import status
 from metacompress.signals import signals_deferred
 from metacompress.students import guard_repair, prune_to, repair_students, soup_students
@@ -127,7 +128,7 @@ def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epo
             raise UserError(f"{weights}: {wrong[0]} holds {state[wrong[0]].dtype} values, model '{spec}' needs "
                             f"{expected[wrong[0]].dtype} (wrong dtype in {len(wrong)} tensor(s))")
         try:
-            model.load_state_dict(state, strict=True)
+            load_state(model, state)
         except RuntimeError as exc:
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             raise UserError(f"state dict {weights} does not fit model '{spec}': {' '.join(lines[1:3])[:300]}") from None
@@ -268,7 +269,7 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
         with timer.stage("fuse"):
             soup = soup_students(student, students, data)
     else:
-        student.load_state_dict(students[0]["state_dict"])
+        load_state(student, students[0]["state_dict"])
     return Compressed(prep, student, keep, repair_cfg, pruned_acc, students, guard, soup, warnings)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.rules import rule_allocation
 from metacompress.data import Dataset
-from metacompress.meta.modules import has_batchnorm
+from metacompress.meta.modules import has_batchnorm, load_state
 from metacompress.progress import status
 from metacompress.training import accuracy, accuracy_and_loss
 
@@ -111,6 +111,6 @@ def soup_students(model: nn.Module, students: list[dict[str, Any]], data: Datase
     names = [f"student{i}" for i in range(len(students))]
     fused, info = fuse("greedy", [s["state_dict"] for s in students], names=names, model=model,
                        data=FusionData(data.x_train, data.y_train, data.x_val, data.y_val))
-    model.load_state_dict(fused)
+    load_state(model, fused)
     model.eval()
     return {"ingredients": info["ingredients"], "val_accuracy": accuracy(model, data.x_val, data.y_val)}

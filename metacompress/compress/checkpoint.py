@@ -15,6 +15,7 @@ from torch import nn
 
 from metacompress.errors import UserError
 from metacompress.io import load_weights, save_torch
+from metacompress.meta.modules import load_state
 from metacompress.zoo import build_model
 
 FORMAT = "metacompress.compressed/1"
@@ -90,7 +91,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
         model = build_model(ckpt["model"], ckpt["input_shape"], ckpt["num_classes"], **ckpt["model_kwargs"])
     resize_to(model, ckpt["structure"], ckpt["state_dict"])
     try:
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        load_state(model, ckpt["state_dict"])
     except RuntimeError as exc:
         raise UserError(f"{path}: weights do not fit the rebuilt model: {str(exc).splitlines()[0]}") from None
     model.eval()

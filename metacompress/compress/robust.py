@@ -53,6 +53,7 @@ from metacompress.compress.masks import ChannelMasks, Params, masked
 from metacompress.compress.prune import BUDGET_TOL, MAX_RATIO, Metric, PruningSpace
 from metacompress.data import Dataset
 from metacompress.errors import UserError
+from metacompress.meta.modules import load_state
 from metacompress.meta.reptile import reptile_step
 from metacompress.progress import track
 from metacompress.training import accuracy, predict
@@ -228,7 +229,7 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
             checks.append({"step": step, "dense_val_accuracy": acc})
             if acc >= before - cfg.max_drop - 1e-9:
                 kept = (step, copy.deepcopy(model.state_dict()), acc)
-    model.load_state_dict(kept[1])
+    load_state(model, kept[1])
     model.eval()
     warnings = []
     if kept[0] == 0:

@@ -32,6 +32,7 @@ from torch.func import functional_call, grad, replace_all_batch_norm_modules_, v
 
 from metacompress.meta import distributed
 from metacompress.meta.errors import UserError
+from metacompress.meta.modules import load_state
 from metacompress.meta.tasks import Task, TaskType, stack_tasks
 
 Params = dict[str, torch.Tensor]
@@ -208,7 +209,7 @@ class MetaLearner:
                 "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        load_state(self.model, state["model"])
         with torch.no_grad():
             for k, v in state["inner_lrs"].items():
                 if isinstance(self.inner_lrs[k], torch.Tensor):

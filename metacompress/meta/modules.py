@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
 from torch import nn
 
 
@@ -12,3 +16,17 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 def has_batchnorm(model: nn.Module) -> bool:
     return bool(batchnorm_layers(model))
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """``model.load_state_dict(state)`` for any mapping of tensors, not only ``state_dict()``'s own.
+
+    A state dict carries per-module versions in its ``_metadata``; modules whose loading depends on
+    them (torchvision's MNASNet refuses a dict without one) fail on a rebuilt dict: a copy, a soup,
+    a safetensors file. Such a dict gets the model's own versions, which describe its layout.
+    """
+    if getattr(state, "_metadata", None) is None:
+        versioned: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+        versioned._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+        state = versioned
+    model.load_state_dict(state, strict=strict)

@@ -18,6 +18,7 @@ from metacompress.meta import checkpoint
 from metacompress.meta.baselines import ALGORITHMS, JointPretrain, build_learner, compare, meta_train
 from metacompress.meta.errors import UserError
 from metacompress.meta.maml import MetaLearner
+from metacompress.meta.modules import load_state
 from metacompress.meta.tasks import TaskDistribution, TaskSpec, build_distribution, default_model
 
 FORMAT = "metacompress-meta/1"
@@ -113,7 +114,7 @@ def load_checkpoint(ckpt: dict[str, Any]) -> tuple[MetaLearner, JointPretrain]:
                             inner_lr=cfg["inner_lr"], outer_lr=cfg["outer_lr"], inner_steps=cfg["inner_steps"])
     learner.load_state_dict(ckpt["state"])
     joint = JointPretrain(default_model(ckpt["family"], shape, ckpt["joint_outputs"]), cfg["task_type"])
-    joint.model.load_state_dict(ckpt["joint"])
+    load_state(joint.model, ckpt["joint"])
     return learner, joint
 
 

@@ -28,6 +28,7 @@ from metacompress.compress.prune import PruningSpace
 from metacompress.compress.rules import CHANNEL_IMPORTANCE, RULES, rule_allocation
 from metacompress.data import Dataset, load_dataset
 from metacompress.io import load_weights, save_torch
+from metacompress.meta.modules import load_state
 from metacompress.policy.features import ExpertAllocations, policy_inputs
 from metacompress.policy.network import EXPERT_RULES, REGIMES, decide
 from metacompress.training import accuracy, accuracy_and_loss, train_dense
@@ -87,7 +88,7 @@ def load_teacher(t: Teacher, data: Dataset, epochs: int = 20) -> nn.Module:
     model = build_model(t.model, data.input_shape, data.num_classes, data.mean, data.std, **dict(t.kwargs))
     path = cache_dir() / "teachers" / f"{t.key}.pt"
     if path.is_file():
-        model.load_state_dict(load_weights(path))
+        load_state(model, load_weights(path))
     else:
         train_dense(model, data, epochs=epochs, seed=t.seed, progress=False)
         save_torch(model.state_dict(), path)

@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from metacompress.meta.errors import UserError
 from metacompress.meta.fusion.base import StateDict
 from metacompress.meta.fusion.checks import BN_STATS, check_compatible
-from metacompress.meta.modules import batchnorm_layers
+from metacompress.meta.modules import batchnorm_layers, load_state
 
 
 def check_fits(model: nn.Module, state_dict: StateDict, label: str = "the weights") -> None:
@@ -89,7 +89,7 @@ def recompute_bn(model: nn.Module, state_dict: StateDict, x: Tensor,
     if batch_size < 2:
         raise UserError(f"BN recomputation needs batches of at least 2 samples, got {batch_size}")
     net = copy.deepcopy(model)
-    net.load_state_dict(state_dict)
+    load_state(net, state_dict)
     prefixes = [name for name, m in net.named_modules() if isinstance(m, _BatchNorm)]
     if not prefixes:
         return dict(state_dict)
