@@ -31,18 +31,22 @@ def prune_to(prep: Prepared, keep: list[int], importance: str, seed: int = 0) ->
     return prep.space.apply(student, keep, importance, calib=prep.data.calibration_batch(128, seed))
 
 
-def _scored(student: nn.Module, data: Dataset, seed: int) -> dict[str, Any]:
+def _scored(student: nn.Module, data: Dataset, seed: int, test: bool = True) -> dict[str, Any]:
     val_accuracy, val_loss, val_correct = accuracy_and_loss(student, data.x_val, data.y_val)
-    return {"seed": seed, "val_accuracy": val_accuracy, "val_loss": val_loss, "val_correct": val_correct,
-            "test_accuracy": accuracy(student, data.x_test, data.y_test),
-            "state_dict": {n: t.detach().clone() for n, t in student.state_dict().items()}}
+    scored = {"seed": seed, "val_accuracy": val_accuracy, "val_loss": val_loss, "val_correct": val_correct,
+              "state_dict": {n: t.detach().clone() for n, t in student.state_dict().items()}}
+    if test:
+        scored["test_accuracy"] = accuracy(student, data.x_test, data.y_test)
+    return scored
 
 
-def repair_one(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int) -> dict[str, Any]:
-    """One student repaired from ``pruned`` (left untouched), with its scores and weights."""
+def repair_one(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int,
+               test: bool = True) -> dict[str, Any]:
+    """One student repaired from ``pruned`` (left untouched), with its validation scores, weights
+    and (``test``) test accuracy."""
     s = copy.deepcopy(pruned)
     repair(s, teacher, data, cfg, seed=seed)
-    return _scored(s, data, seed)
+    return _scored(s, data, seed, test)
 
 
 @dataclass
@@ -76,7 +80,7 @@ def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned
         if any(options[n][0] == k and options[n][1].outcome(bn) == rc.outcome(bn) for n in tried):
             continue  # the same repair again: all settings given explicitly, or BN-only with one BN size
         models[name] = pruned if k == keep else prune_to(prep, k, "magnitude", cfg.seed)
-        tried[name] = repair_one(models[name], prep.dense, prep.data, rc, cfg.seed)
+        tried[name] = repair_one(models[name], prep.dense, prep.data, rc, cfg.seed, test=False)  # the guard picks on validation
     acc = {n: t["val_accuracy"] for n, t in tried.items()}
     loss = {n: t["val_loss"] for n, t in tried.items()}
     correct = {n: t["val_correct"] for n, t in tried.items()}
@@ -99,7 +103,8 @@ def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: R
     repaired students lose accuracy).
     """
     if k == 1:
-        return [first if first is not None else repair_one(pruned, teacher, data, cfg, seed)]
+        # the one student is the compressed model, whose test accuracy the ONNX verification measures
+        return [first if first is not None else repair_one(pruned, teacher, data, cfg, seed, test=False)]
     students = repair_forked(pruned, teacher, data, cfg, k, seed, shared=STUDENTS_SHARED)
     return [_scored(s, data, seed + i) for i, s in enumerate(students)]
 

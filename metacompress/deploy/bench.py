@@ -20,7 +20,7 @@ from metacompress.deploy.verify import check_input, load_session
 from metacompress.errors import UserError
 
 MAX_REPEATS = 5000
-MIN_ROUNDS = 5  # fewest interleaved rounds a time cap (``max_seconds``) may cut a measurement to
+MIN_TIMINGS = 6  # fewest timings of each model (over all its sessions) a time cap (``max_seconds``) may leave
 
 
 def _session(ref: Any, threads: int | None, spin: bool, provider: str) -> ort.InferenceSession:
@@ -41,8 +41,9 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     ``input_shape`` is one sample's shape. ``min_seconds``: repeat more than ``repeats`` times
     until the timed rounds of a batch size last this long (fast models need thousands of
     repeats before a burst of other work on the machine stops moving the median). ``max_seconds``:
-    repeat fewer than ``repeats`` times (at least MIN_ROUNDS) where the rounds of a batch size
-    would last longer: a ViT-B at batch 32 takes seconds per pass, and its median moves little.
+    repeat fewer than ``repeats`` times where the rounds of a batch size would last longer, down to
+    MIN_TIMINGS timings of each model over its sessions: a ViT-B at batch 32 takes seconds per
+    pass, and its median moves little.
     ``sessions_per_model``: open each path this many times and report the median of the
     sessions' medians: one session of a model can run a few percent faster or slower than
     another of the same file for as long as it lives (measured: 15.8-17.1 ms for three sessions
@@ -68,7 +69,7 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
         x = rng.standard_normal((int(batch), *shape)).astype(np.float32)
         feeds = {name: {sess.get_inputs()[0].name: x} for name, sess in sessions.items()}
         per_round = _warm_up(sessions, feeds, warmup, max_seconds)
-        rounds = _rounds(per_round, repeats, min_seconds, max_seconds)
+        rounds = _rounds(per_round, repeats, min_seconds, max_seconds, copies)
         times: dict[tuple[str, int], list[float]] = {key: [] for key in names}
         for r in range(rounds):
             for k in range(len(names)):
@@ -97,12 +98,13 @@ def _warm_up(sessions: dict, feeds: dict, warmup: int, max_seconds: float) -> fl
     return (time.perf_counter() - start) / done
 
 
-def _rounds(per_round: float, repeats: int, min_seconds: float, max_seconds: float) -> int:
-    """Timed rounds: ``repeats``, more to last ``min_seconds``, fewer (>= MIN_ROUNDS) to stay
-    within ``max_seconds``."""
+def _rounds(per_round: float, repeats: int, min_seconds: float, max_seconds: float, copies: int) -> int:
+    """Timed rounds: ``repeats``, more to last ``min_seconds``, fewer to stay within
+    ``max_seconds`` but enough for MIN_TIMINGS timings of each model (``copies`` sessions each)."""
     rounds = max(repeats, min(MAX_REPEATS, int(min_seconds / max(per_round, 1e-9))))
     if max_seconds < rounds * per_round:
-        rounds = min(rounds, max(MIN_ROUNDS, int(max_seconds / max(per_round, 1e-9))))
+        fewest = -(-MIN_TIMINGS // copies)
+        rounds = min(rounds, max(fewest, int(max_seconds / max(per_round, 1e-9))))
     return rounds
 
 

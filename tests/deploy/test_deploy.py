@@ -266,14 +266,17 @@ def test_benchmark_interleaved_stats_and_speedup(resnet, mlp):
 
 
 def test_benchmark_rounds_follow_the_time_limits(resnet):
-    """``min_seconds`` adds rounds to a fast model; ``max_seconds`` cuts a slow one's, to MIN_ROUNDS at least."""
-    from metacompress.deploy.bench import MIN_ROUNDS
+    """``min_seconds`` adds rounds to a fast model; ``max_seconds`` cuts a slow one's, down to
+    MIN_TIMINGS timings of the model over all its sessions."""
+    from metacompress.deploy.bench import MIN_TIMINGS
 
     _, path, _ = resnet
     rounds = lambda **kw: benchmark_latency({"a": path}, (1, 32, 32), batches=(1,), threads=1, warmup=1,  # noqa: E731
                                             **kw)["a"]["b1"]["rounds"]
     assert rounds(repeats=12) == 12
-    assert rounds(repeats=12, max_seconds=0.0) == MIN_ROUNDS
+    assert rounds(repeats=12, max_seconds=0.0) == MIN_TIMINGS
+    assert rounds(repeats=12, max_seconds=0.0, sessions_per_model=3) == MIN_TIMINGS // 3
+    assert rounds(repeats=12, max_seconds=0.0, sessions_per_model=4) == -(-MIN_TIMINGS // 4)
     assert rounds(repeats=2, min_seconds=0.2) > 2
 
 
