@@ -193,7 +193,7 @@ def quantize(
     result: dict[str, Any] = quantize_onnx(model, out, mode, calibration)
     result.update({"model": str(model), "out": str(out)})
     if ds is not None:
-        x, y = ds.x_test.numpy(), ds.y_test.numpy()
+        x, y = ds.x_test, ds.y_test.numpy()  # run_batched reads lazy samples batch by batch
         before, after = run_batched(src, x).argmax(1), run_batched(load_session(out, threads=1), x).argmax(1)
         result.update({"accuracy_fp32": float((before == y).mean()), "accuracy": float((after == y).mean()),
                        "top1_agreement": float(np.mean(before == after))})

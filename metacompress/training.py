@@ -17,12 +17,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+EVAL_BATCH_VALUES = 2**23  # input values per evaluation batch: 512 small samples, 55 images of 3x224x224
+
+
+def eval_batch_size(sample_shape: tuple[int, ...] | torch.Size, most: int = 512) -> int:
+    """Samples per evaluation batch: ``most``, fewer for big samples (activations scale with the input)."""
+    return max(1, min(most, EVAL_BATCH_VALUES // max(1, math.prod(sample_shape))))
+
+
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Logits for ``x`` in eval mode, in batches."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Logits for ``x`` (a tensor or lazy samples) in eval mode, in batches."""
+    batch_size = batch_size or eval_batch_size(x.shape[1:])
     was = model.training
     model.eval()
-    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x
+    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x[:0]
     model.train(was)
     return out
 

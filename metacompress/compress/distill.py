@@ -76,11 +76,11 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, n: int, batch_size: int = 
         m.reset_running_stats()
         m.momentum = None
     g = torch.Generator().manual_seed(seed)
-    sel = x[torch.randperm(len(x), generator=g)[:n]]
+    sel = torch.randperm(len(x), generator=g)[:n]  # read batch by batch: ``x`` may be lazy
     model.train()
     for i in range(0, len(sel), batch_size):
         if len(sel[i:i + batch_size]) > 1:
-            model(sel[i:i + batch_size])
+            model(x[sel[i:i + batch_size]])
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.eval()

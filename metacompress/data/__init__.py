@@ -13,7 +13,9 @@
 - ``idx:DIR[:n=N][:size=S]``: MNIST-format idx files (plain or .gz), e.g. Fashion-MNIST from
   ``/usr/share/datasets/fashion-mnist``; ``n`` keeps N training images, ``size`` resizes.
 
-A fixed validation split is always carved from the training split.
+A fixed validation split is always carved from the training split. Image folders and
+uncompressed ``.npz`` arrays whose float32 copy exceeds ``lazy.IN_MEMORY_BYTES`` are read batch
+by batch (``LazySamples``) whenever a stage indexes them.
 """
 
 from metacompress.data.datasets import Dataset, data_paths, load_dataset, subsample_per_class

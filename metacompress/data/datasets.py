@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metacompress.data.lazy import LazySamples, Samples, take
 from metacompress.errors import UserError
 
 VAL_FRACTION = 0.1
@@ -24,18 +24,19 @@ MAX_IMAGE_SIZE = 1024           # imagefolder:DIR:size=S, S at most this
 
 @dataclass
 class Dataset:
-    """Train / validation / test tensors and what a model needs to know about them.
+    """Train / validation / test inputs and labels, and what a model needs to know about them.
 
-    ``x_*`` hold the data exactly as a deployed model receives it (no normalisation applied);
-    ``mean`` and ``std`` are training-set statistics that zoo models fold into their graph.
+    ``x_*`` hold the data exactly as a deployed model receives it (no normalisation applied):
+    tensors, or ``LazySamples`` that read the batches indexed (sets too big to hold); ``mean`` and
+    ``std`` are training-set statistics that zoo models fold into their graph.
     """
 
     name: str
-    x_train: torch.Tensor
+    x_train: Samples
     y_train: torch.Tensor
-    x_val: torch.Tensor
+    x_val: Samples
     y_val: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Samples
     y_test: torch.Tensor
     num_classes: int
 
@@ -49,10 +50,14 @@ class Dataset:
 
     @property
     def mean(self) -> float:
+        if isinstance(self.x_train, LazySamples):
+            return self.x_train.stats()[0]
         return float(self.x_train.mean())
 
     @property
     def std(self) -> float:
+        if isinstance(self.x_train, LazySamples):
+            return max(self.x_train.stats()[1], 1e-6)
         return float(self.x_train.std().clamp_min(1e-6))
 
     def calibration_batch(self, n: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,24 +110,27 @@ def check_labels(what: str, y: np.ndarray) -> np.ndarray:
     return y.astype(np.int64).ravel()
 
 
-def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
-    """Stratified split: the same seed always gives the same split."""
+def _split(x, y: np.ndarray, fraction: float, seed: int):
+    """Stratified split of arrays or lazy samples: the same seed always gives the same split."""
     from sklearn.model_selection import train_test_split
 
     try:
-        return train_test_split(x, y, test_size=fraction, random_state=seed, stratify=y)
+        kept, held = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed, stratify=y)
     except ValueError as exc:  # too few samples, or a class with a single sample
         raise UserError(f"cannot split {len(y)} samples of {len(np.unique(y))} classes by class "
                         f"({fraction:.0%} held out): {' '.join(str(exc).split())}") from None
+    return take(x, kept), take(x, held), y[kept], y[held]
 
 
-def _finish(name: str, x_tr, y_tr, x_te, y_te, num_classes: int | None = None) -> Dataset:
+def make_dataset(name: str, x_tr, y_tr, x_te, y_te, num_classes: int | None = None) -> Dataset:
+    """A Dataset from train and test samples (arrays or lazy samples) and labels: the fixed,
+    stratified validation split is carved from train here, the same for every loader."""
     if len(x_tr) == 0 or len(x_te) == 0:
         raise UserError(f"{name}: needs training and test samples, got {len(x_tr)} and {len(x_te)}")
     x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, VAL_FRACTION, seed=0)
 
     def t(a, dtype=torch.float32):
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)
+        return a if isinstance(a, LazySamples) else torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)
 
     ys = [y_tr, y_va, y_te]
     if num_classes is None:
@@ -150,7 +158,7 @@ def _digits(size: int) -> Dataset:
     if size != 8:
         x = _resize(x, size)
     x_tr, x_te, y_tr, y_te = _split(x, d.target, TEST_FRACTION, seed=0)
-    return _finish("digits" if size == 8 else f"digits@{size}", x_tr, y_tr, x_te, y_te, 10)
+    return make_dataset("digits" if size == 8 else f"digits@{size}", x_tr, y_tr, x_te, y_te, 10)
 
 
 def _synthetic(arg: str) -> Dataset:
@@ -188,164 +196,7 @@ def _synthetic(arg: str) -> Dataset:
         x = F.avg_pool2d(x, 3, stride=1, padding=1) * 2.0
     x_np, y_np = x.numpy().astype(np.float32), y.numpy()
     x_tr, x_te, y_tr, y_te = _split(x_np, y_np, TEST_FRACTION, seed=0)
-    return _finish(f"synthetic:{arg}", x_tr, y_tr, x_te, y_te, classes)
-
-
-NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-def _npz_headers(p: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of each array, read from the .npy headers inside the archive and checked
-    against the bounds and the member's size before numpy allocates anything."""
-    import zipfile
-
-    out = {}
-    try:
-        with zipfile.ZipFile(p) as zf:
-            names = set(zf.namelist())
-            missing = [k for k in NPZ_KEYS if f"{k}.npy" not in names]
-            if missing:
-                raise UserError(f"{p} lacks array(s) {', '.join(missing)}")
-            for key in NPZ_KEYS:
-                info = zf.getinfo(f"{key}.npy")
-                with zf.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                        np.lib.format.read_array_header_2_0
-                    shape, _, dtype = read_header(f)
-                    header = f.tell()
-                if dtype.hasobject or dtype.kind not in "biuf":
-                    raise UserError(f"{p}: {key} has dtype {dtype}; numbers are needed")
-                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                if nbytes > MAX_DATA_BYTES or header + nbytes != info.file_size:
-                    raise UserError(f"{p}: {key} declares shape {shape} ({nbytes:,} bytes of {dtype}) but holds "
-                                    f"{info.file_size - header:,} bytes (limit {MAX_DATA_BYTES:,})")
-                out[key] = (tuple(shape), dtype)
-    except UserError:
-        raise
-    except Exception as exc:  # zipfile, numpy's header parser and zlib raise several types
-        raise UserError(f"cannot read {p} as .npz: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
-    return out
-
-
-def _npz(path: str) -> Dataset:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"data file not found: {p}")
-    shapes = {k: shape for k, (shape, _) in _npz_headers(p).items()}
-    for key in ("x_train", "x_test"):
-        if len(shapes[key]) not in (2, 4):
-            raise UserError(f"{p}: {key} must be N x F (flat) or images N x C x H x W / N x H x W x C, "
-                            f"got shape {shapes[key]}")
-        check_size(f"{p}: {key}", shapes[key][0], shapes[key][1:])
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in NPZ_KEYS}
-    except Exception as exc:
-        raise UserError(f"cannot read {p} as .npz: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
-    xs = []
-    for key in ("x_train", "x_test"):
-        x = arrays[key].astype(np.float32)
-        if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
-            x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW
-        xs.append(x)
-    if xs[0].shape[1:] != xs[1].shape[1:]:
-        raise UserError(f"{p}: x_train samples {xs[0].shape[1:]} and x_test samples {xs[1].shape[1:]} differ")
-    y_tr, y_te = check_labels(f"{p}: y_train", arrays["y_train"]), check_labels(f"{p}: y_test", arrays["y_test"])
-    if len(y_tr) != len(xs[0]) or len(y_te) != len(xs[1]):
-        raise UserError(f"{p}: label and sample counts differ (x_train {len(xs[0])}, y_train {len(y_tr)}, "
-                        f"x_test {len(xs[1])}, y_test {len(y_te)})")
-    if not (np.isfinite(xs[0]).all() and np.isfinite(xs[1]).all()):
-        raise UserError(f"{p}: data holds NaN or infinite values")
-    return _finish(f"npz:{p}", xs[0], y_tr, xs[1], y_te)
-
-
-def _imagefolder(arg: str) -> Dataset:
-    """``imagefolder:DIR[:size=S]``: ``DIR/{train,test}/<class>/*`` images; with ``size``, each is
-    resized so that its shorter side is S and center-cropped to S x S (images of any size and
-    aspect), without it all images must have one size."""
-    try:
-        from torchvision import datasets
-    except ImportError:
-        raise UserError("imagefolder data needs torchvision: pip install 'metacompress[vision]'") from None
-    root, size = _imagefolder_options(arg)
-    base = Path(root)
-    if not (base / "train").is_dir() or not (base / "test").is_dir():
-        raise UserError(f"imagefolder:{root} needs sub-folders train/ and test/, one folder per class in each")
-    out, classes = [], None
-    for split in ("train", "test"):
-        try:
-            ds = datasets.ImageFolder(str(base / split), loader=lambda path: _read_image(path, size))
-        except (FileNotFoundError, OSError) as exc:  # no class folders, or a class without images
-            raise UserError(f"imagefolder:{root}: {split}/: {' '.join(str(exc).split())[:200]}") from None
-        if classes is not None and ds.classes != classes:
-            raise UserError(f"imagefolder:{root}: test/ has classes {ds.classes[:5]}..., train/ has "
-                            f"{classes[:5]}...; both need the same class folders")
-        classes = ds.classes
-        xs, ys = [], []
-        for path, label in ds.samples:
-            x = ds.loader(path)
-            if xs and x.shape != xs[0].shape:
-                raise UserError(f"imagefolder:{root}: images differ in size ({tuple(xs[0].shape)} and "
-                                f"{tuple(x.shape)} at {path}); give a size to resize and crop them to: "
-                                f"imagefolder:{root}:size=S")
-            if not xs:
-                check_size(f"imagefolder:{root}/{split}", len(ds.samples), tuple(x.shape))
-            xs.append(x)
-            ys.append(label)
-        out.append((np.stack(xs), np.array(ys)))
-    return _finish(f"imagefolder:{arg}", out[0][0], out[0][1], out[1][0], out[1][1], len(classes))
-
-
-def _imagefolder_options(arg: str) -> tuple[str, int | None]:
-    root, *parts = arg.split(":")
-    if not parts:
-        return root, None
-    key, _, value = parts[0].partition("=")
-    if len(parts) > 1 or key != "size" or not value.isdigit() or not 1 <= int(value) <= MAX_IMAGE_SIZE:
-        raise UserError(f"malformed imagefolder spec 'imagefolder:{arg}': use imagefolder:DIR[:size=S] "
-                        f"with 1 <= S <= {MAX_IMAGE_SIZE}")
-    return root, int(value)
-
-
-def _read_image(path: str, size: int | None = None) -> np.ndarray:
-    """One image as float32 C x H x W in [0, 1] (RGB, as torchvision's loader), its size checked
-    from the header before the pixels are decoded; with ``size``, resized (bilinear, shorter side
-    to ``size``) and center-cropped to size x size, the standard evaluation transform."""
-    import warnings
-
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if 3 * w * h > MAX_SAMPLE_ELEMENTS:
-                    raise UserError(f"{path}: a {w} x {h} image is larger than the limit of "
-                                    f"{MAX_SAMPLE_ELEMENTS // 3:,} pixels")
-                rgb = im.convert("RGB")
-                if size is not None:
-                    rgb = _resize_center_crop(rgb, size)
-                pixels = np.asarray(rgb, dtype=np.float32)
-    except UserError:
-        raise
-    except Exception as exc:  # PIL raises many types for truncated or forged files
-        raise UserError(f"cannot read image {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:150]}") from None
-    return pixels.transpose(2, 0, 1) / 255.0
-
-
-def _resize_center_crop(im, size: int):
-    """A PIL image with its shorter side resized to ``size`` (aspect kept), cropped to its central size x size."""
-    from PIL import Image
-
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    return make_dataset(f"synthetic:{arg}", x_tr, y_tr, x_te, y_te, classes)
 
 
 def _idx(arg: str) -> Dataset:
@@ -375,7 +226,7 @@ def _idx(arg: str) -> Dataset:
     if size:
         check_size(f"idx:{arg}", len(x_tr) + len(x_te), (x_tr.shape[1], size, size))
         x_tr, x_te = _resize(x_tr, size), _resize(x_te, size)
-    return _finish(f"idx:{arg}", x_tr, y_tr, x_te, y_te, classes)
+    return make_dataset(f"idx:{arg}", x_tr, y_tr, x_te, y_te, classes)
 
 
 def data_paths(spec: str) -> list[str]:
@@ -405,9 +256,13 @@ def load_dataset(spec: str) -> Dataset:
     if kind == "synthetic" and arg:
         return _synthetic(arg)
     if kind == "npz" and arg:
-        return _npz(arg)
+        from metacompress.data.npz import load_npz
+
+        return load_npz(arg)
     if kind == "imagefolder" and arg:
-        return _imagefolder(arg)
+        from metacompress.data.imagefolder import load_imagefolder
+
+        return load_imagefolder(arg)
     if kind == "idx" and arg:
         return _idx(arg)
     raise UserError(f"unknown data spec '{spec}': use digits, digits@32, synthetic:SHAPE, npz:PATH, "

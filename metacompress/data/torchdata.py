@@ -1,52 +1,101 @@
 """The user's own data: torch ``Dataset`` / ``DataLoader`` objects or ``(x, y)`` tensors, as the
 ``Dataset`` splits the compression stages read.
 
-Samples are gathered into tensors once (the stages draw random batches from them); a validation
+Samples are gathered into tensors once (the stages draw random batches from them), or, for a
+map-style dataset too big to hold, read again batch by batch when the stages index them; a validation
 split is carved from the training data when none is given, stratified and seeded like the
 built-in sets, so choices made on it never see the test split.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import Dataset as TorchDataset
 
 from metacompress.data.datasets import VAL_FRACTION, Dataset
+from metacompress.data.lazy import LazySamples, Samples, fits_in_memory, take
 from metacompress.errors import UserError
 
 DataLike = Union[TorchDataset, DataLoader, tuple]
 MAX_SAMPLES = 200_000  # gathered per split; beyond it, pass a subset (torch.utils.data.Subset)
+READ_BATCH = 256
 
 
-def _pairs(data: DataLike, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) tensors from a loader, a map-style dataset of (input, label) pairs, or a tuple."""
+def _pairs(data: DataLike, what: str) -> tuple[Samples, torch.Tensor]:
+    """(x, y) from a loader, a map-style dataset of (input, label) pairs, or a tuple of tensors.
+
+    A map-style dataset (a loader's own, too) whose float32 copy would exceed IN_MEMORY_BYTES
+    stays where it is: its labels are read and its samples checked in one pass, and the samples
+    are read again, batch by batch, when the stages index them.
+    """
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        x, y = data
+        return _checked(*data, what)
+    if isinstance(data, DataLoader):
+        loader, dataset = data, data.dataset
+    elif isinstance(data, TorchDataset) or hasattr(data, "__getitem__"):
+        loader, dataset = DataLoader(data, batch_size=READ_BATCH, shuffle=False), data
     else:
-        if isinstance(data, DataLoader):
-            loader = data
-        elif isinstance(data, TorchDataset) or hasattr(data, "__getitem__"):
-            loader = DataLoader(data, batch_size=256, shuffle=False)
-        else:
-            raise UserError(f"{what} must be a torch Dataset, a DataLoader or an (inputs, labels) tuple of tensors, "
-                            f"got {type(data).__name__}")
-        xs, ys, n = [], [], 0
+        raise UserError(f"{what} must be a torch Dataset, a DataLoader or an (inputs, labels) tuple of tensors, "
+                        f"got {type(data).__name__}")
+    if _map_style(dataset) and len(dataset) > 0:
+        shape = tuple(torch.as_tensor(_pair(dataset[0], what)[0]).shape)
+        if not fits_in_memory(len(dataset), shape):
+            return _lazy(dataset, shape, what)
+    xs, ys = [], []
+    for x, y in _batches(loader, what):
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise UserError(f"{what} is empty")
+    return _checked(torch.cat(xs), torch.cat(ys), what)
+
+
+def _map_style(dataset: Any) -> bool:
+    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+
+
+def _pair(item: Any, what: str) -> tuple[Any, Any]:
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise UserError(f"{what} must yield (input, label) pairs; got {type(item).__name__}")
+    return item[0], item[1]
+
+
+def _batches(loader: Any, what: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's (inputs, labels) batches, at most MAX_SAMPLES samples in all."""
+    n = 0
+    try:
         for batch in loader:
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise UserError(f"{what} must yield (input, label) pairs; got {type(batch).__name__}")
-            xs.append(torch.as_tensor(batch[0]))
-            ys.append(torch.as_tensor(batch[1]))
-            n += len(xs[-1])
+            x, y = _pair(batch, what)
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            n += len(x)
             if n > MAX_SAMPLES:
                 raise UserError(f"{what} holds more than {MAX_SAMPLES} samples: pass a subset "
                                 "(torch.utils.data.Subset) for compression")
-        if not xs:
-            raise UserError(f"{what} is empty")
-        x, y = torch.cat(xs), torch.cat(ys)
+            yield x, y
+    except RuntimeError as exc:  # the default collate refuses samples of different shapes
+        raise UserError(f"{what}: cannot batch its samples: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _lazy(dataset: Any, shape: tuple[int, ...], what: str) -> tuple[LazySamples, torch.Tensor]:
+    """Labels read (and every sample's shape and values checked) in one pass; the samples stay unread."""
+    ys = []
+    for x, y in _batches(DataLoader(dataset, batch_size=READ_BATCH, shuffle=False), what):
+        _checked(x, y, what)
+        ys.append(y)
+    y = torch.cat(ys).long()
+
+    def read(i: int) -> np.ndarray:
+        return torch.as_tensor(_pair(dataset[i], what)[0]).detach().float().numpy()
+
+    return LazySamples(read, len(dataset), shape), y
+
+
+def _checked(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     if len(x) != len(y) or len(x) == 0:
         raise UserError(f"{what}: {len(x)} inputs but {len(y)} labels")
     if y.dim() != 1 or y.is_floating_point():
@@ -70,8 +119,8 @@ def from_torch(train: DataLike, val: DataLike | None = None, test: DataLike | No
 
         idx_tr, idx_va = train_test_split(np.arange(len(y_tr)), test_size=VAL_FRACTION, random_state=seed,
                                           stratify=stratify) if len(y_tr) >= 10 else (np.arange(len(y_tr)),) * 2
-        x_va, y_va = x_tr[idx_va], y_tr[idx_va]
-        x_tr, y_tr = x_tr[idx_tr], y_tr[idx_tr]
+        x_va, y_va = take(x_tr, idx_va), y_tr[idx_va]
+        x_tr, y_tr = take(x_tr, idx_tr), y_tr[idx_tr]
     else:
         x_va, y_va = _pairs(val, "val")
     x_te, y_te = _pairs(test, "test") if test is not None else (x_va, y_va)

@@ -24,7 +24,8 @@ MIN_TIMINGS = 6  # fewest timings of each model (over all its sessions) a time c
 
 
 def _session(ref: Any, threads: int | None, spin: bool, provider: str) -> ort.InferenceSession:
-    return ref if isinstance(ref, ort.InferenceSession) else load_session(ref, threads, spin, provider)
+    return ref if isinstance(ref, ort.InferenceSession) else load_session(ref, threads, spin, provider,
+                                                                          shared_arena=True)
 
 
 def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
@@ -36,8 +37,8 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
 
     ``models`` maps a name to an ONNX path or an open session (a session keeps its own thread
     setting; paths are opened with ``threads`` and, unless ``spin``, with worker threads that
-    sleep rather than spin-wait, so that sessions timed in turn do not steal each other's cores;
-    on ``provider``).
+    sleep rather than spin-wait, so that sessions timed in turn do not steal each other's cores,
+    and with one memory arena for all of them, since they run one at a time; on ``provider``).
     ``input_shape`` is one sample's shape. ``min_seconds``: repeat more than ``repeats`` times
     until the timed rounds of a batch size last this long (fast models need thousands of
     repeats before a burst of other work on the machine stops moving the median). ``max_seconds``:
@@ -46,8 +47,8 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     pass, and its median moves little.
     ``sessions_per_model``: open each path this many times and report the median of the
     sessions' medians: one session of a model can run a few percent faster or slower than
-    another of the same file for as long as it lives (measured: 15.8-17.1 ms for three sessions
-    of one resnet18), which no number of repeats averages out. Returns ``{name: {"b1":
+    another of the same file for as long as it lives (BENCHMARKS.md, "Latency budgets"), which
+    no number of repeats averages out. Returns ``{name: {"b1":
     {"median_ms", "min_ms", "max_ms", "rounds"}, "b32": {...}}}``.
     """
     if not models:

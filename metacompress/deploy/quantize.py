@@ -1,8 +1,8 @@
 """int8 quantization of an exported ONNX model with onnxruntime's quantization tools.
 
-Which scheme depends on the ops, measured on a 2-core CPU: dynamic quantization turns
-convolutions into ``ConvInteger``, which onnxruntime runs 4-6x *slower* than float Conv on
-ResNet-20, so convolutional models get static QDQ quantization (activation ranges calibrated on
+Which scheme depends on the ops: dynamic quantization turns convolutions into ``ConvInteger``,
+which onnxruntime runs slower than float Conv (BENCHMARKS.md, "Deployment"), so convolutional
+models get static QDQ quantization (activation ranges calibrated on
 the task's data, per-channel int8 weights), which onnxruntime fuses into ``QLinearConv``. Models
 built only from Linear layers (MatMul/Gemm) get dynamic quantization: no calibration data needed,
 activation ranges computed per batch, and MatMulInteger is fast.

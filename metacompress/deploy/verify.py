@@ -7,6 +7,7 @@ against the reference network: largest logit difference, top-1 agreement and acc
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from metacompress.data.lazy import LazySamples, Samples
 from metacompress.errors import UserError
 from metacompress.io import require_file
 
@@ -43,8 +45,20 @@ def check_onnx(path: str | os.PathLike) -> Path:
     return p
 
 
+@functools.cache
+def _register_shared_cpu_arena() -> bool:
+    """One CPU memory arena for every session that asks for it (once per process); False where
+    this onnxruntime cannot register one (the sessions then keep their own)."""
+    try:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # grow by what is asked
+    except Exception:  # older or other builds: not fatal, only more memory
+        return False
+    return True
+
+
 def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True,
-                 provider: str = "cpu") -> ort.InferenceSession:
+                 provider: str = "cpu", shared_arena: bool = False) -> ort.InferenceSession:
     """Open ``path`` in onnxruntime (on the CPU unless ``provider`` says otherwise: ``cuda``, ...);
     a missing, truncated or non-ONNX file is a UserError.
 
@@ -52,7 +66,10 @@ def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool
     parallelism stays at 1 so that ``threads`` is the whole budget and latencies are comparable.
     ``spin=False`` makes worker threads sleep instead of spin-waiting between ops: on cores shared
     with other work (or with the next session of an interleaved benchmark) spinning threads fight
-    over the cores; resnet18 at batch 1 measured 44-47 ms spinning vs 16 ms not, on 2 threads here.
+    over the cores, and the timing measures the contention (BENCHMARKS.md, "Does half the MACs
+    run twice as fast?"). ``shared_arena`` (CPU): the session allocates from one arena shared
+    with the other sessions that ask for it, instead of an arena of its own: sessions that run
+    in turn (an interleaved benchmark holds six) then need the memory of one at a time.
     """
     from metacompress.deploy.runtime import PROVIDERS, provider_name
 
@@ -68,6 +85,8 @@ def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if shared_arena and provider_name(provider) == PROVIDERS["cpu"] and _register_shared_cpu_arena():
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     try:
         return ort.InferenceSession(str(p), sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types for bad files
@@ -112,42 +131,55 @@ def check_input(session: ort.InferenceSession, sample_shape: tuple[int, ...], wh
                         f"the model takes {shown or 'scalar'}")
 
 
-def run_batched(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits of ``x`` from ``session``, ``batch_size`` samples per call (bounded memory)."""
+def run_batched(session: ort.InferenceSession, x: Any, batch_size: int = 256) -> np.ndarray:
+    """Logits of ``x`` (an array, a tensor or lazy samples) from ``session``, ``batch_size``
+    samples per call (bounded memory)."""
     name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    outs = [session.run(None, {name: _float32(x[i:i + batch_size])})[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(outs, axis=0)
 
 
+def _float32(batch: Any) -> np.ndarray:
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().float().numpy()
+    return np.asarray(batch, dtype=np.float32)
+
+
 @torch.no_grad()
-def _reference_logits(reference: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
+def _reference_logits(reference: nn.Module, x: Any, batch_size: int) -> np.ndarray:
     modes = {m: m.training for m in reference.modules()}
     reference.eval()
     try:
-        outs = [reference(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)]
+        outs = [reference(torch.as_tensor(x[i:i + batch_size]).float()).float() for i in range(0, len(x), batch_size)]
     finally:
         for m, training in modes.items():
             m.training = training
     return torch.cat(outs).numpy()
 
 
-def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: torch.Tensor,
-                y: torch.Tensor | None, batch_size: int = 256, threads: int | None = None) -> dict[str, Any]:
-    """Run ``path`` on ``x`` in onnxruntime and compare it with ``reference`` (a PyTorch module).
+def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: Samples,
+                y: torch.Tensor | None, batch_size: int | None = None, threads: int | None = None) -> dict[str, Any]:
+    """Run ``path`` on ``x`` (a tensor, an array or lazy samples, read batch by batch) in
+    onnxruntime and compare it with ``reference`` (a PyTorch module).
 
     Returns ``accuracy`` (None without labels), ``max_abs_diff`` and ``top1_agreement`` (None
-    without a reference), ``opset``, ``bytes`` and ``ops`` ({op_type: count}).
+    without a reference), ``opset``, ``bytes`` and ``ops`` ({op_type: count}). ``batch_size``:
+    samples per call, by default at most 256 and fewer for big samples.
     """
+    from metacompress.training import eval_batch_size
+
+    session = load_session(path, threads)
+    if not isinstance(x, (torch.Tensor, LazySamples)):
+        x = torch.as_tensor(x)
+    batch_size = eval_batch_size(x.shape[1:], most=256) if batch_size is None else batch_size
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
-    session = load_session(path, threads)
-    x = torch.as_tensor(x).detach().float()
     if len(x) == 0:
         raise UserError("no samples to verify on")
     check_input(session, tuple(x.shape[1:]))
     if y is not None and len(y) != len(x):
         raise UserError(f"{len(y)} labels for {len(x)} samples")
-    logits = run_batched(session, x.numpy(), batch_size)
+    logits = run_batched(session, x, batch_size)
     pred = logits.argmax(axis=1)
     result: dict[str, Any] = {"accuracy": None, "max_abs_diff": None, "top1_agreement": None}
     if y is not None:

@@ -98,12 +98,12 @@ def recompute_bn(model: nn.Module, state_dict: StateDict, x: Tensor,
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    batches = list(torch.split(x, batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:  # BN cannot take a batch of one sample in train mode
-        batches.pop()
+    starts = list(range(0, len(x), batch_size))
+    if len(starts) > 1 and len(x) - starts[-1] == 1:  # BN cannot take a batch of one sample in train mode
+        starts.pop()
     with torch.no_grad():
-        for xb in batches:
-            net(xb)
+        for start in starts:
+            net(x[start:start + batch_size])  # read batch by batch: ``x`` may be lazy
     fresh = net.state_dict()
     bn_keys = {f"{p}.{b}" if p else b for p in prefixes for b in (*BN_STATS, "num_batches_tracked")}
     return {k: fresh[k].detach().clone() if k in bn_keys else v for k, v in state_dict.items()}

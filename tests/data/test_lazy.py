@@ -1,0 +1,139 @@
+"""Data too big to hold is read batch by batch, and the stages see exactly the data they would
+have seen in memory: same splits, same samples, same compressed model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+import metacompress as mc
+from metacompress.data import load_dataset
+from metacompress.data.lazy import LazySamples
+from metacompress.data.torchdata import from_torch
+from metacompress.errors import UserError
+
+SPLITS = ("train", "val", "test")
+
+
+@pytest.fixture
+def never_in_memory(monkeypatch):
+    """Every set counts as too big to hold."""
+    monkeypatch.setattr("metacompress.data.lazy.IN_MEMORY_BYTES", 0)
+
+
+def _mixed_size_folder(root, per_class: int = 12) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", 4)):
+        for c in ("cat", "dog", "eel"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(12, 48, 2)
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / split / c / f"{i}.jpg")
+
+
+def test_a_folder_too_big_to_hold_is_read_lazily_with_the_same_splits_and_pixels(tmp_path, monkeypatch):
+    _mixed_size_folder(tmp_path)
+    spec = f"imagefolder:{tmp_path}:size=16"
+    eager = load_dataset(spec)
+    monkeypatch.setattr("metacompress.data.lazy.IN_MEMORY_BYTES", 0)
+    lazy = load_dataset(spec)
+    for split in SPLITS:
+        x, ref = getattr(lazy, f"x_{split}"), getattr(eager, f"x_{split}")
+        assert isinstance(x, LazySamples) and isinstance(ref, torch.Tensor)
+        assert x.shape == ref.shape and torch.equal(x[:], ref)
+        assert torch.equal(getattr(lazy, f"y_{split}"), getattr(eager, f"y_{split}"))
+    x, ref = lazy.x_train, eager.x_train
+    assert torch.equal(x[3], ref[3]) and torch.equal(x[torch.tensor([7, 0, 7])], ref[torch.tensor([7, 0, 7])])
+    assert torch.equal(x[np.array([2, 5])], ref[[2, 5]]) and x[5:5].shape == (0, 3, 16, 16)
+    assert lazy.mean == pytest.approx(eager.mean, abs=1e-5) and lazy.std == pytest.approx(eager.std, abs=1e-5)
+    assert torch.equal(lazy.calibration_batch(10, seed=3)[0], eager.calibration_batch(10, seed=3)[0])
+
+
+def test_lazy_images_of_one_size_need_no_size_and_a_second_size_is_named(tmp_path, never_in_memory):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(12):
+                Image.new("RGB", (10, 6), (i * 20, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    d = load_dataset(f"imagefolder:{tmp_path}")
+    assert isinstance(d.x_train, LazySamples) and d.input_shape == (3, 6, 10)
+    Image.new("RGB", (7, 7)).save(tmp_path / "test" / "b" / "z.png")
+    with pytest.raises(UserError, match=r"images differ in size \(\(3, 6, 10\) and \(3, 7, 7\) at .*z.png"):
+        load_dataset(f"imagefolder:{tmp_path}")
+
+
+class Generated(TorchDataset):
+    """A map-style dataset computed per item, as a user's decoding dataset would be."""
+
+    def __init__(self, n: int, seed: int, shapes: tuple[tuple[int, ...], ...] = ((1, 8, 8),)) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 4, (n,), generator=g)
+        self.protos = torch.randn(4, 1, 8, 8, generator=g)
+        self.shapes, self.seed = shapes, seed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 100_000 + i)
+        x = self.protos[self.labels[i]] + 0.5 * torch.randn(1, 8, 8, generator=g)
+        shape = self.shapes[i % len(self.shapes)]
+        return x[:, :shape[1], :shape[2]], int(self.labels[i])
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+
+
+def _compress(train, test):
+    model = _net()
+    x = torch.zeros(1, 1, 8, 8)
+    return mc.compress(model, x, target=mc.MACs(0.5), train=train, test=test, repair=mc.RepairConfig(steps=10))
+
+
+def test_a_user_dataset_too_big_to_hold_gives_the_same_compressed_model(monkeypatch):
+    train, test = Generated(300, seed=1), DataLoader(Generated(80, seed=2), batch_size=16)
+    small, report = _compress(train, test)
+    monkeypatch.setattr("metacompress.data.lazy.IN_MEMORY_BYTES", 0)
+    data = from_torch(train, None, test)
+    assert isinstance(data.x_train, LazySamples) and isinstance(data.x_test, LazySamples)
+    lazy_small, lazy_report = _compress(train, test)
+    assert lazy_report.kept == report.kept and lazy_report.accuracy == report.accuracy
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(lazy_small(x), small(x))
+
+
+def test_a_lazy_dataset_with_samples_of_two_shapes_is_refused(never_in_memory):
+    with pytest.raises(UserError, match="train: cannot batch its samples"):
+        from_torch(Generated(40, seed=0, shapes=((1, 8, 8), (1, 8, 7))))
+
+
+def test_an_uncompressed_npz_too_big_to_hold_is_memory_mapped(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    y = np.arange(120) % 3
+    arrays = dict(x_train=rng.random((120, 8, 8, 3)), y_train=y, x_test=rng.random((30, 8, 8, 3)), y_test=y[:30])
+    np.savez(tmp_path / "plain.npz", **arrays)
+    np.savez_compressed(tmp_path / "packed.npz", **arrays)
+    eager = load_dataset(f"npz:{tmp_path / 'plain.npz'}")
+    monkeypatch.setattr("metacompress.data.lazy.IN_MEMORY_BYTES", 0)
+    mapped = load_dataset(f"npz:{tmp_path / 'plain.npz'}")
+    for split in SPLITS:
+        x, ref = getattr(mapped, f"x_{split}"), getattr(eager, f"x_{split}")
+        assert isinstance(x, LazySamples) and x.shape[1:] == (3, 8, 8) and torch.equal(x[:], ref)
+    packed = load_dataset(f"npz:{tmp_path / 'packed.npz'}")  # a compressed member cannot be mapped: read whole
+    assert isinstance(packed.x_train, torch.Tensor) and torch.equal(packed.x_train, eager.x_train)
+    arrays["x_test"][4, 1, 2, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", **arrays)
+    with pytest.raises(UserError, match="x_test holds NaN or infinite values"):
+        load_dataset(f"npz:{tmp_path / 'nan.npz'}")
