@@ -24,8 +24,7 @@ MIN_TIMINGS = 6  # fewest timings of each model (over all its sessions) a time c
 
 
 def _session(ref: Any, threads: int | None, spin: bool, provider: str) -> ort.InferenceSession:
-    return ref if isinstance(ref, ort.InferenceSession) else load_session(ref, threads, spin, provider,
-                                                                          shared_arena=True)
+    return ref if isinstance(ref, ort.InferenceSession) else load_session(ref, threads, spin, provider)
 
 
 def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batches: Sequence[int] = (1, 32),
@@ -37,8 +36,9 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
 
     ``models`` maps a name to an ONNX path or an open session (a session keeps its own thread
     setting; paths are opened with ``threads`` and, unless ``spin``, with worker threads that
-    sleep rather than spin-wait, so that sessions timed in turn do not steal each other's cores,
-    and with one memory arena for all of them, since they run one at a time; on ``provider``).
+    sleep rather than spin-wait, so that sessions timed in turn do not steal each other's cores;
+    on ``provider``). Each session keeps its own memory arena, as a deployed one does: sessions
+    sharing one measured a few percent slower for the dense model (BENCHMARKS.md).
     ``input_shape`` is one sample's shape. ``min_seconds``: repeat more than ``repeats`` times
     until the timed rounds of a batch size last this long (fast models need thousands of
     repeats before a burst of other work on the machine stops moving the median). ``max_seconds``:

@@ -7,7 +7,6 @@ against the reference network: largest logit difference, top-1 agreement and acc
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import Counter
 from pathlib import Path
@@ -45,20 +44,8 @@ def check_onnx(path: str | os.PathLike) -> Path:
     return p
 
 
-@functools.cache
-def _register_shared_cpu_arena() -> bool:
-    """One CPU memory arena for every session that asks for it (once per process); False where
-    this onnxruntime cannot register one (the sessions then keep their own)."""
-    try:
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # grow by what is asked
-    except Exception:  # older or other builds: not fatal, only more memory
-        return False
-    return True
-
-
 def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True,
-                 provider: str = "cpu", shared_arena: bool = False) -> ort.InferenceSession:
+                 provider: str = "cpu") -> ort.InferenceSession:
     """Open ``path`` in onnxruntime (on the CPU unless ``provider`` says otherwise: ``cuda``, ...);
     a missing, truncated or non-ONNX file is a UserError.
 
@@ -67,9 +54,7 @@ def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool
     ``spin=False`` makes worker threads sleep instead of spin-waiting between ops: on cores shared
     with other work (or with the next session of an interleaved benchmark) spinning threads fight
     over the cores, and the timing measures the contention (BENCHMARKS.md, "Does half the MACs
-    run twice as fast?"). ``shared_arena`` (CPU): the session allocates from one arena shared
-    with the other sessions that ask for it, instead of an arena of its own: sessions that run
-    in turn (an interleaved benchmark holds six) then need the memory of one at a time.
+    run twice as fast?").
     """
     from metacompress.deploy.runtime import PROVIDERS, provider_name
 
@@ -85,8 +70,6 @@ def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if shared_arena and provider_name(provider) == PROVIDERS["cpu"] and _register_shared_cpu_arena():
-        opts.add_session_config_entry("session.use_env_allocators", "1")
     try:
         return ort.InferenceSession(str(p), sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types for bad files

@@ -265,19 +265,6 @@ def test_benchmark_interleaved_stats_and_speedup(resnet, mlp):
         benchmark_latency({"a": path}, (1, 8, 8), threads=1, repeats=1)
 
 
-def test_sessions_sharing_one_arena_compute_what_a_session_of_its_own_does(resnet, digits32):
-    """Benchmarks open their sessions on one shared CPU arena; the outputs must not change."""
-    from metacompress.deploy.verify import load_session, run_batched
-
-    _, path, _ = resnet
-    x = digits32.x_test[:40].numpy()
-    own = load_session(path, threads=1)
-    shared = [load_session(path, threads=1, shared_arena=True) for _ in range(2)]
-    for batch in (1, 16, 40):
-        for session in shared:
-            assert np.array_equal(run_batched(session, x, batch_size=batch), run_batched(own, x, batch_size=batch))
-
-
 def test_benchmark_rounds_follow_the_time_limits(resnet):
     """``min_seconds`` adds rounds to a fast model; ``max_seconds`` cuts a slow one's, down to
     MIN_TIMINGS timings of the model over all its sessions."""
