@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import Dataset as TorchDataset
 
-from metacompress.data.datasets import VAL_FRACTION, Dataset
+from metacompress.data.datasets import MAX_DATA_BYTES, VAL_FRACTION, Dataset
 from metacompress.data.lazy import LazySamples, Samples, fits_in_memory, take
 from metacompress.errors import UserError
 
@@ -46,8 +46,12 @@ def _pairs(data: DataLike, what: str) -> tuple[Samples, torch.Tensor]:
         shape = tuple(torch.as_tensor(_pair(dataset[0], what)[0]).shape)
         if not fits_in_memory(len(dataset), shape):
             return _lazy(dataset, shape, what)
-    xs, ys = [], []
+    xs, ys, values = [], [], 0
     for x, y in _batches(loader, what):
+        values += x.numel()
+        if values * 4 > MAX_DATA_BYTES:  # only a map-style dataset can be read again batch by batch
+            raise UserError(f"{what} holds more than {MAX_DATA_BYTES / 2**30:.0f} GiB as float32 and is not a map-style "
+                            "dataset, so it cannot be read again batch by batch: pass a map-style Dataset or a Subset")
         xs.append(x)
         ys.append(y)
     if not xs:

@@ -137,3 +137,18 @@ def test_an_uncompressed_npz_too_big_to_hold_is_memory_mapped(tmp_path, monkeypa
     np.savez(tmp_path / "nan.npz", **arrays)
     with pytest.raises(UserError, match="x_test holds NaN or infinite values"):
         load_dataset(f"npz:{tmp_path / 'nan.npz'}")
+
+
+def test_an_iterable_dataset_too_big_to_hold_is_refused_with_the_way_out(monkeypatch):
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            for i in range(64):
+                yield torch.full((1, 8, 8), float(i)), i % 4
+
+    monkeypatch.setattr("metacompress.data.torchdata.MAX_DATA_BYTES", 40 * 64 * 4)
+    with pytest.raises(UserError, match="train holds more than .* not a map-style dataset.*pass a map-style Dataset"):
+        from_torch(DataLoader(Stream(), batch_size=8))
+    monkeypatch.setattr("metacompress.data.torchdata.MAX_DATA_BYTES", 64 * 64 * 4)
+    assert len(from_torch(DataLoader(Stream(), batch_size=8)).x_train) + 7 == 64  # 10 % held out for validation
