@@ -9,7 +9,6 @@ float32 tensor of the samples asked for). Splits are ``subset`` views that share
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Union
 
 import numpy as np
@@ -19,7 +18,6 @@ from metacompress.errors import UserError
 
 IN_MEMORY_BYTES = 2**26    # a split whose float32 copy is at most this is read once into memory
 STATS_SAMPLES = 2048       # samples (evenly spaced) that estimate a lazy set's mean and std
-READ_THREADS = 4           # image decoding releases the GIL: batches are read by this many threads
 
 
 class LazySamples:
@@ -45,12 +43,14 @@ class LazySamples:
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         if isinstance(index, (int, np.integer)):
-            return torch.from_numpy(self._checked(self._rows[index]))
+            return torch.from_numpy(self._checked(self._rows[index])).clone()
         rows = np.atleast_1d(self._rows[_numpy_index(index)])
-        if len(rows) == 0:
-            return torch.empty((0, *self._sample_shape))
-        with ThreadPoolExecutor(min(READ_THREADS, len(rows))) as pool:
-            return torch.from_numpy(np.stack(list(pool.map(self._checked, rows))))
+        # torch's own memory, not numpy's: a training batch is saved for the backward pass, and
+        # compress crashed (SIGSEGV in backward) when batches lived in numpy-allocated memory
+        batch = torch.empty((len(rows), *self._sample_shape))
+        for i, row in enumerate(rows):
+            batch[i] = torch.from_numpy(self._checked(row))
+        return batch
 
     def _checked(self, row: int) -> np.ndarray:
         x = np.asarray(self._read(int(row)), dtype=np.float32)

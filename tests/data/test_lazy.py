@@ -51,6 +51,8 @@ def test_a_folder_too_big_to_hold_is_read_lazily_with_the_same_splits_and_pixels
     x, ref = lazy.x_train, eager.x_train
     assert torch.equal(x[3], ref[3]) and torch.equal(x[torch.tensor([7, 0, 7])], ref[torch.tensor([7, 0, 7])])
     assert torch.equal(x[np.array([2, 5])], ref[[2, 5]]) and x[5:5].shape == (0, 3, 16, 16)
+    # batches are torch's own allocations (aligned as torch aligns), never numpy's: see lazy.py
+    assert all(x[index].data_ptr() % 64 == 0 for index in (3, slice(1, 6), torch.tensor([7, 0, 7])))
     assert lazy.mean == pytest.approx(eager.mean, abs=1e-5) and lazy.std == pytest.approx(eager.std, abs=1e-5)
     assert torch.equal(lazy.calibration_batch(10, seed=3)[0], eager.calibration_batch(10, seed=3)[0])
 
