@@ -183,14 +183,15 @@ def _float64_errors(model, x, path: Path) -> dict:
     import copy
 
     import numpy as np
-    import onnxruntime as ort
     import torch
+
+    from metacompress.deploy import load_session
+    from metacompress.deploy.verify import run_batched
 
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(x.double()).numpy()
         fp32 = model(x).double().numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    onnx_out = run_batched(load_session(path, threads=1), x)
     return {"torch_fp64_diff": float(np.abs(fp32 - exact).max()), "onnx_fp64_diff": float(np.abs(onnx_out - exact).max())}
 
 

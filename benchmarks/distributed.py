@@ -7,6 +7,8 @@ iteration, and a 64-rank efficiency estimate for policy ES from measured job tim
   thread per rank, after the teachers are cached; and each rank's CPU seconds, whose ratio says
   what two *free* cores would give on a machine whose cores are shared with other work;
 - MAML: meta-steps per second on sinusoid (meta-batch 25) at 1 and 2 ranks;
+- data-parallel repair (what ``torchrun ... compress`` runs): distillation steps per second of
+  resnet20 on digits@32 (batch 64, BatchNorm synced, teacher logits gathered) at 1 and 2 ranks;
 - bytes: the payload each rank puts into the iteration's all-reduce (ES: one float64 per job;
   MAML: the float32 meta-gradient plus the loss metric);
 - 64 ranks: per-job times measured here, resampled into iterations of several populations x tasks
@@ -16,6 +18,7 @@ iteration, and a 64-rank efficiency estimate for policy ES from measured job tim
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import tempfile
@@ -28,7 +31,7 @@ import torch
 os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 os.environ.setdefault("METACOMPRESS_CACHE", tempfile.mkdtemp(prefix="metacompress-bench-dist-"))
 
-from metacompress.meta import distributed, parse_task_spec  # noqa: E402
+from metacompress.meta import data_parallel, distributed, parse_task_spec  # noqa: E402
 from metacompress.meta.runner import train_checkpoint  # noqa: E402
 from metacompress.policy import meta_train as mt  # noqa: E402
 from metacompress.policy.tasks import CompressionTask  # noqa: E402
@@ -39,7 +42,7 @@ TEACHERS = [{"model": "mlp", "data": "digits", "kwargs": [{"hidden": 64, "depth"
 
 def es_config(quick: bool, workers: int, out: str) -> mt.MetaTrainConfig:
     teachers = TEACHERS[:1] if quick else TEACHERS
-    return mt.MetaTrainConfig(teachers=teachers, iterations=2 if quick else 4, tasks_per_iteration=2,
+    return mt.MetaTrainConfig(teachers=teachers, iterations=2 if quick else 12, tasks_per_iteration=2,
                               population=4 if quick else 8, workers=workers, seed=0, out=out)
 
 
@@ -92,6 +95,37 @@ def maml_rate(ranks: int, steps: int) -> float:
     return (len(stamps) - 2) / (stamps[-1] - stamps[1])  # from the end of the first step (warm-up excluded)
 
 
+def _timed_repair(steps: int) -> float:
+    """Seconds of one data-parallel repair (BN recalibration, teacher logits, ``steps`` steps) of a
+    pruned resnet20 on digits@32."""
+    import copy
+
+    from metacompress.compress.distill import RepairConfig, repair
+    from metacompress.data import load_dataset
+    from metacompress.zoo import build_model
+
+    torch.set_num_threads(1)
+    data = load_dataset("digits@32")
+    torch.manual_seed(0)
+    teacher = build_model("resnet20", data.input_shape, data.num_classes, data.mean, data.std).eval()
+    student = copy.deepcopy(teacher)
+    with data_parallel.data_parallel():
+        start = time.perf_counter()
+        repair(student, teacher, data, RepairConfig(steps=steps), progress=False)
+        return time.perf_counter() - start
+
+
+def resnet20_params() -> int:
+    from metacompress.zoo import build_model
+
+    return sum(p.numel() for p in build_model("resnet20", (1, 32, 32), 10).parameters())
+
+
+def repair_rate(ranks: int, steps: int) -> float:
+    """Distillation steps per second of a data-parallel repair on ``ranks`` ranks (spawned)."""
+    return steps / distributed.launch_local(functools.partial(_timed_repair, steps), ranks)
+
+
 def allreduce_latency(n: int = 200) -> float:
     """Seconds per all-reduce of 64 float64 between 2 local gloo ranks (median of ``n``)."""
 
@@ -137,6 +171,8 @@ def main() -> None:
     (es1, jobs, cpu1), (es2, _, cpu2) = es_rate(args.quick, 1), es_rate(args.quick, 2)
     steps = 10 if args.quick else 60
     m1, m2 = maml_rate(1, steps), maml_rate(2, steps)
+    repair_steps = 10 if args.quick else 60
+    r1, r2 = repair_rate(1, repair_steps), repair_rate(2, repair_steps)
     params = sum(p.numel() for p in train_checkpoint(parse_task_spec("sinusoid"), "maml", 1, 0, joint_steps=1)
                  ["state"]["model"].values())
     latency = allreduce_latency(50 if args.quick else 500)
@@ -152,6 +188,9 @@ def main() -> None:
           f"{8 * jobs} B ({jobs} float64 rewards) |")
     print(f"| MAML sinusoid, meta-steps/s (meta-batch 25) | {m1:.1f} | {m2:.1f} | {m2 / m1:.2f}x | "
           f"{4 * params + 8} B ({params} float32 gradients + loss) |")
+    print(f"| data-parallel repair, resnet20 digits@32, steps/s (batch 64, {repair_steps} steps) | {r1:.2f} | "
+          f"{r2:.2f} | {r2 / r1:.2f}x | {4 * resnet20_params():,} B of float32 gradients per step, plus "
+          "4 x channels floats per BatchNorm layer |")
     print()
     print(f"policy ES CPU seconds, whole run (setup included): 1 rank {cpu1[0]:.1f}; 2 ranks {cpu2[0]:.1f} + "
           f"{cpu2[1]:.1f}; speedup on two free cores estimated from CPU time: {cpu1[0] / max(cpu2):.2f}x")

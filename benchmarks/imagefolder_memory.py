@@ -1,13 +1,17 @@
-"""Peak memory of ``compress`` on a folder of JPEGs, at two folder sizes.
+"""Peak memory of ``compress`` on a folder of JPEGs, at two folder sizes, and the rate at which
+lazy batches are decoded with and without threads.
 
     python benchmarks/imagefolder_memory.py [--images 2000,8000] [--model resnet18] [--repair-steps 0]
+        [--decode-rounds 3]
 
 Writes N JPEGs of mixed sizes (sides 96-640 px, any aspect; 10 classes, 80 % train / 20 % test)
 into a temporary folder, then runs ``metacompress compress torchvision:MODEL --data
-imagefolder:DIR:size=224 --weights none --target-macs 0.5`` on it in a child process and reports
-the child's peak resident memory (``wait4``'s ``ru_maxrss``) and wall time. A folder whose float32
-copy exceeds ``metacompress.data.lazy.IN_MEMORY_BYTES`` is read batch by batch, so the peak should
-not grow with the number of images.
+imagefolder:DIR --weights none --target-macs 0.5`` on it in a child process (no size given: the
+images are read at the model's own input size) and reports the child's peak resident memory
+(``wait4``'s ``ru_maxrss``) and wall time. A folder whose float32 copy exceeds
+``metacompress.data.lazy.IN_MEMORY_BYTES`` is read batch by batch, so the peak should not grow
+with the number of images. On the first folder it then times reading the training split lazily in
+batches of 32, with one decoding thread and with ``lazy.DECODE_THREADS``, interleaved rounds.
 """
 
 from __future__ import annotations
@@ -64,18 +68,40 @@ def run(data: str, model: str, repair_steps: int, out: Path) -> dict:
             "stages": report.get("timings_s", {})}
 
 
+def decode_rates(root: Path, size: int, rounds: int) -> dict[int, list[float]]:
+    """Images per second reading the training split lazily in batches of 32, by decoding threads
+    (1 and ``DECODE_THREADS``), ``rounds`` interleaved rounds each."""
+    import metacompress.data.imagefolder as imagefolder
+    from metacompress.data import load_dataset
+    from metacompress.data.lazy import DECODE_THREADS
+
+    rates: dict[int, list[float]] = {1: [], DECODE_THREADS: []}
+    for _ in range(rounds):
+        for threads in rates:
+            imagefolder.DECODE_THREADS = threads
+            x = load_dataset(f"imagefolder:{root}:size={size}").x_train
+            start = time.perf_counter()
+            for i in range(0, len(x), 32):
+                x[i:i + 32]
+            rates[threads].append(len(x) / (time.perf_counter() - start))
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", default="2000,8000")
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--repair-steps", type=int, default=0)
+    ap.add_argument("--decode-rounds", type=int, default=3, help="0: skip the decoding rates")
     args = ap.parse_args()
-    rows = []
+    rows, rates = [], {}
     for n in [int(s) for s in args.images.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "images"
             size = write_folder(root, n)
-            r = run(f"imagefolder:{root}:size=224", args.model, args.repair_steps, Path(tmp) / "out")
+            r = run(f"imagefolder:{root}", args.model, args.repair_steps, Path(tmp) / "out")
+            if not rates and args.decode_rounds:
+                rates = decode_rates(root, 224, args.decode_rounds)
         rows.append((n, size, r))
         print(f"{n} images ({size / 2**20:.0f} MB of JPEG): exit {r['rc']}, {r['seconds']:.0f} s, "
               f"peak {r['peak_gb']:.2f} GB {r['error']}", file=sys.stderr)
@@ -84,6 +110,11 @@ def main() -> None:
     for n, size, r in rows:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items())
         print(f"| {n} | {size / 2**20:.0f} | {r['rc']} | {r['seconds']:.0f} | {r['peak_gb']:.2f} | {stages} |")
+    if rates:
+        print("\n| decoding threads | images/s (median) | rounds | speedup |\n|---|---|---|---|")
+        base = float(np.median(rates[1]))
+        for threads, values in rates.items():
+            print(f"| {threads} | {np.median(values):.0f} | {len(values)} | {np.median(values) / base:.2f}x |")
 
 
 if __name__ == "__main__":

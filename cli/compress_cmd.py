@@ -25,10 +25,15 @@ def train(
     seed: int = SEED_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Train the dense model (seeded) and save its state dict."""
+    """Train the dense model (seeded) and save its state dict.
+
+    Under ``torchrun`` the ranks train data-parallel (each its share of every batch); rank 0 writes."""
     from metacompress.dense import train_and_save
 
+    _join_ranks()
     result = train_and_save(model, data, out, epochs=epochs, seed=seed)
+    if result is None:  # not rank 0
+        return
     emit(result, as_json, lambda r: console.print(
         f"trained [bold]{r['model']}[/bold] on {r['data']}: test accuracy {r['accuracy']:.4f} -> {r['out']}"))
 
@@ -86,7 +91,21 @@ def compress(
         students=students, quantize=quantize, train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,
         robustify=RobustConfig(steps=robustify_steps) if robustify else None,
     )
-    emit(run_compress(cfg), as_json, _render_report)
+    _join_ranks()
+    report = run_compress(cfg)
+    if report is not None:  # rank 0, or the only process
+        emit(report, as_json, _render_report)
+
+
+def _join_ranks() -> None:
+    """Join the process group when launched by torchrun; only rank 0 shows progress."""
+    import os
+
+    from metacompress.meta import distributed
+
+    distributed.init_from_env()
+    if not distributed.is_main():
+        os.environ["METACOMPRESS_PROGRESS"] = "0"
 
 
 def _render_report(r: dict) -> None:

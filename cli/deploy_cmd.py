@@ -77,10 +77,10 @@ def verify(
     """Accuracy, max abs diff and top-1 agreement vs the PyTorch reference, ops, opset and file size."""
     from metacompress.data import load_dataset
     from metacompress.deploy import verify_onnx
-    from metacompress.deploy.verify import check_onnx
+    from metacompress.deploy.verify import check_onnx, declared_image_size
 
     check_onnx(model)  # bad ONNX fails before the data and reference are loaded
-    ds = load_dataset(data)
+    ds = load_dataset(data, image_size=declared_image_size(model))
     x, y = _split(ds, split)
     ref = _reference(reference, reference_model, ds, trust_pickle)
     result = verify_onnx(model, ref, x, y, batch_size=batch_size, threads=threads)
@@ -179,14 +179,14 @@ def quantize(
     from metacompress.data import load_dataset
     from metacompress.deploy import load_session
     from metacompress.deploy.quantize import quantize_onnx
-    from metacompress.deploy.verify import check_input, check_onnx, run_batched
+    from metacompress.deploy.verify import check_input, check_onnx, declared_image_size, run_batched
     from metacompress.io import refuse_output_over_inputs
 
     if samples < 1:
         raise UserError(f"--calibration-samples must be at least 1, got {samples}")
     refuse_output_over_inputs(out, [model])
     src = load_session(check_onnx(model), threads=1)
-    ds = load_dataset(data) if data is not None else None
+    ds = load_dataset(data, image_size=declared_image_size(model)) if data is not None else None
     if ds is not None:
         check_input(src, ds.input_shape)  # before anything is written
     calibration = None if ds is None else ds.calibration_batch(samples, seed)[0].numpy()

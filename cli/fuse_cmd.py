@@ -13,10 +13,10 @@ from typing import Any
 import typer
 
 from metacompress.cli.app import JSON_OPTION, SEED_OPTION, command, console, emit, table
-from metacompress.data import load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, save_torch, state_dict_from
 from metacompress.meta.fusion import DARE_MERGES, FusionData, fuse, lookup, method_names
+from metacompress.pipeline import load_data
 from metacompress.recipes import load_recipe
 from metacompress.zoo import build_model
 
@@ -103,7 +103,7 @@ def fuse_command(
     base_sd = _load_state_dict(opts["base"], trust_pickle) if opts.get("base") else None
     model = fusion_data = None
     if opts.get("data"):
-        ds = load_dataset(opts["data"])
+        ds = load_data(opts["data"], opts["model_spec"])
         model = build_model(opts["model_spec"], ds.input_shape, ds.num_classes, ds.mean, ds.std)
         fusion_data = FusionData(ds.x_train, ds.y_train, ds.x_val, ds.y_val)
     fused, report = fuse(opts["method"], state_dicts, names=paths, base=base_sd, model=model, data=fusion_data,

@@ -9,17 +9,21 @@ from metacompress.compress.groups import discover_groups
 from metacompress.compress.measure import count_params, module_macs
 from metacompress.compress.prune import PruningSpace
 from metacompress.compress.robust import RobustConfig, robustify
-from metacompress.data import load_dataset
 from metacompress.errors import UserError
 from metacompress.io import save_torch
-from metacompress.pipeline import CompressConfig, load_dense, prepare
+from metacompress.meta import data_parallel, distributed
+from metacompress.pipeline import CompressConfig, load_data, load_dense, prepare
 from metacompress.training import accuracy
 
 
-def train_and_save(spec: str, data_spec: str, out: str, epochs: int = 30, seed: int = 0) -> dict[str, Any]:
-    """Train ``spec`` on ``data_spec`` and save its state dict (loadable with weights_only=True)."""
-    data = load_dataset(data_spec)
-    model = load_dense(spec, data, None, seed=seed, epochs=epochs)
+def train_and_save(spec: str, data_spec: str, out: str, epochs: int = 30, seed: int = 0) -> dict[str, Any] | None:
+    """Train ``spec`` on ``data_spec`` and save its state dict (loadable with weights_only=True).
+    Under torchrun the ranks train data-parallel and rank 0 saves (the others return None)."""
+    data = load_data(data_spec, spec)
+    with data_parallel.data_parallel():
+        model = load_dense(spec, data, None, seed=seed, epochs=epochs)
+    if not distributed.is_main():
+        return None
     acc = accuracy(model, data.x_test, data.y_test)
     save_torch(model.state_dict(), out)
     return {"model": spec, "data": data_spec, "accuracy": acc, "val_accuracy": accuracy(model, data.x_val, data.y_val),
@@ -57,7 +61,7 @@ def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round
     from metacompress.deploy.runtime import resolve_round_to
 
     round_to = resolve_round_to(round_to, provider)
-    data = load_dataset(data_spec)
+    data = load_data(data_spec, spec)
     model = load_dense(spec, data, weights, trust_pickle=trust_pickle)
     example = data.x_train[:1]
     macs = module_macs(model, example)

@@ -35,12 +35,13 @@ from metacompress.compress.rules import RULES
 from metacompress.data import Dataset, data_paths, load_dataset
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, state_dict_from, write_json
+from metacompress.meta import data_parallel, distributed
 from metacompress.meta.modules import load_state
 from metacompress.progress import status
 from metacompress.signals import signals_deferred
 from metacompress.students import guard_repair, prune_to, repair_students, soup_students
 from metacompress.training import accuracy, train_dense
-from metacompress.zoo import build_model, check_forward, is_builtin
+from metacompress.zoo import build_model, check_forward, is_builtin, native_image_size
 
 DEFAULT_TRAIN_EPOCHS = 30
 QUANTIZE_MODES = ("none", "auto", "static", "dynamic")
@@ -110,6 +111,12 @@ class Timer:
         self.timings[name] = round(time.perf_counter() - t0, 3)
 
 
+def load_data(data_spec: str, model_spec: str) -> Dataset:
+    """The data named by ``data_spec``, sized for the model ``model_spec`` names: an image folder
+    of mixed image sizes gets the model's own input size."""
+    return load_dataset(data_spec, image_size=native_image_size(model_spec))
+
+
 def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epochs: int = DEFAULT_TRAIN_EPOCHS,
                trust_pickle: bool = False, for_pruning: bool = False) -> nn.Module:
     """Build the model for the data and give it weights: from a file, untrained, or trained now
@@ -146,7 +153,7 @@ def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
     spec = cfg.budget()
     round_to = resolve_round_to(cfg.round_to, cfg.provider)  # a bad --round-to or --provider fails before any work
     with timer.stage("load"):
-        data = load_dataset(cfg.data)
+        data = load_data(cfg.data, cfg.model)
         dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle, for_pruning=True)
     return prepare_model(dense, data, spec, round_to, timer, cfg.dynamo)
 
@@ -240,6 +247,9 @@ def compress_stages(cfg: CompressConfig, timer: Timer, prep: Prepared | None = N
         raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
     if cfg.robustify is not None:
         cfg.robustify.validate()
+    if distributed.active() and (cfg.target_latency is not None or cfg.target_ms is not None):
+        raise UserError("a latency budget is measured on one process: run compress without torchrun, "
+                        "or give a MACs or params budget")
     return compress_prepared(cfg, prep or prepare(cfg, timer), timer)
 
 
@@ -251,7 +261,7 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
         with timer.stage("robustify"):
             robust_warnings = robustify_stage(cfg, prep, cfg.robustify)
     with timer.stage("allocate"):
-        keep, importance, repair_cfg = allocate(cfg, prep)
+        keep, importance, repair_cfg = data_parallel.main_decides(lambda: allocate(cfg, prep))
     with timer.stage("prune"):
         student = prune_to(prep, keep, importance, cfg.seed)
     guard = first = None
@@ -308,12 +318,19 @@ def export_and_verify(cfg: CompressConfig, c: Compressed, tmp: Path, timer: Time
     return out
 
 
-def run_compress(cfg: CompressConfig) -> dict[str, Any]:
-    """Run every stage and write ``model.onnx``, ``model.pt`` and ``report.json`` into ``cfg.out``."""
+def run_compress(cfg: CompressConfig) -> dict[str, Any] | None:
+    """Run every stage and write ``model.onnx``, ``model.pt`` and ``report.json`` into ``cfg.out``.
+
+    Under torchrun, dense training and repair run data-parallel on every rank, the allocation on
+    rank 0 (sent to the others), and rank 0 alone exports, verifies and writes: the other ranks
+    return None."""
     from metacompress.report import compress_report
 
     timer = Timer()
-    c = compress_stages(cfg, timer)
+    with data_parallel.data_parallel():
+        c = compress_stages(cfg, timer)
+    if not distributed.is_main():
+        return None
     out = Path(cfg.out)
     tmp = None
     try:
@@ -321,6 +338,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
             tmp = _stage_dir(out)
         results = export_and_verify(cfg, c, tmp, timer)
         report = compress_report(cfg, c, results)
+        if distributed.active():
+            report["ranks"] = distributed.rank_and_world()[1]
         with timer.stage("save"):
             save_compressed(tmp / "model.pt", c.student, cfg.model, c.prep.data.input_shape, c.prep.data.num_classes,
                             meta={"policy": cfg.allocation, "data": cfg.data})

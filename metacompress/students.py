@@ -16,6 +16,7 @@ from torch import nn
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
 from metacompress.compress.rules import rule_allocation
 from metacompress.data import Dataset
+from metacompress.meta import data_parallel
 from metacompress.meta.modules import has_batchnorm, load_state
 from metacompress.progress import status
 from metacompress.training import accuracy, accuracy_and_loss
@@ -84,7 +85,7 @@ def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned
     acc = {n: t["val_accuracy"] for n, t in tried.items()}
     loss = {n: t["val_loss"] for n, t in tried.items()}
     correct = {n: t["val_correct"] for n, t in tried.items()}
-    chosen = guard_choice(correct, loss)
+    chosen = data_parallel.main_decides(lambda: guard_choice(correct, loss))  # one pick, whatever float noise
     paired = {n: t._asdict() for n, t in versus_fallback(correct).items()}
     counts = {n: f" (+{t['wins']}/-{t['losses']} images vs uniform)" for n, t in paired.items()}
     scores = ", ".join(f"{n} {a:.4f}{counts.get(n, '')}" for n, a in acc.items())

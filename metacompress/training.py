@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metacompress.data import Dataset
+from metacompress.meta import data_parallel
 from metacompress.progress import track
 
 
@@ -36,6 +38,11 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) ->
     return out
 
 
+def predict_shared(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``predict``, its rows split across the ranks under data parallelism (every rank gets all)."""
+    return data_parallel.gather_rows(lambda lo, hi: predict(model, x[lo:hi]), len(x))
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((predict(model, x).argmax(1) == y).float().mean())
 
@@ -56,9 +63,17 @@ def cosine_adam(params, lr: float, total_steps: int, weight_decay: float = 0.0):
     return opt, sched
 
 
-def sgd_step(opt, sched, loss: torch.Tensor) -> None:
+def batch_step(model: nn.Module, opt, sched, index: torch.Tensor,
+               loss_of: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """One step on the batch ``index`` (``loss_of(index)``: the mean loss of those samples). Under
+    data parallelism each rank takes its share, scaled so that the summed gradients are the whole
+    batch's, with BatchNorm statistics of the whole batch: the step one process would take."""
+    share = data_parallel.batch_shard(index)
+    with data_parallel.synced_batchnorm(model):
+        loss = loss_of(share) * (len(share) / len(index))
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    data_parallel.sum_gradients_if_data_parallel(opt)
     opt.step()
     sched.step()
 
@@ -78,6 +93,6 @@ def train_dense(model: nn.Module, data: Dataset, epochs: int = 30, lr: float = 3
             idx = perm[i:i + batch_size]
             if len(idx) < 2:
                 continue
-            sgd_step(opt, sched, F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]))
+            batch_step(model, opt, sched, idx, lambda i: F.cross_entropy(model(data.x_train[i]), data.y_train[i]))
     model.eval()
     return model

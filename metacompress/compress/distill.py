@@ -21,7 +21,7 @@ from metacompress.data import Dataset, subsample_per_class
 from metacompress.errors import UserError
 from metacompress.meta.modules import batchnorm_layers, has_batchnorm
 from metacompress.progress import track
-from metacompress.training import cosine_adam, predict, sgd_step
+from metacompress.training import batch_step, cosine_adam, predict_shared
 
 
 @dataclass
@@ -110,7 +110,8 @@ def _distill(student: nn.Module, opt, sched, batch: tuple[torch.Tensor, torch.Te
     student.train()
     for _ in track(range(steps), "repairing", total=steps) if progress else range(steps):
         idx = torch.randint(len(x), (bs,), generator=g)
-        sgd_step(opt, sched, distill_loss(student(x[idx]), teacher_logits[idx], y[idx], cfg.temperature, cfg.alpha))
+        batch_step(student, opt, sched, idx, lambda i: distill_loss(student(x[i]), teacher_logits[i], y[i],
+                                                                   cfg.temperature, cfg.alpha))
     student.eval()
 
 
@@ -122,7 +123,7 @@ def _trunk(student: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairCon
     recalibrate_bn(student, x, cfg.bn_samples, seed=seed)
     if cfg.steps == 0:
         return None
-    batch = (x, y, predict(teacher, x))
+    batch = (x, y, predict_shared(teacher, x))
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt, sched = cosine_adam(student.parameters(), cfg.lr, cfg.steps)

@@ -9,7 +9,8 @@
 - ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test``; images NCHW, NHWC or flat.
 - ``imagefolder:DIR[:size=S]``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (needs
   torchvision); ``size`` resizes each image's shorter side to S and center-crops S x S, so images
-  may have any size.
+  may have any size. Without it, images of mixed sizes get the model's own input size (224 for
+  most torchvision classifiers), and images of one size are read as they are.
 - ``idx:DIR[:n=N][:size=S]``: MNIST-format idx files (plain or .gz), e.g. Fashion-MNIST from
   ``/usr/share/datasets/fashion-mnist``; ``n`` keeps N training images, ``size`` resizes.
 

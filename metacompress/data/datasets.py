@@ -84,15 +84,16 @@ def subsample_per_class(
     return x[sel], y[sel]
 
 
-def check_size(what: str, n: int, sample_shape: tuple[int, ...]) -> None:
-    """Refuse, before allocating, data whose samples or whole float32 copy exceed the bounds."""
+def check_size(what: str, n: int, sample_shape: tuple[int, ...], whole: bool = True) -> None:
+    """Refuse, before allocating, data whose samples or (``whole``: data held in memory) whole
+    float32 copy exceed the bounds."""
     per_sample = int(np.prod(sample_shape, dtype=np.int64)) if sample_shape else 1
     if per_sample == 0:
         raise UserError(f"{what}: samples of shape {sample_shape} hold no values")
     if per_sample > MAX_SAMPLE_ELEMENTS:
         raise UserError(f"{what}: samples of shape {'x'.join(map(str, sample_shape))} have {per_sample:,} values; "
                         f"the limit is {MAX_SAMPLE_ELEMENTS:,}")
-    if n * per_sample * 4 > MAX_DATA_BYTES:
+    if whole and n * per_sample * 4 > MAX_DATA_BYTES:
         raise UserError(f"{what}: {n:,} samples of shape {'x'.join(map(str, sample_shape))} need "
                         f"{n * per_sample * 4 / 2**30:.1f} GiB as float32; the limit is {MAX_DATA_BYTES / 2**30:.0f} GiB")
 
@@ -239,8 +240,11 @@ def data_paths(spec: str) -> list[str]:
     return []
 
 
-def load_dataset(spec: str) -> Dataset:
-    """Build a Dataset from a spec string (see the package docstring for the forms)."""
+def load_dataset(spec: str, image_size: int | None = None) -> Dataset:
+    """Build a Dataset from a spec string (see the package docstring for the forms).
+
+    ``image_size``: the size an image folder of mixed image sizes is resized and cropped to when
+    its spec gives none (the model's own input size, ``zoo.native_image_size``)."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return _digits(8)
@@ -262,7 +266,7 @@ def load_dataset(spec: str) -> Dataset:
     if kind == "imagefolder" and arg:
         from metacompress.data.imagefolder import load_imagefolder
 
-        return load_imagefolder(arg)
+        return load_imagefolder(arg, image_size)
     if kind == "idx" and arg:
         return _idx(arg)
     raise UserError(f"unknown data spec '{spec}': use digits, digits@32, synthetic:SHAPE, npz:PATH, "

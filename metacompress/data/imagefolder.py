@@ -8,42 +8,50 @@ from pathlib import Path
 import numpy as np
 
 from metacompress.data.datasets import MAX_IMAGE_SIZE, MAX_SAMPLE_ELEMENTS, Dataset, make_dataset
-from metacompress.data.lazy import LazySamples, fits_in_memory
+from metacompress.data.lazy import DECODE_THREADS, LazySamples, fits_in_memory
 from metacompress.errors import UserError
 
 
-def load_imagefolder(arg: str) -> Dataset:
+def load_imagefolder(arg: str, default_size: int | None = None) -> Dataset:
     """``imagefolder:DIR[:size=S]``: ``DIR/{train,test}/<class>/*`` images; with ``size``, each is
     resized so that its shorter side is S and center-cropped to S x S (images of any size and
-    aspect), without it all images must have one size. Every file's header is checked first; a
-    split too big for IN_MEMORY_BYTES is then read lazily, batch by batch, as the stages ask."""
+    aspect). Without it, images that all share one size are read as they are, and images of
+    mixed sizes are resized and cropped to ``default_size`` (the size the model is made for), or
+    refused when there is none. Every file's header is checked first; a split too big for
+    IN_MEMORY_BYTES is then read lazily, batch by batch, as the stages ask."""
+    root, size = _imagefolder_options(arg)
+    splits = [_scan_split(root, split) for split in ("train", "test")]
+    if splits[0][2] != splits[1][2]:
+        raise UserError(f"imagefolder:{root}: test/ has classes {splits[1][2][:5]}..., train/ has "
+                        f"{splits[0][2][:5]}...; both need the same class folders")
+    paths = [path for split in splits for path in split[0]]
+    sizes = [_image_size(path) for path in paths]  # every header checked before any pixel is read
+    if size is None and len(set(sizes)) > 1:
+        size = default_size
+    shape = (3, size, size) if size else _one_image_size(paths, sizes, root)
+    out = []
+    for split_paths, *_ in splits:
+        if fits_in_memory(len(split_paths), shape):
+            out.append(np.stack([_read_image(p, size) for p in split_paths]))
+        else:
+            out.append(LazySamples(lambda i, ps=split_paths: _read_image(ps[i], size), len(split_paths), shape,
+                                   threads=DECODE_THREADS))
+    return make_dataset(f"imagefolder:{arg}", out[0], splits[0][1], out[1], splits[1][1], len(splits[0][2]))
+
+
+def _scan_split(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """The image paths, labels and class names of ``root/split`` (nothing read yet)."""
     try:
         from torchvision import datasets
     except ImportError:
         raise UserError("imagefolder data needs torchvision: pip install 'metacompress[vision]'") from None
-    root, size = _imagefolder_options(arg)
-    base = Path(root)
-    if not (base / "train").is_dir() or not (base / "test").is_dir():
+    if not (Path(root) / "train").is_dir() or not (Path(root) / "test").is_dir():
         raise UserError(f"imagefolder:{root} needs sub-folders train/ and test/, one folder per class in each")
-    out, classes = [], None
-    for split in ("train", "test"):
-        try:
-            ds = datasets.ImageFolder(str(base / split), loader=lambda path: path)
-        except (FileNotFoundError, OSError) as exc:  # no class folders, or a class without images
-            raise UserError(f"imagefolder:{root}: {split}/: {' '.join(str(exc).split())[:200]}") from None
-        if classes is not None and ds.classes != classes:
-            raise UserError(f"imagefolder:{root}: test/ has classes {ds.classes[:5]}..., train/ has "
-                            f"{classes[:5]}...; both need the same class folders")
-        classes = ds.classes
-        paths = [path for path, _ in ds.samples]
-        sizes = [_image_size(path) for path in paths]  # every header checked before any pixel is read
-        shape = (3, size, size) if size else _one_image_size(paths, sizes, root)
-        labels = np.array([label for _, label in ds.samples])
-        if fits_in_memory(len(paths), shape):
-            out.append((np.stack([_read_image(p, size) for p in paths]), labels))
-        else:
-            out.append((LazySamples(lambda i, paths=paths: _read_image(paths[i], size), len(paths), shape), labels))
-    return make_dataset(f"imagefolder:{arg}", out[0][0], out[0][1], out[1][0], out[1][1], len(classes))
+    try:
+        ds = datasets.ImageFolder(str(Path(root) / split), loader=lambda path: path)
+    except (FileNotFoundError, OSError) as exc:  # no class folders, or a class without images
+        raise UserError(f"imagefolder:{root}: {split}/: {' '.join(str(exc).split())[:200]}") from None
+    return [path for path, _ in ds.samples], np.array([label for _, label in ds.samples]), ds.classes
 
 
 def _one_image_size(paths: list[str], sizes: list[tuple[int, int]], root: str) -> tuple[int, int, int]:
@@ -52,8 +60,8 @@ def _one_image_size(paths: list[str], sizes: list[tuple[int, int]], root: str) -
     for path, (w, h) in zip(paths, sizes):
         if (w, h) != (w0, h0):
             raise UserError(f"imagefolder:{root}: images differ in size ((3, {h0}, {w0}) and "
-                            f"(3, {h}, {w}) at {path}); give a size to resize and crop them to: "
-                            f"imagefolder:{root}:size=S")
+                            f"(3, {h}, {w}) at {path}) and the model has no input size of its own; "
+                            f"give the size to resize and crop them to: imagefolder:{root}:size=S")
     return (3, h0, w0)
 
 

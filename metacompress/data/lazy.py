@@ -8,7 +8,9 @@ float32 tensor of the samples asked for). Splits are ``subset`` views that share
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Union
 
 import numpy as np
@@ -18,14 +20,20 @@ from metacompress.errors import UserError
 
 IN_MEMORY_BYTES = 2**26    # a split whose float32 copy is at most this is read once into memory
 STATS_SAMPLES = 2048       # samples (evenly spaced) that estimate a lazy set's mean and std
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # image decoding releases the GIL: threads overlap it
 
 
 class LazySamples:
-    """``count`` samples of ``sample_shape``; ``read(i)`` returns sample ``i`` as a float32 array."""
+    """``count`` samples of ``sample_shape``; ``read(i)`` returns sample ``i`` as a float32 array.
+
+    ``threads`` > 1 reads a batch's samples in that many threads (for readers that are
+    thread-safe and release the GIL, such as image decoding); the batch is the same either way.
+    """
 
     def __init__(self, read: Callable[[int], np.ndarray], count: int, sample_shape: Sequence[int],
-                 rows: np.ndarray | None = None) -> None:
+                 rows: np.ndarray | None = None, threads: int = 1) -> None:
         self._read = read
+        self._threads = max(1, threads)
         self._rows = np.arange(count) if rows is None else rows
         self._sample_shape = tuple(int(d) for d in sample_shape)
         self._stats: tuple[float, float] | None = None
@@ -39,7 +47,7 @@ class LazySamples:
 
     def subset(self, index: Any) -> LazySamples:
         """The samples at ``index`` (positions in this set), still unread."""
-        return LazySamples(self._read, 0, self._sample_shape, self._rows[_numpy_index(index)])
+        return LazySamples(self._read, 0, self._sample_shape, self._rows[_numpy_index(index)], self._threads)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         if isinstance(index, (int, np.integer)):
@@ -48,8 +56,17 @@ class LazySamples:
         # torch's own memory, not numpy's: a training batch is saved for the backward pass, and
         # compress crashed (SIGSEGV in backward) when batches lived in numpy-allocated memory
         batch = torch.empty((len(rows), *self._sample_shape))
-        for i, row in enumerate(rows):
-            batch[i] = torch.from_numpy(self._checked(row))
+
+        def fill(i: int) -> None:
+            batch[i] = torch.from_numpy(self._checked(rows[i]))
+
+        threads = min(self._threads, len(rows))
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:  # per call: nothing to go stale in a forked worker
+                list(pool.map(fill, range(len(rows))))  # the first failing sample (in order) raises
+        else:
+            for i in range(len(rows)):
+                fill(i)
         return batch
 
     def _checked(self, row: int) -> np.ndarray:

@@ -3,8 +3,11 @@ uncompressed arrays are memory-mapped and read sample by sample."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,10 +51,14 @@ def _npz_headers(p: Path) -> dict[str, _NpyMember]:
                 if dtype.hasobject or dtype.kind not in "biuf":
                     raise UserError(f"{p}: {key} has dtype {dtype}; numbers are needed")
                 nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                if nbytes > MAX_DATA_BYTES or header + nbytes != info.file_size:
-                    raise UserError(f"{p}: {key} declares shape {shape} ({nbytes:,} bytes of {dtype}) but holds "
-                                    f"{info.file_size - header:,} bytes (limit {MAX_DATA_BYTES:,})")
                 stored = info.compress_type == zipfile.ZIP_STORED and not fortran
+                if header + nbytes != info.file_size:
+                    raise UserError(f"{p}: {key} declares shape {shape} ({nbytes:,} bytes of {dtype}) but holds "
+                                    f"{info.file_size - header:,} bytes")
+                if nbytes > MAX_DATA_BYTES and not stored:  # a stored member is mapped, never allocated
+                    raise UserError(f"{p}: compressed {key} holds {nbytes:,} bytes, over the limit of "
+                                    f"{MAX_DATA_BYTES:,} for arrays read whole; save it with np.savez "
+                                    "(uncompressed, C order) to have it memory-mapped")
                 out[key] = _NpyMember(tuple(shape), dtype, _member_start(p, info) + header if stored else None)
     except UserError:
         raise
@@ -80,18 +87,15 @@ def load_npz(path: str) -> Dataset:
     if not p.is_file():
         raise UserError(f"data file not found: {p}")
     members = _npz_headers(p)
-    shapes = {k: m.shape for k, m in members.items()}
     for key in ("x_train", "x_test"):
-        if len(shapes[key]) not in (2, 4):
+        shape = members[key].shape
+        if len(shape) not in (2, 4):
             raise UserError(f"{p}: {key} must be N x F (flat) or images N x C x H x W / N x H x W x C, "
-                            f"got shape {shapes[key]}")
-        check_size(f"{p}: {key}", shapes[key][0], shapes[key][1:])
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            ys = {k: z[k] for k in ("y_train", "y_test")}
-    except Exception as exc:
-        raise UserError(f"cannot read {p} as .npz: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
-    xs = [_npz_samples(p, key, members[key]) for key in ("x_train", "x_test")]
+                            f"got shape {shape}")
+        check_size(f"{p}: {key}", shape[0], shape[1:], whole=not _mapped(members[key]))
+    with _reading(p) as z:
+        ys = {k: z[k] for k in ("y_train", "y_test")}
+        xs = [_npz_samples(p, z, key, members[key]) for key in ("x_train", "x_test")]
     if xs[0].shape[1:] != xs[1].shape[1:]:
         raise UserError(f"{p}: x_train samples {tuple(xs[0].shape[1:])} and x_test samples {tuple(xs[1].shape[1:])} "
                         "differ")
@@ -102,24 +106,43 @@ def load_npz(path: str) -> Dataset:
     return make_dataset(f"npz:{p}", xs[0], y_tr, xs[1], y_te)
 
 
-def _npz_samples(p: Path, key: str, member: _NpyMember):
-    """``key``'s samples as float32 N x C x H x W (from NHWC too) or N x F: read whole, or, when the
-    float32 copy is too big to hold and the member is stored uncompressed, memory-mapped and
-    converted sample by sample. Non-finite values are refused either way."""
-    shape = member.shape
+@contextmanager
+def _reading(p: Path) -> Iterator[Any]:
+    """The archive opened by numpy; any read error inside is the one-line UserError."""
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            yield z
+    except UserError:
+        raise
+    except Exception as exc:  # zipfile, zlib and numpy raise several types
+        raise UserError(f"cannot read {p} as .npz: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _sample_shape(shape: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:
+    """The float32 sample shape (C x H x W for images) and whether the array is N x H x W x C."""
     nhwc = len(shape) == 4 and shape[-1] in (1, 3, 4) and shape[1] not in (1, 3, 4)
-    sample = (shape[3], shape[1], shape[2]) if nhwc else shape[1:]
-    if member.offset is not None and not fits_in_memory(shape[0], sample):
+    return ((shape[3], shape[1], shape[2]) if nhwc else shape[1:]), nhwc
+
+
+def _mapped(member: _NpyMember) -> bool:
+    """Whether the member is read through a memory map: stored uncompressed, and too big to hold."""
+    return member.offset is not None and not fits_in_memory(member.shape[0], _sample_shape(member.shape)[0])
+
+
+def _npz_samples(p: Path, z: Any, key: str, member: _NpyMember):
+    """``key``'s samples as float32 N x C x H x W (from NHWC too) or N x F: read whole from the open
+    archive ``z``, or, when the float32 copy is too big to hold and the member is stored
+    uncompressed, memory-mapped and converted sample by sample. Non-finite values are refused
+    either way."""
+    shape = member.shape
+    sample, nhwc = _sample_shape(shape)
+    if _mapped(member):
         mapped = np.memmap(p, dtype=member.dtype, mode="r", offset=member.offset, shape=shape)
         for i in range(0, shape[0], 256):
             if not np.isfinite(mapped[i:i + 256]).all():
                 raise UserError(f"{p}: {key} holds NaN or infinite values")
         return LazySamples(lambda i: mapped[i].transpose(2, 0, 1) if nhwc else mapped[i], shape[0], sample)
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            x = z[key].astype(np.float32)
-    except Exception as exc:
-        raise UserError(f"cannot read {p} as .npz: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+    x = z[key].astype(np.float32)
     if not np.isfinite(x).all():
         raise UserError(f"{p}: data holds NaN or infinite values")
     return x.transpose(0, 3, 1, 2) if nhwc else x

@@ -44,6 +44,14 @@ def check_onnx(path: str | os.PathLike) -> Path:
     return p
 
 
+def declared_image_size(path: str | os.PathLike) -> int | None:
+    """S when the ONNX model's first input is N x C x S x S with S fixed (the size to read an
+    image folder of mixed sizes at), else None."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in graph.input[0].type.tensor_type.shape.dim]
+    return dims[2] if len(dims) == 4 and dims[2] > 0 and dims[2] == dims[3] else None
+
+
 def load_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True,
                  provider: str = "cpu") -> ort.InferenceSession:
     """Open ``path`` in onnxruntime (on the CPU unless ``provider`` says otherwise: ``cuda``, ...);
@@ -151,7 +159,6 @@ def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: Samples
     """
     from metacompress.training import eval_batch_size
 
-    session = load_session(path, threads)
     if not isinstance(x, (torch.Tensor, LazySamples)):
         x = torch.as_tensor(x)
     batch_size = eval_batch_size(x.shape[1:], most=256) if batch_size is None else batch_size
@@ -159,6 +166,7 @@ def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: Samples
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if len(x) == 0:
         raise UserError("no samples to verify on")
+    session = load_session(path, threads)  # the arguments are checked before the file is opened
     check_input(session, tuple(x.shape[1:]))
     if y is not None and len(y) != len(x):
         raise UserError(f"{len(y)} labels for {len(x)} samples")

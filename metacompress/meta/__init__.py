@@ -2,7 +2,9 @@
 
 Tasks and distributions (``Task``, ``Sinusoid``, ``NWayKShot``, ``digits_rot``), gradient-based
 meta-learners on ``torch.func`` (``MAML``, ``FOMAML``, ``MetaSGD``, ``ANIL``, ``Reptile``), the
-transfer-learning baselines, evolution strategies (``ES``) and ``torch.distributed`` helpers.
+transfer-learning baselines, evolution strategies (``ES``), ``torch.distributed`` helpers
+(``meta.distributed``: sharded work, launchers) and data-parallel training on them
+(``meta.data_parallel``).
 """
 
 from metacompress.meta.baselines import (

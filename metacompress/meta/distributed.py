@@ -8,7 +8,9 @@ Two kinds of work are split across ranks, and both keep every rank's weights ide
 - evolution strategies: all ranks regenerate the same perturbations from the shared seed,
   each evaluates its share of the (member x task) jobs, and only the scalar rewards are
   exchanged (``sharded_map``), so an iteration's traffic is one float per job (Salimans et al.,
-  2017).
+  2017);
+- data-parallel training (``meta.data_parallel``): all ranks draw the same batch, each computes
+  the loss of its share with BatchNorm statistics of the whole batch and the gradients are summed.
 
 Ranks come from ``torchrun`` (``init_from_env``) or from ``launch_local``, which runs the same
 code on N processes of this machine. Without an initialised process group every helper is a

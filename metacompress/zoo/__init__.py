@@ -6,6 +6,6 @@
 - ``path/to/file.py:factory`` or ``package.module:factory``: a user's model
 """
 
-from metacompress.zoo.registry import BUILTIN, build_model, check_forward, is_builtin
+from metacompress.zoo.registry import BUILTIN, build_model, check_forward, is_builtin, native_image_size
 
-__all__ = ["BUILTIN", "build_model", "check_forward", "is_builtin"]
+__all__ = ["BUILTIN", "build_model", "check_forward", "is_builtin", "native_image_size"]

@@ -53,6 +53,21 @@ def _torchvision(name: str, input_shape, num_classes: int, mean: float, std: flo
     return nn.Sequential(*layers, net)
 
 
+def native_image_size(spec: str) -> int | None:
+    """The square input size a model is made for (torchvision: the crop size of its published
+    weights' evaluation transform, read from metadata, nothing downloaded); None for models that
+    size themselves to the data (the built-in zoo, user factories)."""
+    if not spec.startswith("torchvision:"):
+        return None
+    try:
+        from torchvision.models import get_model_weights
+        weights = list(get_model_weights(spec.split(":", 1)[1]))
+    except (ImportError, ValueError, KeyError):  # no torchvision, or a name build_model will refuse
+        return None
+    crop = weights[0].transforms.keywords.get("crop_size") if weights else None
+    return int(crop) if crop else None
+
+
 class _GreyToRGB(nn.Module):
     def forward(self, x):
         return x.expand(-1, 3, -1, -1)

@@ -87,6 +87,33 @@ def test_imagefolder_of_mixed_sizes_is_resized_and_center_cropped(tmp_path):
     for bad in ("size=0", "size=x", "width=16", "size=16:n=3"):
         with pytest.raises(UserError, match="malformed imagefolder spec"):
             load_dataset(f"imagefolder:{tmp_path}:{bad}")
+    # without a size, mixed sizes get the model's own input size; :size=S still wins
+    from metacompress.pipeline import load_data
+
+    assert load_data(f"imagefolder:{tmp_path}", "torchvision:inception_v3").input_shape == (3, 299, 299)
+    assert load_data(f"imagefolder:{tmp_path}:size=16", "torchvision:resnet18").input_shape == (3, 16, 16)
+    with pytest.raises(UserError, match="images differ in size.*no input size of its own"):
+        load_data(f"imagefolder:{tmp_path}", "resnet20")  # the zoo's models size themselves to the data
+
+
+def test_native_image_size_is_the_published_weights_crop_size():
+    from metacompress.zoo import native_image_size
+
+    assert native_image_size("torchvision:resnet18") == 224
+    assert native_image_size("torchvision:efficientnet_b3") == 300
+    assert native_image_size("resnet20") is None and native_image_size("torchvision:no_such_net") is None
+
+
+def test_an_onnx_files_fixed_square_input_gives_the_image_size(tmp_path):
+    from metacompress.deploy.verify import declared_image_size
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    torch.onnx.export(conv, torch.zeros(1, 3, 20, 20), tmp_path / "fixed.onnx", dynamo=False)
+    torch.onnx.export(conv, torch.zeros(1, 3, 20, 24), tmp_path / "oblong.onnx", dynamo=False)
+    torch.onnx.export(conv, torch.zeros(1, 3, 20, 20), tmp_path / "dynamic.onnx", dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {2: "h", 3: "w"}})
+    assert declared_image_size(tmp_path / "fixed.onnx") == 20
+    assert declared_image_size(tmp_path / "oblong.onnx") is None and declared_image_size(tmp_path / "dynamic.onnx") is None
 
 
 def test_subsample_per_class():

@@ -57,6 +57,23 @@ def test_a_folder_too_big_to_hold_is_read_lazily_with_the_same_splits_and_pixels
     assert torch.equal(lazy.calibration_batch(10, seed=3)[0], eager.calibration_batch(10, seed=3)[0])
 
 
+def test_batches_read_in_threads_equal_batches_read_in_order_and_the_first_bad_sample_is_named():
+    import time
+
+    def read(i: int) -> np.ndarray:
+        time.sleep(0.002 * (i % 3))  # later samples finish first
+        if i in (5, 9):
+            return np.zeros((1, 3, 3), dtype=np.float32)
+        return np.full((1, 4, 4), i, dtype=np.float32)
+
+    serial, threaded = LazySamples(read, 12, (1, 4, 4)), LazySamples(read, 12, (1, 4, 4), threads=4)
+    index = torch.tensor([4, 0, 11, 3, 3, 7])
+    assert torch.equal(threaded[index], serial[index]) and torch.equal(threaded[index][:, 0, 0, 0], index.float())
+    assert torch.equal(threaded.subset(np.arange(6, 9))[:], serial[6:9])  # subsets keep their threads
+    with pytest.raises(UserError, match="sample 5 has shape"):
+        threaded[0:12]
+
+
 def test_lazy_images_of_one_size_need_no_size_and_a_second_size_is_named(tmp_path, never_in_memory):
     from PIL import Image
 
@@ -135,6 +152,12 @@ def test_an_uncompressed_npz_too_big_to_hold_is_memory_mapped(tmp_path, monkeypa
         assert isinstance(x, LazySamples) and x.shape[1:] == (3, 8, 8) and torch.equal(x[:], ref)
     packed = load_dataset(f"npz:{tmp_path / 'packed.npz'}")  # a compressed member cannot be mapped: read whole
     assert isinstance(packed.x_train, torch.Tensor) and torch.equal(packed.x_train, eager.x_train)
+    # the in-memory size limit bounds what is allocated: a mapped array may exceed it, a packed one not
+    for module in ("datasets", "npz"):
+        monkeypatch.setattr(f"metacompress.data.{module}.MAX_DATA_BYTES", 120 * 192 * 4 - 1)
+    assert torch.equal(load_dataset(f"npz:{tmp_path / 'plain.npz'}").x_train[:], mapped.x_train[:])
+    with pytest.raises(UserError, match="compressed x_train holds 184,320 bytes, over the limit .* np.savez"):
+        load_dataset(f"npz:{tmp_path / 'packed.npz'}")
     arrays["x_test"][4, 1, 2, 0] = np.nan
     np.savez(tmp_path / "nan.npz", **arrays)
     with pytest.raises(UserError, match="x_test holds NaN or infinite values"):

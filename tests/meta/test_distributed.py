@@ -180,3 +180,82 @@ def test_policy_recipe_schema_knows_every_training_option():
 
     assert set(PolicyTrain.model_fields) - {"pipeline"} == set(MetaTrainConfig.__dataclass_fields__)
 
+
+
+# ----- compression: data-parallel training and repair ------------------------------------------
+DATA_PARALLEL_SCRIPT = '''
+import copy, functools, json
+import torch
+from metacompress.compress.distill import RepairConfig, repair
+from metacompress.data import load_dataset
+from metacompress.meta import data_parallel, distributed
+from metacompress.training import train_dense
+from metacompress.zoo import build_model
+
+
+def job():
+    data = load_dataset("digits")
+    for split in ("train", "val", "test"):  # float64: the comparison sees the algorithm, not float32 noise
+        setattr(data, f"x_{split}", getattr(data, f"x_{split}").double())
+    torch.manual_seed(0)
+    model = build_model("resnet20", data.input_shape, data.num_classes, data.mean, data.std).double()
+    start = copy.deepcopy(model.state_dict())
+    with data_parallel.data_parallel():
+        train_dense(model, data, epochs=1, batch_size=50, seed=0, progress=False)  # last batch: 13 samples
+        student = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.mul_(0.9)
+        repair(student, model, data, RepairConfig(steps=5, batch_size=33), seed=0, progress=False)
+    return start, model.state_dict(), student.state_dict()
+
+
+def diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    one = job()
+    two = distributed.launch_local(job, 2)
+    print(json.dumps({"dense": diff(one[1], two[1]), "student": diff(one[2], two[2]), "moved": diff(one[0], one[1])}))
+'''
+
+
+@pytest.mark.integration
+def test_data_parallel_training_and_repair_take_the_steps_of_one_process(tmp_path):
+    """Shares of odd sizes, BatchNorm statistics over all ranks, summed gradients, teacher logits
+    gathered: in float64, two ranks end where one process ends."""
+    script = tmp_path / "dp.py"
+    script.write_text(DATA_PARALLEL_SCRIPT)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(), timeout=600,
+                       check=False, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert d["moved"] > 1e-3 and d["dense"] < 1e-9 and d["student"] < 1e-9, d
+
+
+@pytest.mark.integration
+def test_torchrun_compress_gives_the_report_of_one_process(tmp_path):
+    from metacompress.compress.distill import RepairConfig
+    from metacompress.dense import train_and_save
+    from metacompress.pipeline import CompressConfig, run_compress
+
+    weights = str(tmp_path / "w.pt")
+    train_and_save("resnet20", "digits", weights, epochs=2)
+    common = dict(model="resnet20", data="digits", weights=weights, target_macs=0.5)
+    one = run_compress(CompressConfig(**common, repair=RepairConfig(steps=20), out=str(tmp_path / "one")))
+    r = _mc("compress", "resnet20", "--data", "digits", "--weights", weights, "--target-macs", "0.5",
+            "--repair-steps", "20", "--out", str(tmp_path / "two"), "--json", torchrun=2)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1  # rank 0 alone prints
+    two = json.loads(r.stdout)
+    assert two["ranks"] == 2 and "ranks" not in one
+    assert two["groups"] == one["groups"] and two["compressed"]["macs"] == one["compressed"]["macs"]
+    assert two["guard"]["chosen"] == one["guard"]["chosen"]
+    # float32 sums in another order: the repaired models differ by float noise, not by a sample's worth
+    assert abs(two["compressed"]["accuracy"] - one["compressed"]["accuracy"]) <= 0.01
+    refused = _mc("compress", "resnet20", "--data", "digits", "--weights", weights, "--target-latency", "0.5",
+                  "--out", str(tmp_path / "lat"), torchrun=2)
+    assert refused.returncode != 0 and "a latency budget is measured on one process" in refused.stderr
+    assert not (tmp_path / "lat").exists()
