@@ -68,9 +68,9 @@ def batch_step(model: nn.Module, opt, sched, index: torch.Tensor,
     """One step on the batch ``index`` (``loss_of(index)``: the mean loss of those samples). Under
     data parallelism each rank takes its share, scaled so that the summed gradients are the whole
     batch's, with BatchNorm statistics of the whole batch: the step one process would take."""
-    share = data_parallel.batch_shard(index)
-    with data_parallel.synced_batchnorm(model):
-        loss = loss_of(share) * (len(share) / len(index))
+    share, weight, split = data_parallel.batch_shard(index)
+    with data_parallel.synced_batchnorm(model, split):
+        loss = loss_of(share) * weight
     opt.zero_grad(set_to_none=True)
     loss.backward()
     data_parallel.sum_gradients_if_data_parallel(opt)

@@ -12,6 +12,7 @@ work as it is.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -45,14 +46,18 @@ def data_parallel_active() -> bool:
     return _data_parallel and active()
 
 
-def batch_shard(index: torch.Tensor) -> torch.Tensor:
-    """This rank's strided share of a batch (the whole batch outside data parallelism)."""
+def batch_shard(index: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """This rank's strided share of a batch, the share's weight in the summed gradient (its
+    fraction of the batch), and whether the batch was split (BatchNorm then needs the whole
+    batch's statistics). Outside data parallelism: the whole batch, 1, False. A batch smaller
+    than the number of ranks is computed whole on every rank, each with weight 1 / ranks."""
     if not data_parallel_active():
-        return index
+        return index, 1.0, False
     rank, world = rank_and_world()
     if len(index) < world:
-        raise ValueError(f"a batch of {len(index)} samples cannot be split across {world} ranks")
-    return index[rank::world]
+        return index, 1.0 / world, False
+    share = index[rank::world]
+    return share, len(share) / len(index), True
 
 
 def sum_gradients_if_data_parallel(optimizer: torch.optim.Optimizer) -> None:
@@ -83,27 +88,37 @@ def main_decides(decide: Callable[[], T]) -> T:
     if not data_parallel_active():
         return decide()
     box: list[Any] = [None]
+    error: Exception | None = None
     if dist.get_rank() == 0:
         try:
             with data_parallel(on=False):  # the other ranks wait: nothing inside may need them
                 box[0] = ("ok", decide())
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others are told
-            box[0] = ("error", exc)
+        except Exception as exc:  # noqa: BLE001 - raised below, after the others are told
+            error = exc
+            box[0] = ("error", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
     collective("broadcast from rank 0", lambda: dist.broadcast_object_list(box, src=0))
     status, value = box[0]
     if status == "error":
-        raise value
+        raise error or value
     return value
 
 
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.dumps(obj)
+    except Exception:  # noqa: BLE001 - any failure means no
+        return False
+    return True
+
+
 @contextmanager
-def synced_batchnorm(model: nn.Module) -> Iterator[None]:
-    """Inside ``data_parallel()``: the model's BatchNorm layers in training mode normalise with the
-    statistics of the whole batch over all ranks (two all-reduces per layer, differentiable), and
-    update their running statistics with them, as one process on the whole batch would.
-    Outside it, nothing changes."""
+def synced_batchnorm(model: nn.Module, split: bool = True) -> Iterator[None]:
+    """Inside ``data_parallel()``, for a batch ``split`` across ranks: the model's BatchNorm layers
+    in training mode normalise with the statistics of the whole batch over all ranks (two
+    all-reduces per layer, differentiable), and update their running statistics with them, as one
+    process on the whole batch would. Otherwise nothing changes."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not data_parallel_active() or not bns:
+    if not split or not data_parallel_active() or not bns:
         yield
         return
     for m in bns:
@@ -134,8 +149,9 @@ def _synced_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
         return type(bn).forward(bn, x)
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    count = float(all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1])), "batch-norm count"))
-    mean = all_reduce(x.sum(dims)) / count
+    sums = all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]))  # values, count
+    count = float(sums[-1])
+    mean = sums[:-1] / count
     centred = x - mean.view(shape)
     var = all_reduce((centred * centred).sum(dims)) / count
     if bn.track_running_stats and bn.running_mean is not None:

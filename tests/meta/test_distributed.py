@@ -201,12 +201,13 @@ def job():
     model = build_model("resnet20", data.input_shape, data.num_classes, data.mean, data.std).double()
     start = copy.deepcopy(model.state_dict())
     with data_parallel.data_parallel():
-        train_dense(model, data, epochs=1, batch_size=50, seed=0, progress=False)  # last batch: 13 samples
+        train_dense(model, data, epochs=1, batch_size=50, seed=0, progress=False)  # shares of 17, 17 and 16
         student = copy.deepcopy(model)
         with torch.no_grad():
             for p in student.parameters():
                 p.mul_(0.9)
-        repair(student, model, data, RepairConfig(steps=5, batch_size=33), seed=0, progress=False)
+        # batches of 2 on 3 ranks: each rank computes the whole batch at a third of the weight
+        repair(student, model, data, RepairConfig(steps=5, batch_size=2), seed=0, progress=False)
     return start, model.state_dict(), student.state_dict()
 
 
@@ -217,15 +218,16 @@ def diff(a, b):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     one = job()
-    two = distributed.launch_local(job, 2)
+    two = distributed.launch_local(job, 3)
     print(json.dumps({"dense": diff(one[1], two[1]), "student": diff(one[2], two[2]), "moved": diff(one[0], one[1])}))
 '''
 
 
 @pytest.mark.integration
 def test_data_parallel_training_and_repair_take_the_steps_of_one_process(tmp_path):
-    """Shares of odd sizes, BatchNorm statistics over all ranks, summed gradients, teacher logits
-    gathered: in float64, two ranks end where one process ends."""
+    """Shares of unequal sizes, BatchNorm statistics over all ranks, summed gradients, teacher
+    logits gathered, batches smaller than the ranks: in float64, three ranks end where one
+    process ends."""
     script = tmp_path / "dp.py"
     script.write_text(DATA_PARALLEL_SCRIPT)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_env(), timeout=600,
