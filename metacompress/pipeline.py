@@ -247,14 +247,20 @@ def compress_stages(cfg: CompressConfig, timer: Timer, prep: Prepared | None = N
         raise UserError(f"unknown --quantize '{cfg.quantize}': use one of {', '.join(QUANTIZE_MODES)}")
     if cfg.robustify is not None:
         cfg.robustify.validate()
-    if distributed.active() and (cfg.target_latency is not None or cfg.target_ms is not None):
+    _refuse_parallel_latency(cfg.target_latency is not None or cfg.target_ms is not None)
+    return compress_prepared(cfg, prep or prepare(cfg, timer), timer)
+
+
+def _refuse_parallel_latency(latency_budget: bool) -> None:
+    """A latency budget times the machine: ranks would share it and measure each other."""
+    if latency_budget and data_parallel.data_parallel_active():
         raise UserError("a latency budget is measured on one process: run compress without torchrun, "
                         "or give a MACs or params budget")
-    return compress_prepared(cfg, prep or prepare(cfg, timer), timer)
 
 
 def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Compressed:
     """(robustify) -> allocate -> prune -> (guard) -> repair -> (fuse) on a prepared dense model."""
+    _refuse_parallel_latency(prep.budget.latency is not None)
     data = prep.data
     robust_warnings = []
     if cfg.robustify is not None:
