@@ -8,7 +8,8 @@ iteration, and a 64-rank efficiency estimate for policy ES from measured job tim
   what two *free* cores would give on a machine whose cores are shared with other work;
 - MAML: meta-steps per second on sinusoid (meta-batch 25) at 1 and 2 ranks;
 - data-parallel repair (what ``torchrun ... compress`` runs): distillation steps per second of
-  resnet20 on digits@32 (batch 64, BatchNorm synced, teacher logits gathered) at 1 and 2 ranks;
+  resnet20 on digits@32 and @64 (batch 64, BatchNorm synced, teacher logits gathered) at 1 and
+  2 ranks;
 - bytes: the payload each rank puts into the iteration's all-reduce (ES: one float64 per job;
   MAML: the float32 meta-gradient plus the loss metric);
 - 64 ranks: per-job times measured here, resampled into iterations of several populations x tasks
@@ -46,18 +47,21 @@ def es_config(quick: bool, workers: int, out: str) -> mt.MetaTrainConfig:
                               population=4 if quick else 8, workers=workers, seed=0, out=out)
 
 
-def es_rate(quick: bool, workers: int) -> tuple[float, int, list[float]]:
-    """Reward jobs per second (teacher caching excluded), jobs per iteration, and the CPU seconds
-    of each rank over the whole run (rank 0 is this process; the others are its reaped children)."""
+def es_rate(quick: bool, workers: int) -> tuple[float, float, int, list[float]]:
+    """Reward jobs per second over the whole run (teacher caching excluded) and after the first
+    iteration (the steady state: each rank's one-off setup, its teachers' contexts and probes,
+    falls in the first), jobs per iteration, and the CPU seconds of each rank over the whole run
+    (rank 0 is this process; the others are its reaped children)."""
     cfg = es_config(quick, workers, tempfile.mkdtemp(prefix="es-"))
     cpu0, kids0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    hist = mt.meta_train(cfg, resume=False)["history"]
+    hist = mt.train_policy(cfg, resume=False)["history"]
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = [time.process_time() - cpu0]
     if workers > 1:  # one child per extra rank, all reaped: their CPU time together, split evenly
         cpu += [(kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime) / (workers - 1)] * (workers - 1)
     jobs = cfg.population * cfg.tasks_per_iteration
-    return jobs * len(hist) / max(hist[-1]["seconds"], 1e-9), jobs, cpu
+    steady = jobs * (len(hist) - 1) / max(hist[-1]["seconds"] - hist[0]["seconds"], 1e-9)
+    return jobs * len(hist) / max(hist[-1]["seconds"], 1e-9), steady, jobs, cpu
 
 
 def job_times(quick: bool) -> tuple[dict[CompressionTask, list[float]], list[float]]:
@@ -74,7 +78,7 @@ def job_times(quick: bool) -> tuple[dict[CompressionTask, list[float]], list[flo
 
     mt._score = timed
     try:
-        mt.meta_train(es_config(quick, 1, tempfile.mkdtemp(prefix="es-")), resume=False)
+        mt.train_policy(es_config(quick, 1, tempfile.mkdtemp(prefix="es-")), resume=False)
     finally:
         mt._score = inner
     return by_task, baselines
@@ -95,9 +99,9 @@ def maml_rate(ranks: int, steps: int) -> float:
     return (len(stamps) - 2) / (stamps[-1] - stamps[1])  # from the end of the first step (warm-up excluded)
 
 
-def _timed_repair(steps: int) -> float:
-    """Seconds of one data-parallel repair (BN recalibration, teacher logits, ``steps`` steps) of a
-    pruned resnet20 on digits@32."""
+def _timed_repair(steps: int, data_spec: str = "digits@32") -> float:
+    """Seconds of one data-parallel repair (BN recalibration, teacher logits, ``steps`` steps) of
+    resnet20 on ``data_spec``."""
     import copy
 
     from metacompress.compress.distill import RepairConfig, repair
@@ -105,10 +109,11 @@ def _timed_repair(steps: int) -> float:
     from metacompress.zoo import build_model
 
     torch.set_num_threads(1)
-    data = load_dataset("digits@32")
+    data = load_dataset(data_spec)
     torch.manual_seed(0)
     teacher = build_model("resnet20", data.input_shape, data.num_classes, data.mean, data.std).eval()
     student = copy.deepcopy(teacher)
+    distributed.barrier()  # a spawned rank imports torch first: its start-up is not the repair's time
     with data_parallel.data_parallel():
         start = time.perf_counter()
         repair(student, teacher, data, RepairConfig(steps=steps), progress=False)
@@ -121,9 +126,9 @@ def resnet20_params() -> int:
     return sum(p.numel() for p in build_model("resnet20", (1, 32, 32), 10).parameters())
 
 
-def repair_rate(ranks: int, steps: int) -> float:
+def repair_rate(ranks: int, steps: int, data_spec: str) -> float:
     """Distillation steps per second of a data-parallel repair on ``ranks`` ranks (spawned)."""
-    return steps / distributed.launch_local(functools.partial(_timed_repair, steps), ranks)
+    return steps / distributed.launch_local(functools.partial(_timed_repair, steps, data_spec), ranks)
 
 
 def allreduce_latency(n: int = 200) -> float:
@@ -167,12 +172,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)  # one thread per rank at every world size: the comparison is of processes
-    mt.meta_train(es_config(args.quick, 1, tempfile.mkdtemp(prefix="es-warm-")), resume=False)  # cache teachers
-    (es1, jobs, cpu1), (es2, _, cpu2) = es_rate(args.quick, 1), es_rate(args.quick, 2)
+    mt.train_policy(es_config(args.quick, 1, tempfile.mkdtemp(prefix="es-warm-")), resume=False)  # cache teachers
+    (es1, steady1, jobs, cpu1), (es2, steady2, _, cpu2) = es_rate(args.quick, 1), es_rate(args.quick, 2)
     steps = 10 if args.quick else 60
     m1, m2 = maml_rate(1, steps), maml_rate(2, steps)
     repair_steps = 10 if args.quick else 60
-    r1, r2 = repair_rate(1, repair_steps), repair_rate(2, repair_steps)
+    repairs = {size: (repair_rate(1, repair_steps, f"digits@{size}"), repair_rate(2, repair_steps, f"digits@{size}"))
+               for size in (32, 64)}
     params = sum(p.numel() for p in train_checkpoint(parse_task_spec("sinusoid"), "maml", 1, 0, joint_steps=1)
                  ["state"]["model"].values())
     latency = allreduce_latency(50 if args.quick else 500)
@@ -184,13 +190,16 @@ def main() -> None:
     eff = {shape: es_efficiency(by_task, baselines, latency, *shape, rng, trials) for shape in shapes}
     print("| work | 1 rank | 2 ranks | speedup | all-reduce payload per iteration and rank |")
     print("|---|---:|---:|---:|---|")
-    print(f"| policy ES, reward jobs/s ({jobs} jobs/iteration) | {es1:.2f} | {es2:.2f} | {es2 / es1:.2f}x | "
+    print(f"| policy ES, reward jobs/s ({jobs} jobs/iteration), whole run | {es1:.2f} | {es2:.2f} | {es2 / es1:.2f}x | "
           f"{8 * jobs} B ({jobs} float64 rewards) |")
+    print(f"| policy ES, reward jobs/s after the first iteration | {steady1:.2f} | {steady2:.2f} | "
+          f"{steady2 / steady1:.2f}x | same |")
     print(f"| MAML sinusoid, meta-steps/s (meta-batch 25) | {m1:.1f} | {m2:.1f} | {m2 / m1:.2f}x | "
           f"{4 * params + 8} B ({params} float32 gradients + loss) |")
-    print(f"| data-parallel repair, resnet20 digits@32, steps/s (batch 64, {repair_steps} steps) | {r1:.2f} | "
-          f"{r2:.2f} | {r2 / r1:.2f}x | {4 * resnet20_params():,} B of float32 gradients per step, plus "
-          "4 x channels floats per BatchNorm layer |")
+    for size, (r1, r2) in repairs.items():
+        print(f"| data-parallel repair, resnet20 digits@{size}, steps/s (batch 64, {repair_steps} steps) | {r1:.2f} | "
+              f"{r2:.2f} | {r2 / r1:.2f}x | {4 * resnet20_params():,} B of float32 gradients per step, and "
+              "4 all-reduces of a few floats per channel per BatchNorm layer |")
     print()
     print(f"policy ES CPU seconds, whole run (setup included): 1 rank {cpu1[0]:.1f}; 2 ranks {cpu2[0]:.1f} + "
           f"{cpu2[1]:.1f}; speedup on two free cores estimated from CPU time: {cpu1[0] / max(cpu2):.2f}x")

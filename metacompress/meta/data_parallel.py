@@ -150,7 +150,7 @@ def _synced_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
     sums = all_reduce(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]))  # values, count
-    count = float(sums[-1])
+    count = float(sums[-1].detach())
     mean = sums[:-1] / count
     centred = x - mean.view(shape)
     var = all_reduce((centred * centred).sum(dims)) / count
