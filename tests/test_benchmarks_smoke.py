@@ -71,3 +71,8 @@ def test_compress_parity_smoke(tmp_path):
 def test_robustify_smoke(tmp_path):
     out = run_bench(tmp_path, "robustify.py", "--model", "mlp", "--data", "digits", "--quick", "--set", "tasks=2")
     assert "| condition |" in out and "| plain+extra |" in out
+
+
+def test_distributed_smoke(tmp_path):
+    out = run_bench(tmp_path, "distributed.py", "--quick")
+    assert "policy ES, reward jobs/s" in out and "data-parallel repair" in out and "estimated ES efficiency" in out
