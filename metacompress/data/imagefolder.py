@@ -4,6 +4,7 @@ small folders and batch by batch for big ones."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +20,14 @@ def load_imagefolder(arg: str, default_size: int | None = None) -> Dataset:
     mixed sizes are resized and cropped to ``default_size`` (the size the model is made for), or
     refused when there is none. Every file's header is checked first; a split too big for
     IN_MEMORY_BYTES is then read lazily, batch by batch, as the stages ask."""
+    try:
+        from torchvision import datasets
+    except ImportError:
+        raise UserError("imagefolder data needs torchvision: pip install 'metacompress[vision]'") from None
     root, size = _imagefolder_options(arg)
-    splits = [_scan_split(root, split) for split in ("train", "test")]
+    if not (Path(root) / "train").is_dir() or not (Path(root) / "test").is_dir():
+        raise UserError(f"imagefolder:{root} needs sub-folders train/ and test/, one folder per class in each")
+    splits = [_scan_split(datasets, root, split) for split in ("train", "test")]
     if splits[0][2] != splits[1][2]:
         raise UserError(f"imagefolder:{root}: test/ has classes {splits[1][2][:5]}..., train/ has "
                         f"{splits[0][2][:5]}...; both need the same class folders")
@@ -39,14 +46,9 @@ def load_imagefolder(arg: str, default_size: int | None = None) -> Dataset:
     return make_dataset(f"imagefolder:{arg}", out[0], splits[0][1], out[1], splits[1][1], len(splits[0][2]))
 
 
-def _scan_split(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """The image paths, labels and class names of ``root/split`` (nothing read yet)."""
-    try:
-        from torchvision import datasets
-    except ImportError:
-        raise UserError("imagefolder data needs torchvision: pip install 'metacompress[vision]'") from None
-    if not (Path(root) / "train").is_dir() or not (Path(root) / "test").is_dir():
-        raise UserError(f"imagefolder:{root} needs sub-folders train/ and test/, one folder per class in each")
+def _scan_split(datasets: Any, root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """The image paths, labels and class names of ``root/split`` (nothing read yet);
+    ``datasets``: torchvision's datasets module."""
     try:
         ds = datasets.ImageFolder(str(Path(root) / split), loader=lambda path: path)
     except (FileNotFoundError, OSError) as exc:  # no class folders, or a class without images
