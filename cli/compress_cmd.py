@@ -139,7 +139,8 @@ def _render_report(r: dict) -> None:
         accs = ", ".join(f"{s['test_accuracy']:.4f}" for s in r["students"])
         console.print(f"students (test accuracy): {accs}; greedy soup of {len(r['soup']['ingredients'])}: "
                       f"{r['soup']['test_accuracy']:.4f}")
-    console.print(f"ONNX check: max abs diff {o['max_abs_diff']:.2e}, top-1 agreement {o['top1_agreement']:.4f}, "
+    console.print(f"ONNX check on {o['parity_samples']} test samples: max abs diff {o['max_abs_diff']:.2e} "
+                  f"({o['max_rel_diff']:.1e} of the largest logit), top-1 agreement {o['top1_agreement']:.4f}, "
                   f"opset {o['opset']} ({o['exporter']} exporter)")
 
 

@@ -90,7 +90,8 @@ def verify(
         console.print(f"[bold]{r['model']}[/bold]: opset {r['opset']}, {r['bytes']:,} bytes, "
                       f"{sum(r['ops'].values())} nodes")
         console.print(f"accuracy {_fmt(r['accuracy'], '.4f')} on {r['samples']} {split} samples; "
-                      f"max abs diff {_fmt(r['max_abs_diff'], '.3g')}; "
+                      f"max abs diff {_fmt(r['max_abs_diff'], '.3g')} "
+                      f"(relative {_fmt(r['max_rel_diff'], '.1e')}); "
                       f"top-1 agreement {_fmt(r['top1_agreement'], '.4f')}")
         console.print("ops: " + ", ".join(f"{k} {v}" for k, v in r["ops"].items()), highlight=False)
 

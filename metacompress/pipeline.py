@@ -29,6 +29,7 @@ from metacompress.budget import Budget, BudgetSpec, budget_spec, resolve_budget
 from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.groups import refuse_unsupported
+from metacompress.compress.measure import count_macs
 from metacompress.compress.prune import PruningSpace
 from metacompress.compress.robust import RobustConfig
 from metacompress.compress.rules import RULES
@@ -46,7 +47,17 @@ from metacompress.zoo import build_model, check_forward, is_builtin, native_imag
 DEFAULT_TRAIN_EPOCHS = 30
 QUANTIZE_MODES = ("none", "auto", "static", "dynamic")
 OUTPUTS = ("model.onnx", "model.pt", "report.json", "model.int8.onnx")
-DENSE_PARITY_SAMPLES = 64  # test samples on which the dense model's ONNX file is checked against PyTorch
+DENSE_PARITY_SAMPLES = 64  # at most this many test samples check the dense ONNX file (only the latency baseline)
+PARITY_MACS = 5e11         # MACs of PyTorch reference passes a parity check spends, if it has to choose
+MIN_PARITY_SAMPLES = 32
+
+
+def parity_samples(macs_per_sample: float, available: int, most: int | None = None) -> int:
+    """Test samples on which an ONNX file is compared with PyTorch: all of them (or ``most``)
+    unless their reference passes would cost over PARITY_MACS (a ViT-B/16 spends a minute on
+    240 images at 224), then as many as that buys, and at least MIN_PARITY_SAMPLES."""
+    affordable = max(MIN_PARITY_SAMPLES, int(PARITY_MACS // max(macs_per_sample, 1.0)))
+    return min(available, most or available, affordable)
 
 
 @dataclass
@@ -309,13 +320,17 @@ def export_and_verify(cfg: CompressConfig, c: Compressed, tmp: Path, timer: Time
             out["quant"] = quantize_onnx(tmp / "model.onnx", tmp / "model.int8.onnx", cfg.quantize,
                                          calibration=data.calibration_batch(256, cfg.seed)[0].numpy())
     with timer.stage("verify"):
-        out["verify"] = verify_onnx(tmp / "model.onnx", c.student, data.x_test, data.y_test)
-        parity = slice(0, DENSE_PARITY_SAMPLES)  # the dense file is only the latency baseline: its parity suffices
-        out["dense_verify"] = verify_onnx(tmp / "dense.onnx", c.prep.dense, data.x_test[parity], data.y_test[parity])
+        n = len(data.x_test)
+        student_parity = parity_samples(count_macs(c.student, example), n)
+        out["verify"] = verify_onnx(tmp / "model.onnx", c.student, data.x_test, data.y_test,
+                                    parity_samples=student_parity)
+        dense = slice(0, parity_samples(c.prep.space.dense_macs, n, DENSE_PARITY_SAMPLES))
+        out["dense_verify"] = verify_onnx(tmp / "dense.onnx", c.prep.dense, data.x_test[dense], data.y_test[dense])
         sessions = {"dense": tmp / "dense.onnx", "compressed": tmp / "model.onnx"}
         if cfg.quantize != "none":
             sessions["int8"] = tmp / "model.int8.onnx"
-            out["quant"].update(verify_onnx(tmp / "model.int8.onnx", c.student, data.x_test, data.y_test))
+            out["quant"].update(verify_onnx(tmp / "model.int8.onnx", c.student, data.x_test, data.y_test,
+                                            parity_samples=student_parity))
         batches = sorted({1, 32, cfg.latency_batch})
         out["latency"] = benchmark_latency(sessions, data.input_shape, batches=batches, repeats=cfg.latency_repeats,
                                            threads=cfg.threads or default_threads(), provider=cfg.provider,

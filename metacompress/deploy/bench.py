@@ -20,7 +20,7 @@ from metacompress.deploy.verify import check_input, load_session
 from metacompress.errors import UserError
 
 MAX_REPEATS = 5000
-MIN_TIMINGS = 6  # fewest timings of each model (over all its sessions) a time cap (``max_seconds``) may leave
+MIN_TIMINGS = 3  # fewest timings of each model (over all its sessions) a time cap (``max_seconds``) may leave
 
 
 def _session(ref: Any, threads: int | None, spin: bool, provider: str) -> ort.InferenceSession:

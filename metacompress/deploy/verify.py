@@ -149,13 +149,19 @@ def _reference_logits(reference: nn.Module, x: Any, batch_size: int) -> np.ndarr
 
 
 def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: Samples,
-                y: torch.Tensor | None, batch_size: int | None = None, threads: int | None = None) -> dict[str, Any]:
+                y: torch.Tensor | None, batch_size: int | None = None, threads: int | None = None,
+                parity_samples: int | None = None) -> dict[str, Any]:
     """Run ``path`` on ``x`` (a tensor, an array or lazy samples, read batch by batch) in
     onnxruntime and compare it with ``reference`` (a PyTorch module).
 
-    Returns ``accuracy`` (None without labels), ``max_abs_diff`` and ``top1_agreement`` (None
-    without a reference), ``opset``, ``bytes`` and ``ops`` ({op_type: count}). ``batch_size``:
-    samples per call, by default at most 256 and fewer for big samples.
+    Returns ``accuracy`` (None without labels), ``max_abs_diff``, ``max_rel_diff`` and
+    ``top1_agreement`` (None without a reference), ``opset``, ``bytes`` and ``ops`` ({op_type:
+    count}). ``max_rel_diff`` is the largest difference over the largest reference logit: float32
+    rounding grows with the logits' scale, so a model whose logits reach 1e7 differs by whole units
+    and still matches to float precision. ``batch_size``:
+    samples per call, by default at most 256 and fewer for big samples. ``parity_samples``: compare
+    with the reference on the first this many samples only (the accuracy still counts all): a
+    wrong export differs on every input, and the reference's passes are what costs on big models.
     """
     from metacompress.training import eval_batch_size
 
@@ -166,20 +172,25 @@ def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: Samples
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if len(x) == 0:
         raise UserError("no samples to verify on")
+    if parity_samples is not None and parity_samples < 1:
+        raise UserError(f"parity samples must be at least 1, got {parity_samples}")
     session = load_session(path, threads)  # the arguments are checked before the file is opened
     check_input(session, tuple(x.shape[1:]))
     if y is not None and len(y) != len(x):
         raise UserError(f"{len(y)} labels for {len(x)} samples")
     logits = run_batched(session, x, batch_size)
     pred = logits.argmax(axis=1)
-    result: dict[str, Any] = {"accuracy": None, "max_abs_diff": None, "top1_agreement": None}
+    result: dict[str, Any] = {"accuracy": None, "max_abs_diff": None, "max_rel_diff": None, "top1_agreement": None}
     if y is not None:
         result["accuracy"] = float((pred == torch.as_tensor(y).numpy()).mean())
     if reference is not None:
-        ref = _reference_logits(reference, x, batch_size)
+        n = len(x) if parity_samples is None else min(parity_samples, len(x))
+        ref, logits, pred = _reference_logits(reference, x[:n], batch_size), logits[:n], pred[:n]
+        result["parity_samples"] = n
         if ref.shape != logits.shape:
             raise UserError(f"the reference gives outputs of shape {ref.shape}, the ONNX model {logits.shape}")
         result["max_abs_diff"] = float(np.abs(ref - logits).max())
+        result["max_rel_diff"] = result["max_abs_diff"] / max(float(np.abs(ref).max()), np.finfo(np.float32).tiny)
         result["top1_agreement"] = float((ref.argmax(axis=1) == pred).mean())
     result.update(model_facts(Path(path)))
     result["samples"] = len(x)

@@ -360,3 +360,60 @@ def test_int8_not_slower_than_fp32_at_batch_32(resnet, mlp, digits32, tmp_path):
         shape = tuple(load_session(path, threads=1).get_inputs()[0].shape[1:])
         r = benchmark_latency({"fp32": path, "int8": q}, shape, batches=(32,), threads=2, repeats=50, warmup=5)
         assert speedups(r, "fp32")["int8"]["b32"] >= 0.9, (name, r)
+
+
+def test_verify_relative_diff_is_over_the_largest_reference_logit(tmp_path):
+    torch.manual_seed(0)
+    big = nn.Linear(6, 3).eval()
+    with torch.no_grad():
+        big.weight.mul_(1e6)  # logits of order 1e6: float32 rounding alone is ~0.1 there
+    path = tmp_path / "m.onnx"
+    export_onnx(big, torch.randn(2, 6), path, dynamo=False)
+    off = copy.deepcopy(big)
+    with torch.no_grad():
+        off.bias.add_(4.0)
+        x = torch.randn(20, 6)
+        ref = off(x)
+    r = verify_onnx(path, off, x, None)
+    assert r["max_abs_diff"] == pytest.approx(4.0, abs=0.5)
+    assert r["max_rel_diff"] == pytest.approx(r["max_abs_diff"] / float(ref.abs().max()), rel=1e-6)
+    assert r["max_rel_diff"] < 1e-4
+
+
+class _OffBeyond(nn.Module):
+    """``model`` plus 1 on every logit of the samples whose first feature exceeds 50."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) + (x[:, :1] > 50).float()
+
+
+def test_verify_parity_on_a_prefix_and_accuracy_on_all(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, torch.randn(2, 6), path, dynamo=False)
+    x = torch.randn(20, 6)
+    x[5:, 0] = 100.0
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[-1] = (y[-1] + 1) % 3   # one wrong label, among the samples outside the prefix
+    head = verify_onnx(path, _OffBeyond(model), x, y, parity_samples=5)
+    assert head["parity_samples"] == 5 and head["samples"] == 20
+    assert head["max_abs_diff"] < 1e-5 and head["accuracy"] == pytest.approx(19 / 20)
+    whole = verify_onnx(path, _OffBeyond(model), x, y)
+    assert whole["parity_samples"] == 20 and whole["max_abs_diff"] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(UserError, match="parity samples"):
+        verify_onnx(path, model, x, y, parity_samples=0)
+
+
+def test_parity_samples_are_bounded_by_the_reference_cost():
+    from metacompress.pipeline import MIN_PARITY_SAMPLES, PARITY_MACS, parity_samples
+
+    assert parity_samples(41e6, 360) == 360                      # a small model: every test sample
+    assert parity_samples(PARITY_MACS / 89.5, 240) == 89          # as many as the budget buys
+    assert parity_samples(PARITY_MACS, 240) == MIN_PARITY_SAMPLES  # and never fewer than the floor
+    assert parity_samples(41e6, 360, most=64) == 64 and parity_samples(41e6, 10) == 10
