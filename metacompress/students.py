@@ -1,4 +1,4 @@
-"""The pruned model's students: one distillation repair, the guard's three candidates, several
+"""The pruned model's students: one distillation repair, the guard's candidates, several
 repairs forked from a shared start, and their soup.
 
 Each student is returned with its validation/test scores and weights, so that the pipeline can
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
-from metacompress.compress.rules import rule_allocation
+from metacompress.compress.rules import CHANNEL_IMPORTANCE, rule_allocation
 from metacompress.data import Dataset
 from metacompress.meta import data_parallel
 from metacompress.meta.modules import has_batchnorm, load_state
@@ -64,35 +64,61 @@ class Guarded:
 
 def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned: RepairConfig,
                  pruned: nn.Module) -> Guarded:
-    """Repair the policy's proposal and two safe alternatives; keep the one ``guard_choice``
+    """Repair the policy's proposal and three safe alternatives; keep the one ``guard_choice``
     picks on validation (policy/guard.py says which and why).
 
-    Three repairs bound the risk of a family the policy has not seen, still over 20x cheaper
-    than a per-task search of 64 repairs. ``pruned`` is the policy's allocation, already pruned.
+    Four repairs and three BN-only screens bound the risk of a task the policy has not seen, still
+    over 10x cheaper than a per-task search of 64 repairs. ``pruned`` is the policy's allocation,
+    already pruned.
     """
-    from metacompress.policy.guard import guard_choice, versus_fallback
+    from metacompress.policy.guard import fallback_of, guard_choice, versus_fallback
 
-    uniform = prep.budget.project(prep.space, rule_allocation("uniform", prep.space, prep.dense, calib=None))
-    options = {"policy": (keep, learned), "policy-allocation": (keep, cfg.repair), "uniform": (uniform, cfg.repair)}
+    best, screen, options = _guard_options(cfg, prep, keep, learned)
     models: dict[str, nn.Module] = {}
     tried: dict[str, dict[str, Any]] = {}
     bn = has_batchnorm(pruned)
-    for name, (k, rc) in options.items():
-        if any(options[n][0] == k and options[n][1].outcome(bn) == rc.outcome(bn) for n in tried):
-            continue  # the same repair again: all settings given explicitly, or BN-only with one BN size
-        models[name] = pruned if k == keep else prune_to(prep, k, "magnitude", cfg.seed)
+    for name, (k, importance, rc) in options.items():
+        same = next((n for n in tried if options[n][:2] == (k, importance) and
+                     options[n][2].outcome(bn) == rc.outcome(bn)), None)
+        if same is not None:  # the same repair again: all settings given explicitly, or BN-only with one BN size
+            models[name], tried[name] = models[same], tried[same]
+            continue
+        models[name] = pruned if (k, importance) == (keep, "magnitude") else prune_to(prep, k, importance, cfg.seed)
         tried[name] = repair_one(models[name], prep.dense, prep.data, rc, cfg.seed, test=False)  # the guard picks on validation
     acc = {n: t["val_accuracy"] for n, t in tried.items()}
     loss = {n: t["val_loss"] for n, t in tried.items()}
     correct = {n: t["val_correct"] for n, t in tried.items()}
     chosen = data_parallel.main_decides(lambda: guard_choice(correct, loss))  # one pick, whatever float noise
-    paired = {n: t._asdict() for n, t in versus_fallback(correct).items()}
-    counts = {n: f" (+{t['wins']}/-{t['losses']} images vs uniform)" for n, t in paired.items()}
+    paired = {n: t._asdict() for n, t in versus_fallback(correct, loss).items()}
+    counts = {n: f" (+{t['wins']}/-{t['losses']} images)" for n, t in paired.items()}
     scores = ", ".join(f"{n} {a:.4f}{counts.get(n, '')}" for n, a in acc.items())
     status(f"guard: validation accuracy {scores} -> {chosen}")
-    info = {"val_accuracy": acc, "val_loss": loss, "vs_uniform": paired, "chosen": chosen}
-    k, rc = options[chosen]
+    info = {"val_accuracy": acc, "val_loss": loss, "screen": screen, "screened_rule": best,
+            "fallback": fallback_of(correct, loss), "vs_fallback": paired, "chosen": chosen}
+    k, _, rc = options[chosen]
     return Guarded(k, rc, models[chosen], info, tried[chosen])
+
+
+def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned: RepairConfig
+                   ) -> tuple[str, dict[str, float], dict[str, tuple[list[int], str, RepairConfig]]]:
+    """The guard's candidates (allocation, channel importance, repair settings), after screening
+    the fixed rules other than uniform; also the screened rule and every screen's accuracy."""
+    from metacompress.policy.guard import SCREEN_VAL_SAMPLES, SCREENED_RULES, screen_config, screened_rule
+
+    calib = prep.data.calibration_batch(128, cfg.seed)
+    keeps = {r: prep.budget.project(prep.space, rule_allocation(r, prep.space, prep.dense, calib))
+             for r in ("uniform", *SCREENED_RULES)}
+    data = prep.data
+    correct = {}
+    for r in SCREENED_RULES:
+        s = prune_to(prep, keeps[r], CHANNEL_IMPORTANCE[r], cfg.seed)
+        repair(s, prep.dense, data, screen_config(cfg.repair), seed=cfg.seed, progress=False)
+        correct[r] = accuracy_and_loss(s, data.x_val[:SCREEN_VAL_SAMPLES], data.y_val[:SCREEN_VAL_SAMPLES])[2]
+    best = data_parallel.main_decides(lambda: screened_rule(correct))
+    options = {"policy": (keep, "magnitude", learned), "policy-allocation": (keep, "magnitude", cfg.repair),
+               "uniform": (keeps["uniform"], "magnitude", cfg.repair),
+               best: (keeps[best], CHANNEL_IMPORTANCE[best], cfg.repair)}
+    return best, {r: float(c.mean()) for r, c in correct.items()}, options
 
 
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,

@@ -190,7 +190,7 @@ def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: Samples
         if ref.shape != logits.shape:
             raise UserError(f"the reference gives outputs of shape {ref.shape}, the ONNX model {logits.shape}")
         result["max_abs_diff"] = float(np.abs(ref - logits).max())
-        result["max_rel_diff"] = result["max_abs_diff"] / max(float(np.abs(ref).max()), np.finfo(np.float32).tiny)
+        result["max_rel_diff"] = result["max_abs_diff"] / max(float(np.abs(ref).max()), float(np.finfo(np.float32).tiny))
         result["top1_agreement"] = float((ref.argmax(axis=1) == pred).mean())
     result.update(model_facts(Path(path)))
     result["samples"] = len(x)

@@ -1,7 +1,8 @@
 """Judge a policy against the built-in allocations on held-out tasks.
 
 Columns per task: ``meta`` (zero-shot policy: allocation + repair settings), ``meta+guard``
-(what ``compress`` keeps: policy/guard.py), ``meta-alloc`` (the policy's allocation with the
+(what ``compress`` keeps: policy/guard.py), ``meta+uniform-guard`` (the guard with uniform as
+its only fixed rule, as it was before it screened the others), ``meta-alloc`` (the policy's allocation with the
 default repair settings), the four built-ins with the default repair settings, ``oracle`` (per
 task, the built-in with the best *validation* accuracy), ``sensitivity`` (the policy's
 probe-based expert alone, default repair: what the learned mixture adds to it), and
@@ -21,13 +22,13 @@ import torch
 
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.rules import RULES
-from metacompress.policy.guard import GUARD_CANDIDATES, guard_choice
+from metacompress.policy.guard import SCREENED_RULES, guard_choice, screen_config, screened_rule
 from metacompress.policy.meta_train import adapt
 from metacompress.policy.network import REGIMES, init_params
-from metacompress.policy.tasks import CompressionTask, Score, TaskPool, teachers_from
+from metacompress.policy.tasks import CompressionTask, Score, TaskPool, regime_config, teachers_from
 from metacompress.progress import track
 
-COLUMNS = ("meta", "meta+guard", "meta-alloc", *RULES, "oracle", "sensitivity")
+COLUMNS = ("meta", "meta+guard", "meta+uniform-guard", "meta-alloc", *RULES, "oracle", "sensitivity")
 
 
 @dataclass
@@ -70,10 +71,13 @@ def _row(args: tuple[CompressionTask, int]) -> dict[str, Any]:
                              "meta-alloc": _POOL.policy(_THETA, task, learned_repair=False)}
     for rule in RULES:
         res[rule] = _POOL.rule(task, rule)
-    # exactly the guard of compress (students.guard_repair): the same three repairs, the same choice
-    guarded = dict(zip(GUARD_CANDIDATES, (res["meta"], res["meta-alloc"], res["uniform"])))
-    res["meta+guard"] = guarded[guard_choice({n: v.val_correct for n, v in guarded.items()},
-                                             {n: v.val_loss for n, v in guarded.items()})]
+    # exactly the guard of compress (students.guard_repair): the same screens and repairs, the same choice
+    screen = regime_config(task.regime, _POOL.defaults)
+    best_rule = screened_rule({r: _POOL.rule(task, r, screen_config(screen)).val_correct for r in SCREENED_RULES})
+    guarded = {"policy": res["meta"], "policy-allocation": res["meta-alloc"], "uniform": res["uniform"],
+               best_rule: res[best_rule]}
+    res["meta+guard"] = _guarded(guarded)
+    res["meta+uniform-guard"] = _guarded({n: guarded[n] for n in ("policy", "policy-allocation", "uniform")})
     best = max(RULES, key=lambda r: res[r].val)
     res["oracle"] = res[best]
     res["sensitivity"] = _POOL.expert(task, "sensitivity")  # the policy's probe-based expert alone
@@ -83,9 +87,14 @@ def _row(args: tuple[CompressionTask, int]) -> dict[str, Any]:
                       sigma=0.1, lr=0.05, seed=task.seed)
         res["es-search"] = _POOL.policy(theta, task)
     return {"teacher": task.teacher.label(), "budget": task.budget, "regime": task.regime, "seed": task.seed,
-            "dense_test": _POOL.context(task.teacher).dense_test, "oracle_rule": best,
+            "dense_test": _POOL.context(task.teacher).dense_test, "oracle_rule": best, "screened_rule": best_rule,
             "val": {k: v.val for k, v in res.items()}, "test": {k: v.test for k, v in res.items()},
             "val_loss": {k: v.val_loss for k, v in res.items()}}
+
+
+def _guarded(candidates: dict[str, Score]) -> Score:
+    return candidates[guard_choice({n: v.val_correct for n, v in candidates.items()},
+                                   {n: v.val_loss for n, v in candidates.items()})]
 
 
 def evaluate(cfg: EvalConfig, theta: np.ndarray, kinds_seen: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
@@ -138,7 +147,25 @@ def _targets(rows: list[dict[str, Any]], col: str, best_rule: str) -> dict[str, 
     key = min(means, key=means.get)
     out["worst_cell_vs_uniform"] = {"points": means[key], "teacher": key[0], "budget": key[1], "regime": key[2]}
     out["cells_below_uniform_by_0.5"] = f"{sum(v < -0.5 for v in means.values())}/{len(means)}"
+    out.update(_versus_cell_best_rule(rows, col))
     return out
+
+
+def _versus_cell_best_rule(rows: list[dict[str, Any]], col: str) -> dict[str, Any]:
+    """``col`` against the best fixed rule of each (teacher, budget, regime) cell (means over
+    seeds, in points): the worst cell and how many trail theirs by over 0.5 point."""
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["teacher"], r["budget"], r["regime"]), []).append(r)
+
+    def mean(sel: list[dict[str, Any]], c: str) -> float:
+        return 100 * float(np.mean([r["test"][c] for r in sel]))
+
+    gaps = {k: mean(sel, col) - max(mean(sel, rule) for rule in RULES) for k, sel in cells.items()}
+    key = min(gaps, key=gaps.get)
+    return {"worst_cell_vs_cell_best_rule": {"points": gaps[key], "teacher": key[0], "budget": key[1],
+                                             "regime": key[2]},
+            "cells_below_cell_best_rule_by_0.5": f"{sum(v < -0.5 for v in gaps.values())}/{len(gaps)}"}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,7 +185,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     short = [r for r in rows if r["regime"] in ("bn", "short", "few")]
     summary: dict[str, Any] = {"table": table, "best_single_rule": best_rule,
                                "meta": _targets(rows, "meta", best_rule),
-                               "meta+guard": _targets(rows, "meta+guard", best_rule)}
+                               "meta+guard": _targets(rows, "meta+guard", best_rule),
+                               "meta+uniform-guard": _targets(rows, "meta+uniform-guard", best_rule)}
     if short:
         summary["meta_alloc_short_minus_best_rule"] = _mean_diff(short, "meta-alloc", best_rule)
         summary["sensitivity_short_minus_best_rule"] = _mean_diff(short, "sensitivity", best_rule)

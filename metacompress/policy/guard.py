@@ -1,31 +1,43 @@
 """The guard's choice among repaired candidates: what ``compress`` keeps when the policy allocates,
 and the ``meta+guard`` column of ``policy eval`` (one rule, so the two cannot drift apart).
 
-Candidates, in order of preference: the policy's allocation with its repair settings, the same
-allocation with the default settings, the uniform allocation with the default settings. The
-policy wins on average, but on a family it has not seen its repair settings can diverge or its
-allocation can trail uniform (BENCHMARKS.md).
+Candidates: the policy's allocation with its repair settings, the same allocation with the
+default settings, and two fixed rules with the default settings: uniform, and whichever of the
+other fixed rules (global magnitude, global Taylor, LAMP) screens best. The policy wins on
+average, but on a family or dataset it has not seen its repair settings can diverge or its
+allocation can trail a fixed rule (BENCHMARKS.md); which fixed rule is best changes from task
+to task, and repairing all of them would double the guard's cost, so they are screened first:
+each is pruned, BN-recalibrated on SCREEN_BN_SAMPLES samples (no distillation) and scored on the
+first SCREEN_VAL_SAMPLES validation images.
 
-Uniform is the fallback: another candidate replaces it only when a paired test on the validation
-split says it is better: on the images where the two disagree, the candidate must be right more
-often than a fair coin would be at the SIGNIFICANCE level (one-sided exact sign test, i.e.
-McNemar's test). Why a test and not a fixed margin: the noise of a difference depends on how
-many images the two models disagree on, which is large after a short repair and small after a
-generous one, and a choice that trails uniform is the mistake the guard exists to prevent.
-Among the candidates that pass: highest validation accuracy, then lowest validation loss, then
-the order above.
+The fallback is the better of the two fixed-rule candidates on validation (uniform on a tie). A
+policy candidate replaces it only when a paired test on the validation split says it is better:
+on the images where the two disagree, the candidate must be right more often than a fair coin
+would be at the SIGNIFICANCE level (one-sided exact sign test, i.e. McNemar's test). Why a test
+and not a fixed margin: the noise of a difference depends on how many images the two models
+disagree on, which is large after a short repair and small after a generous one, and a choice
+that trails a fixed rule is the mistake the guard exists to prevent. Among the candidates that
+pass: highest validation accuracy, then lowest validation loss, then the order of
+GUARD_CANDIDATES.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
 
-GUARD_CANDIDATES = ("policy", "policy-allocation", "uniform")
+from metacompress.compress.distill import RepairConfig
+
+POLICY_CANDIDATES = ("policy", "policy-allocation")
 FALLBACK = "uniform"
-SIGNIFICANCE = 0.1  # one-sided level of the sign test against uniform (chosen on the meta-training tasks: BENCHMARKS.md)
+SCREENED_RULES = ("global-magnitude", "global-taylor", "lamp")
+GUARD_CANDIDATES = (*POLICY_CANDIDATES, FALLBACK, *SCREENED_RULES)
+SIGNIFICANCE = 0.1  # one-sided level of the sign test against the fallback (chosen on the meta-training tasks: BENCHMARKS.md)
+SCREEN_BN_SAMPLES = 64    # BN recalibration of a screened rule (at most the repair's own count)
+SCREEN_VAL_SAMPLES = 512  # validation images a screened rule is scored on
 
 
 class Paired(NamedTuple):
@@ -47,25 +59,47 @@ def paired_test(candidate: np.ndarray, reference: np.ndarray) -> Paired:
     return Paired(wins, losses, p)
 
 
-def versus_fallback(correct: dict[str, np.ndarray]) -> dict[str, Paired]:
-    """Each candidate's paired test against the fallback (none when the fallback was not tried)."""
-    if FALLBACK not in correct:
+def screen_config(repair: RepairConfig) -> RepairConfig:
+    """The screen of a fixed rule: ``repair``'s BN recalibration alone, on at most SCREEN_BN_SAMPLES."""
+    return replace(repair, steps=0, bn_samples=min(repair.bn_samples, SCREEN_BN_SAMPLES))
+
+
+def screened_rule(val_correct: dict[str, np.ndarray]) -> str:
+    """The rule whose screened model is right on most of the first SCREEN_VAL_SAMPLES validation
+    images (``val_correct``: per-image correctness, keys among SCREENED_RULES; order breaks ties)."""
+    names = [n for n in SCREENED_RULES if n in val_correct]
+    if not names:
+        raise ValueError("screened_rule needs at least one screened rule")
+    return max(names, key=lambda n: int(np.sum(val_correct[n][:SCREEN_VAL_SAMPLES])))
+
+
+def _ranked(names: list[str], correct: dict[str, np.ndarray], val_loss: dict[str, float]) -> str:
+    # max() keeps the first of equals: candidate order breaks exact ties
+    return max(names, key=lambda n: (float(np.mean(correct[n])), -val_loss[n]))
+
+
+def fallback_of(correct: dict[str, np.ndarray], val_loss: dict[str, float]) -> str | None:
+    """The best fixed-rule candidate on validation (None when none was repaired)."""
+    fixed = [n for n in GUARD_CANDIDATES if n in correct and n not in POLICY_CANDIDATES]
+    return _ranked(fixed, correct, val_loss) if fixed else None
+
+
+def versus_fallback(correct: dict[str, np.ndarray], val_loss: dict[str, float]) -> dict[str, Paired]:
+    """Each policy candidate's paired test against the fallback (none without a fallback)."""
+    fallback = fallback_of(correct, val_loss)
+    if fallback is None:
         return {}
-    return {n: paired_test(correct[n], correct[FALLBACK]) for n in GUARD_CANDIDATES if n in correct and n != FALLBACK}
+    return {n: paired_test(correct[n], correct[fallback]) for n in POLICY_CANDIDATES if n in correct}
 
 
 def guard_choice(correct: dict[str, np.ndarray], val_loss: dict[str, float]) -> str:
     """The candidate to keep, from the repaired candidates' per-image validation correctness and
-    validation loss (keys: a subset of GUARD_CANDIDATES, in that order)."""
+    validation loss (keys: a subset of GUARD_CANDIDATES)."""
     names = [n for n in GUARD_CANDIDATES if n in correct]
     if not names:
         raise ValueError("guard_choice needs at least one candidate")
-    accuracy = {n: float(np.mean(correct[n])) for n in names}
-    if FALLBACK in correct:
-        passed = [n for n, t in versus_fallback(correct).items() if t.p_value < SIGNIFICANCE]
-        if not passed:
-            return FALLBACK
-    else:
-        passed = names
-    # max() keeps the first of equals: candidate order breaks exact ties
-    return max(passed, key=lambda n: (accuracy[n], -val_loss[n]))
+    fallback = fallback_of(correct, val_loss)
+    if fallback is None:
+        return _ranked(names, correct, val_loss)
+    passed = [n for n, t in versus_fallback(correct, val_loss).items() if t.p_value < SIGNIFICANCE]
+    return _ranked(passed, correct, val_loss) if passed else fallback

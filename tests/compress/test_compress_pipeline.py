@@ -14,7 +14,7 @@ from metacompress.compress.rules import CHANNEL_IMPORTANCE, RULES, rule_allocati
 from metacompress.data import load_dataset
 from metacompress.deploy import export_onnx, verify_onnx
 from metacompress.pipeline import CompressConfig, run_compress
-from metacompress.policy.guard import SIGNIFICANCE
+from metacompress.policy.guard import SCREENED_RULES, SIGNIFICANCE
 from metacompress.training import accuracy
 from metacompress.zoo import build_model
 
@@ -185,25 +185,24 @@ def test_meta_policy_with_guard(tmp_path):
     report = run_compress(cfg)
     g = report["guard"]
     scores = g["val_accuracy"]
-    assert set(scores) <= {"policy", "policy-allocation", "uniform"} and "policy" in scores
-    # uniform is replaced only by a candidate that beats it in the paired test, and then by the best
+    best = g["screened_rule"]
+    assert set(g["screen"]) == set(SCREENED_RULES) and g["screen"][best] == max(g["screen"].values())
+    assert set(scores) == {"policy", "policy-allocation", "uniform", best} and set(g["val_loss"]) == set(scores)
+    # the fallback is the better fixed rule; a policy candidate replaces it only if it wins the paired test
+    fallback = g["fallback"]
+    assert fallback in ("uniform", best) and scores[fallback] == max(scores["uniform"], scores[best])
     n_val = len(load_dataset("digits").y_val)
-    if "uniform" in scores:
-        vs = g["vs_uniform"]
-        assert set(vs) == set(scores) - {"uniform"}
-        for name, t in vs.items():  # the image-by-image counts agree with the accuracies
-            assert t["wins"] - t["losses"] == round((scores[name] - scores["uniform"]) * n_val)
-        passed = [n for n, t in vs.items() if t["p_value"] < SIGNIFICANCE]
-        assert (g["chosen"] == "uniform") == (not passed)
-        if passed:
-            assert g["chosen"] in passed and scores[g["chosen"]] == max(scores[n] for n in passed)
-    assert set(g["val_loss"]) == set(scores)
-    # a candidate is skipped only when it would repeat an earlier one: here, uniform = the policy's allocation
+    vs = g["vs_fallback"]
+    assert set(vs) == {"policy", "policy-allocation"}
+    for name, t in vs.items():  # the image-by-image counts agree with the accuracies
+        assert t["wins"] - t["losses"] == round((scores[name] - scores[fallback]) * n_val)
+    passed = [n for n, t in vs.items() if t["p_value"] < SIGNIFICANCE]
+    assert (g["chosen"] == fallback) == (not passed)
+    if passed:
+        assert g["chosen"] in passed and scores[g["chosen"]] == max(scores[n] for n in passed)
     digits = load_dataset("digits")
     space = PruningSpace(build_model("mlp", digits.input_shape, 10), digits.x_train[:1], 10)
-    uniform = space.project(rule_allocation("uniform", space, None, None), 0.3)
     kept = [grp["kept"] for grp in report["groups"]]
-    assert ("uniform" in scores) == (kept != uniform or g["chosen"] == "uniform")
     assert [grp["name"] for grp in report["groups"] if not grp["on_grid"]] == space.off_grid(kept)
     assert abs(report["achieved_macs_ratio"] - 0.3) <= 0.006
     assert report["compressed"]["accuracy"] > 0.8
@@ -245,23 +244,29 @@ def test_dense_and_compressed_models_are_timed_as_the_same_kind_of_file(tmp_path
     assert report["compressed"]["onnx_bytes"] == report["dense"]["onnx_bytes"]
 
 
-def test_guard_repairs_candidates_with_the_same_outcome_once():
+def test_guard_repairs_candidates_with_the_same_outcome_once(monkeypatch):
     """BN-only repairs differ only by their BN sample count: a policy that changes the distillation
-    settings alone gives the same model as the default, and the guard does not repair it twice."""
+    settings alone gives the same model as the default, and the guard does not repair it twice (nor
+    a screened rule whose allocation is the policy's)."""
     from dataclasses import replace
 
+    import metacompress.students as students
     from metacompress.pipeline import prepare
-    from metacompress.students import guard_repair, prune_to
 
+    repairs = []
+    repair_one = students.repair_one
+    monkeypatch.setattr(students, "repair_one", lambda *a, **k: repairs.append(1) or repair_one(*a, **k))
     cfg = CompressConfig(model="resnet20", data="digits", target_macs=0.5, repair=RepairConfig(steps=0),
                          train_epochs=1)
     prep = prepare(cfg)
     keep = prep.budget.project(prep.space, rule_allocation("lamp", prep.space, prep.dense, None))
-    pruned = prune_to(prep, keep, "magnitude")
-    same = guard_repair(cfg, prep, keep, replace(cfg.repair, lr=0.1, temperature=2.0, alpha=0.9), pruned)
-    assert set(same.info["val_accuracy"]) == {"policy", "uniform"}
-    other = guard_repair(cfg, prep, keep, replace(cfg.repair, bn_samples=64), pruned)
-    assert set(other.info["val_accuracy"]) == {"policy", "policy-allocation", "uniform"}
+    pruned = students.prune_to(prep, keep, "magnitude")
+    same = students.guard_repair(cfg, prep, keep, replace(cfg.repair, lr=0.1, temperature=2.0, alpha=0.9), pruned)
+    acc, lamp = same.info["val_accuracy"], same.info["screened_rule"] == "lamp"  # lamp: the policy's allocation
+    assert len(acc) == 4 and acc["policy-allocation"] == acc["policy"] and len(repairs) == 3 - lamp
+    repairs.clear()
+    other = students.guard_repair(cfg, prep, keep, replace(cfg.repair, bn_samples=64), pruned)
+    assert len(other.info["val_accuracy"]) == 4 and len(repairs) == 4 - (other.info["screened_rule"] == "lamp")
     assert RepairConfig(steps=5, lr=0.1).outcome() != RepairConfig(steps=5).outcome()
     # without BatchNorm a BN-only repair changes nothing, whatever its sample count
     assert RepairConfig(steps=0, bn_samples=64).outcome(batchnorm=False) == RepairConfig(steps=0).outcome(False)

@@ -378,6 +378,11 @@ def test_verify_relative_diff_is_over_the_largest_reference_logit(tmp_path):
     assert r["max_abs_diff"] == pytest.approx(4.0, abs=0.5)
     assert r["max_rel_diff"] == pytest.approx(r["max_abs_diff"] / float(ref.abs().max()), rel=1e-6)
     assert r["max_rel_diff"] < 1e-4
+    zero = nn.Linear(6, 3).eval()
+    nn.init.zeros_(zero.weight), nn.init.zeros_(zero.bias)
+    export_onnx(zero, torch.randn(2, 6), path, dynamo=False)
+    r = verify_onnx(path, zero, x, None)
+    assert r["max_rel_diff"] == 0.0 and type(r["max_rel_diff"]) is float  # all-zero logits: JSON-safe, no 0/0
 
 
 class _OffBeyond(nn.Module):

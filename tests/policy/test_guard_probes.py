@@ -7,10 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metacompress.compress.distill import recalibrate_bn
+from metacompress.compress.distill import RepairConfig, recalibrate_bn
 from metacompress.compress.prune import PruningSpace
 from metacompress.policy.features import ExpertAllocations, group_features, policy_inputs
-from metacompress.policy.guard import SIGNIFICANCE, guard_choice, paired_test
+from metacompress.policy.guard import (
+    SCREEN_BN_SAMPLES,
+    SCREEN_VAL_SAMPLES,
+    SIGNIFICANCE,
+    fallback_of,
+    guard_choice,
+    paired_test,
+    screen_config,
+    screened_rule,
+    versus_fallback,
+)
 from metacompress.policy.probes import CURVE_RATIOS, loss_curves, removable_shares, sensitivity_allocation
 from metacompress.zoo import build_model
 
@@ -133,11 +143,40 @@ def test_guard_keeps_uniform_unless_a_paired_test_says_otherwise():
     assert guard_choice(both, {**loss, "policy": 0.5}) == "policy-allocation"
     assert guard_choice(both, loss) == "policy"
     assert guard_choice({**both, "policy-allocation": _votes(75)}, loss) == "policy-allocation"
-    # without the uniform candidate (it repeated the policy's allocation) the best one is kept
+    # without a fixed-rule candidate the best one is kept
     assert guard_choice({"policy": _votes(80), "policy-allocation": _votes(85)}, loss) == "policy-allocation"
     assert guard_choice({"uniform": uniform}, loss) == "uniform"
     with pytest.raises(ValueError):
         guard_choice({}, {})
+
+
+def test_guard_weighs_the_policy_against_the_better_fixed_rule():
+    loss = {"policy": 0.3, "policy-allocation": 0.3, "uniform": 0.3, "global-magnitude": 0.3}
+    policy = {"policy": _votes(70), "policy-allocation": _votes(60)}
+    # a screened rule better than uniform becomes the fallback; the policy must beat it, not uniform
+    assert guard_choice({**policy, "uniform": _votes(60), "global-magnitude": _votes(68)}, loss) == "global-magnitude"
+    assert guard_choice({**policy, "uniform": _votes(60), "global-magnitude": _votes(64)}, loss) == "policy"
+    # the fallback is the better fixed rule on validation, uniform on an exact tie
+    assert fallback_of({"uniform": _votes(60), "global-magnitude": _votes(62)}, loss) == "global-magnitude"
+    assert fallback_of({"uniform": _votes(60), "global-magnitude": _votes(60)}, loss) == "uniform"
+    assert fallback_of({"uniform": _votes(60), "global-magnitude": _votes(60)},
+                       {**loss, "global-magnitude": 0.2}) == "global-magnitude"
+    assert fallback_of(policy, loss) is None
+    tests = versus_fallback({**policy, "uniform": _votes(60), "global-magnitude": _votes(68)}, loss)
+    assert tests["policy"][:2] == (2, 0) and tests["policy-allocation"][:2] == (0, 8)
+
+
+def test_screen_picks_the_rule_right_on_most_of_the_first_validation_images():
+    head = _votes(SCREEN_VAL_SAMPLES // 2, n=SCREEN_VAL_SAMPLES + 100)
+    tail = _votes(SCREEN_VAL_SAMPLES // 2 - 1, n=SCREEN_VAL_SAMPLES + 100)
+    tail[SCREEN_VAL_SAMPLES:] = True    # beyond the screened images: not counted
+    assert screened_rule({"global-taylor": tail, "lamp": head}) == "lamp"
+    assert screened_rule({"lamp": head, "global-magnitude": head}) == "global-magnitude"  # order breaks ties
+    with pytest.raises(ValueError):
+        screened_rule({})
+    cfg = screen_config(RepairConfig(steps=150, bn_samples=512, samples_per_class=10))
+    assert (cfg.steps, cfg.bn_samples, cfg.samples_per_class) == (0, SCREEN_BN_SAMPLES, 10)
+    assert screen_config(RepairConfig(bn_samples=16)).bn_samples == 16
 
 
 @pytest.mark.parametrize("name", ["mlp", "resnet20"])
