@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from metacompress.compress.distill import RepairConfig, repair, repair_forked
-from metacompress.compress.rules import CHANNEL_IMPORTANCE, rule_allocation
+from metacompress.compress.rules import CHANNEL_IMPORTANCE, RULE_SCORES, rule_allocation
 from metacompress.data import Dataset
 from metacompress.meta import data_parallel
 from metacompress.meta.modules import has_batchnorm, load_state
@@ -73,18 +73,18 @@ def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned
     """
     from metacompress.policy.guard import fallback_of, guard_choice, versus_fallback
 
-    best, screen, options = _guard_options(cfg, prep, keep, learned)
+    best, screen, options = _guard_options(cfg, prep, keep, learned, pruned)
     models: dict[str, nn.Module] = {}
     tried: dict[str, dict[str, Any]] = {}
     bn = has_batchnorm(pruned)
-    for name, (k, importance, rc) in options.items():
+    for name, (k, importance, model, rc) in options.items():
         same = next((n for n in tried if options[n][:2] == (k, importance) and
-                     options[n][2].outcome(bn) == rc.outcome(bn)), None)
+                     options[n][3].outcome(bn) == rc.outcome(bn)), None)
         if same is not None:  # the same repair again: all settings given explicitly, or BN-only with one BN size
             models[name], tried[name] = models[same], tried[same]
             continue
-        models[name] = pruned if (k, importance) == (keep, "magnitude") else prune_to(prep, k, importance, cfg.seed)
-        tried[name] = repair_one(models[name], prep.dense, prep.data, rc, cfg.seed, test=False)  # the guard picks on validation
+        models[name] = model
+        tried[name] = repair_one(model, prep.dense, prep.data, rc, cfg.seed, test=False)  # the guard picks on validation
     acc = {n: t["val_accuracy"] for n, t in tried.items()}
     loss = {n: t["val_loss"] for n, t in tried.items()}
     correct = {n: t["val_correct"] for n, t in tried.items()}
@@ -95,29 +95,39 @@ def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned
     status(f"guard: validation accuracy {scores} -> {chosen}")
     info = {"val_accuracy": acc, "val_loss": loss, "screen": screen, "screened_rule": best,
             "fallback": fallback_of(correct, loss), "vs_fallback": paired, "chosen": chosen}
-    k, _, rc = options[chosen]
+    k, _, _, rc = options[chosen]
     return Guarded(k, rc, models[chosen], info, tried[chosen])
 
 
-def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned: RepairConfig
-                   ) -> tuple[str, dict[str, float], dict[str, tuple[list[int], str, RepairConfig]]]:
-    """The guard's candidates (allocation, channel importance, repair settings), after screening
-    the fixed rules other than uniform; also the screened rule and every screen's accuracy."""
+Option = tuple[list[int], str, nn.Module, RepairConfig]  # allocation, channel importance, pruned model, repair
+
+
+def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned: RepairConfig,
+                   pruned: nn.Module) -> tuple[str, dict[str, float], dict[str, Option]]:
+    """The guard's candidates, after screening the fixed rules other than uniform; also the
+    screened rule and every screen's accuracy. The rules' unit scores come from one scoring pass
+    on rank 0 (a Taylor score differs in its last bits from process to process, and every rank
+    must prune the same channels)."""
+    from metacompress.policy.features import expert_scores
     from metacompress.policy.guard import SCREEN_VAL_SAMPLES, SCREENED_RULES, screen_config, screened_rule
 
     calib = prep.data.calibration_batch(128, cfg.seed)
-    keeps = {r: prep.budget.project(prep.space, rule_allocation(r, prep.space, prep.dense, calib))
-             for r in ("uniform", *SCREENED_RULES)}
-    data = prep.data
-    correct = {}
-    for r in SCREENED_RULES:
-        s = prune_to(prep, keeps[r], CHANNEL_IMPORTANCE[r], cfg.seed)
+    scores = data_parallel.main_decides(
+        lambda: expert_scores(prep.dense, prep.space, calib, SCREENED_RULES, extra=("magnitude",)))
+
+    def pruned_by(rule: str) -> tuple[list[int], str, nn.Module]:
+        fn = rule_allocation(rule, prep.space, prep.dense, calib, scores.get(RULE_SCORES.get(rule, "")))
+        k, importance = prep.budget.project(prep.space, fn), CHANNEL_IMPORTANCE[rule]
+        return k, importance, prep.space.apply(copy.deepcopy(prep.dense), k, importance, scores=scores[importance])
+
+    data, candidates, correct = prep.data, {r: pruned_by(r) for r in SCREENED_RULES}, {}
+    for r, (_, _, model) in candidates.items():
+        s = copy.deepcopy(model)
         repair(s, prep.dense, data, screen_config(cfg.repair), seed=cfg.seed, progress=False)
         correct[r] = accuracy_and_loss(s, data.x_val[:SCREEN_VAL_SAMPLES], data.y_val[:SCREEN_VAL_SAMPLES])[2]
     best = data_parallel.main_decides(lambda: screened_rule(correct))
-    options = {"policy": (keep, "magnitude", learned), "policy-allocation": (keep, "magnitude", cfg.repair),
-               "uniform": (keeps["uniform"], "magnitude", cfg.repair),
-               best: (keeps[best], CHANNEL_IMPORTANCE[best], cfg.repair)}
+    options = {"policy": (keep, "magnitude", pruned, learned), "policy-allocation": (keep, "magnitude", pruned, cfg.repair),
+               "uniform": (*pruned_by("uniform"), cfg.repair), best: (*candidates[best], cfg.repair)}
     return best, {r: float(c.mean()) for r, c in correct.items()}, options
 
 
