@@ -73,11 +73,12 @@ def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned
     """
     from metacompress.policy.guard import fallback_of, guard_choice, versus_fallback
 
-    best, screen, options = _guard_options(cfg, prep, keep, learned, pruned)
-    models: dict[str, nn.Module] = {}
-    tried: dict[str, dict[str, Any]] = {}
     bn = has_batchnorm(pruned)
+    best, screen, options, tried = _guard_options(cfg, prep, keep, learned, pruned, bn)
+    models = {name: option[2] for name, option in options.items() if name in tried}
     for name, (k, importance, model, rc) in options.items():
+        if name in tried:
+            continue
         same = next((n for n in tried if options[n][:2] == (k, importance) and
                      options[n][3].outcome(bn) == rc.outcome(bn)), None)
         if same is not None:  # the same repair again: all settings given explicitly, or BN-only with one BN size
@@ -103,11 +104,13 @@ Option = tuple[list[int], str, nn.Module, RepairConfig]  # allocation, channel i
 
 
 def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned: RepairConfig,
-                   pruned: nn.Module) -> tuple[str, dict[str, float], dict[str, Option]]:
+                   pruned: nn.Module, bn: bool
+                   ) -> tuple[str, dict[str, float], dict[str, Option], dict[str, dict[str, Any]]]:
     """The guard's candidates, after screening the fixed rules other than uniform; also the
-    screened rule and every screen's accuracy. The rules' unit scores come from one scoring pass
-    on rank 0 (a Taylor score differs in its last bits from process to process, and every rank
-    must prune the same channels)."""
+    screened rule, every screen's accuracy, and the screened rule's repair when its screen was
+    that repair (BN-only at a size the screen used, or no BatchNorm, and the whole validation
+    split screened). The rules' unit scores come from one scoring pass on rank 0 (a Taylor score
+    differs in its last bits from process to process, and every rank must prune the same channels)."""
     from metacompress.policy.features import expert_scores
     from metacompress.policy.guard import SCREEN_VAL_SAMPLES, SCREENED_RULES, screen_config, screened_rule
 
@@ -120,15 +123,21 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
         k, importance = prep.budget.project(prep.space, fn), CHANNEL_IMPORTANCE[rule]
         return k, importance, prep.space.apply(copy.deepcopy(prep.dense), k, importance, scores=scores[importance])
 
-    data, candidates, correct = prep.data, {r: pruned_by(r) for r in SCREENED_RULES}, {}
+    data, candidates, correct, done = prep.data, {r: pruned_by(r) for r in SCREENED_RULES}, {}, {}
+    screen = screen_config(cfg.repair)
+    whole = screen.outcome(bn) == cfg.repair.outcome(bn) and len(data.y_val) <= SCREEN_VAL_SAMPLES
     for r, (_, _, model) in candidates.items():
         s = copy.deepcopy(model)
-        repair(s, prep.dense, data, screen_config(cfg.repair), seed=cfg.seed, progress=False)
-        correct[r] = accuracy_and_loss(s, data.x_val[:SCREEN_VAL_SAMPLES], data.y_val[:SCREEN_VAL_SAMPLES])[2]
+        repair(s, prep.dense, data, screen, seed=cfg.seed, progress=False)
+        if whole:
+            done[r] = _scored(s, data, cfg.seed, test=False)
+            correct[r] = done[r]["val_correct"]
+        else:
+            correct[r] = accuracy_and_loss(s, data.x_val[:SCREEN_VAL_SAMPLES], data.y_val[:SCREEN_VAL_SAMPLES])[2]
     best = data_parallel.main_decides(lambda: screened_rule(correct))
     options = {"policy": (keep, "magnitude", pruned, learned), "policy-allocation": (keep, "magnitude", pruned, cfg.repair),
                "uniform": (*pruned_by("uniform"), cfg.repair), best: (*candidates[best], cfg.repair)}
-    return best, {r: float(c.mean()) for r, c in correct.items()}, options
+    return best, {r: float(c.mean()) for r, c in correct.items()}, options, {r: done[r] for r in done if r == best}
 
 
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,

@@ -270,3 +270,22 @@ def test_guard_repairs_candidates_with_the_same_outcome_once(monkeypatch):
     assert RepairConfig(steps=5, lr=0.1).outcome() != RepairConfig(steps=5).outcome()
     # without BatchNorm a BN-only repair changes nothing, whatever its sample count
     assert RepairConfig(steps=0, bn_samples=64).outcome(batchnorm=False) == RepairConfig(steps=0).outcome(False)
+
+
+def test_guard_reuses_a_screen_that_was_the_whole_repair(monkeypatch):
+    """Without BatchNorm a BN-only repair changes nothing: the screened rule's screen, scored on
+    the whole validation split, is its repair, and the guard does not run it again."""
+    import metacompress.students as students
+    from metacompress.pipeline import prepare
+
+    repairs = []
+    repair_one = students.repair_one
+    monkeypatch.setattr(students, "repair_one", lambda *a, **k: repairs.append(1) or repair_one(*a, **k))
+    cfg = CompressConfig(model="lenet5", data="digits", target_macs=0.5, repair=RepairConfig(steps=0),
+                         train_epochs=1)
+    prep = prepare(cfg)
+    keep = prep.budget.project(prep.space, rule_allocation("uniform", prep.space, prep.dense, None))
+    g = students.guard_repair(cfg, prep, keep, cfg.repair, students.prune_to(prep, keep, "magnitude"))
+    best = g.info["screened_rule"]
+    assert g.info["val_accuracy"][best] == pytest.approx(g.info["screen"][best], abs=1e-6)
+    assert len(repairs) == 1   # the policy's allocation only: uniform is the same, the screened rule was screened
