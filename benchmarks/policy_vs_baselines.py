@@ -97,7 +97,7 @@ def main() -> None:
     timing = allocation_times(args.policy, large=not args.smoke)
     hist = pol.provenance.get("history", [])
     per_teacher: dict[str, dict[str, list[float]]] = {}
-    teacher_cols = ["meta", "meta+guard", "meta-alloc", summary["best_single_rule"], "uniform", "oracle"]
+    teacher_cols = ["meta", "meta+guard", "meta+uniform-guard", "meta-alloc", summary["best_single_rule"], "uniform", "oracle"]
     teacher_cols = list(dict.fromkeys(teacher_cols))  # the best rule may be uniform
     for r in rows:
         if r["regime"] == "generous":

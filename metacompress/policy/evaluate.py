@@ -2,7 +2,8 @@
 
 Columns per task: ``meta`` (zero-shot policy: allocation + repair settings), ``meta+guard``
 (what ``compress`` keeps: policy/guard.py), ``meta+uniform-guard`` (the guard with uniform as
-its only fixed rule, as it was before it screened the others), ``meta-alloc`` (the policy's allocation with the
+its fixed rule, unscreened), ``meta+both-guard`` (uniform and the best-screened other rule, one
+more repair), ``meta-alloc`` (the policy's allocation with the
 default repair settings), the four built-ins with the default repair settings, ``oracle`` (per
 task, the built-in with the best *validation* accuracy), ``sensitivity`` (the policy's
 probe-based expert alone, default repair: what the learned mixture adds to it), and
@@ -28,7 +29,8 @@ from metacompress.policy.network import REGIMES, init_params
 from metacompress.policy.tasks import CompressionTask, Score, TaskPool, regime_config, teachers_from
 from metacompress.progress import track
 
-COLUMNS = ("meta", "meta+guard", "meta+uniform-guard", "meta-alloc", *RULES, "oracle", "sensitivity")
+COLUMNS = ("meta", "meta+guard", "meta+uniform-guard", "meta+both-guard", "meta-alloc", *RULES, "oracle",
+           "sensitivity")
 
 
 @dataclass
@@ -72,14 +74,16 @@ def _row(args: tuple[CompressionTask, int]) -> dict[str, Any]:
     for rule in RULES:
         res[rule] = _POOL.rule(task, rule)
     # exactly the guard of compress (students.guard_repair): the same screens and repairs, the same choice
-    screen = regime_config(task.regime, _POOL.defaults)
-    best_rule = screened_rule({r: _POOL.rule(task, r, screen_config(screen)).val_correct for r in SCREENED_RULES})
-    guarded = {"policy": res["meta"], "policy-allocation": res["meta-alloc"], "uniform": res["uniform"],
-               best_rule: res[best_rule]}
-    res["meta+guard"] = _guarded(guarded)
-    res["meta+uniform-guard"] = _guarded({n: guarded[n] for n in ("policy", "policy-allocation", "uniform")})
-    best = max(RULES, key=lambda r: res[r].val)
-    res["oracle"] = res[best]
+    screen = screen_config(regime_config(task.regime, _POOL.defaults))
+    screened = {r: _POOL.rule(task, r, screen).val_correct for r in SCREENED_RULES}
+    policy = {"policy": res["meta"], "policy-allocation": res["meta-alloc"]}
+    best = screened_rule(screened)
+    res["meta+guard"] = _guarded({**policy, best: res[best]})
+    res["meta+uniform-guard"] = _guarded({**policy, "uniform": res["uniform"]})
+    other = screened_rule({r: c for r, c in screened.items() if r != "uniform"})
+    res["meta+both-guard"] = _guarded({**policy, "uniform": res["uniform"], other: res[other]})
+    oracle = max(RULES, key=lambda r: res[r].val)
+    res["oracle"] = res[oracle]
     res["sensitivity"] = _POOL.expert(task, "sensitivity")  # the policy's probe-based expert alone
     if es_evals:
         pop = 8
@@ -87,7 +91,7 @@ def _row(args: tuple[CompressionTask, int]) -> dict[str, Any]:
                       sigma=0.1, lr=0.05, seed=task.seed)
         res["es-search"] = _POOL.policy(theta, task)
     return {"teacher": task.teacher.label(), "budget": task.budget, "regime": task.regime, "seed": task.seed,
-            "dense_test": _POOL.context(task.teacher).dense_test, "oracle_rule": best, "screened_rule": best_rule,
+            "dense_test": _POOL.context(task.teacher).dense_test, "oracle_rule": oracle, "screened_rule": best,
             "val": {k: v.val for k, v in res.items()}, "test": {k: v.test for k, v in res.items()},
             "val_loss": {k: v.val_loss for k, v in res.items()}}
 
@@ -186,7 +190,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"table": table, "best_single_rule": best_rule,
                                "meta": _targets(rows, "meta", best_rule),
                                "meta+guard": _targets(rows, "meta+guard", best_rule),
-                               "meta+uniform-guard": _targets(rows, "meta+uniform-guard", best_rule)}
+                               "meta+uniform-guard": _targets(rows, "meta+uniform-guard", best_rule),
+                               "meta+both-guard": _targets(rows, "meta+both-guard", best_rule)}
     if short:
         summary["meta_alloc_short_minus_best_rule"] = _mean_diff(short, "meta-alloc", best_rule)
         summary["sensitivity_short_minus_best_rule"] = _mean_diff(short, "sensitivity", best_rule)
