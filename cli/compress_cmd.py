@@ -58,7 +58,7 @@ def compress(
     policy: Optional[str] = typer.Option(None, "--policy", help="Policy folder for --allocation meta (default: shipped)."),
     adapt_steps: int = typer.Option(0, "--adapt-steps", min=0, help="ES-MAML steps on this task before deciding (0: zero-shot)."),
     guard: bool = typer.Option(True, "--guard/--no-guard",
-                               help="meta: also try the default repair, uniform and the best-screened fixed rule; "
+                               help="meta: also try the default repair, uniform and the best-screened other rule; "
                                     "keep the best on validation."),
     round_to: str = typer.Option(
         "auto", "--round-to", help="Keep channel counts multiples of this; auto: the runtime's channel block."),

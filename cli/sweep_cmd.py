@@ -31,7 +31,7 @@ def sweep(
     repair_steps: int = typer.Option(RepairConfig.steps, "--repair-steps",
                                      help="Distillation steps per point (0: BN recalibration only)."),
     guard: bool = typer.Option(True, "--guard/--no-guard",
-                               help="meta: also try the default repair, uniform and the best-screened fixed rule; "
+                               help="meta: also try the default repair, uniform and the best-screened other rule; "
                                     "keep the best on validation."),
     epochs: int = typer.Option(30, "--train-epochs", min=1, help="Epochs when the dense model is trained first."),
     latency_seconds: float = typer.Option(3.0, "--latency-seconds", min=0.0,

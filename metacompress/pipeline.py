@@ -89,7 +89,7 @@ class CompressConfig:
     dynamo: bool = True
     latency_repeats: int = 20
     latency_seconds: float = 3.0        # at least this long timing each batch size (interleaved rounds)
-    latency_max_seconds: float = 60.0   # at most about this long per batch size (fewer rounds on big models)
+    latency_max_seconds: float = 30.0   # at most about this long per batch size (fewer rounds on big models)
     trust_pickle: bool = False
     robustify: RobustConfig | None = None  # prune-robust meta-training of the dense model before allocating
 

@@ -64,12 +64,12 @@ class Guarded:
 
 def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned: RepairConfig,
                  pruned: nn.Module) -> Guarded:
-    """Repair the policy's proposal, the same allocation with the default settings, and the fixed
-    rule that screens best; keep the one ``guard_choice`` picks on validation (policy/guard.py
-    says which and why).
+    """Repair the policy's proposal, the same allocation with the default settings, uniform and
+    the other fixed rule that screens best; keep the one ``guard_choice`` picks on validation
+    (policy/guard.py says which and why).
 
-    Three repairs and four BN-only screens bound the risk of a task the policy has not seen, still
-    over 20x cheaper than a per-task search of 64 repairs. ``pruned`` is the policy's allocation,
+    Four repairs and three BN-only screens bound the risk of a task the policy has not seen, still
+    over 10x cheaper than a per-task search of 64 repairs. ``pruned`` is the policy's allocation,
     already pruned.
     """
     from metacompress.policy.guard import fallback_of, guard_choice, versus_fallback
@@ -107,8 +107,8 @@ Option = tuple[list[int], str, nn.Module, RepairConfig]  # allocation, channel i
 def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned: RepairConfig,
                    pruned: nn.Module, bn: bool
                    ) -> tuple[str, dict[str, float], dict[str, Option], dict[str, dict[str, Any]]]:
-    """The guard's candidates, after screening the fixed rules; also the screened rule, every
-    screen's accuracy, and the screened rule's repair when its screen was that repair (BN-only at
+    """The guard's candidates, after screening the fixed rules other than uniform; also the
+    screened rule, every screen's accuracy, and the screened rule's repair when its screen was that repair (BN-only at
     a size the screen used, or no BatchNorm, and the whole validation split screened). The rules'
     unit scores come from one scoring pass on rank 0 (a Taylor score differs in its last bits from
     process to process, and every rank must prune the same channels)."""
@@ -137,7 +137,7 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
             correct[r] = accuracy_and_loss(s, data.x_val[:SCREEN_VAL_SAMPLES], data.y_val[:SCREEN_VAL_SAMPLES])[2]
     best = data_parallel.main_decides(lambda: screened_rule(correct))
     options = {"policy": (keep, "magnitude", pruned, learned), "policy-allocation": (keep, "magnitude", pruned, cfg.repair),
-               best: (*candidates[best], cfg.repair)}
+               "uniform": (*pruned_by("uniform"), cfg.repair), best: (*candidates[best], cfg.repair)}
     return best, {r: float(c.mean()) for r, c in correct.items()}, options, {r: done[r] for r in done if r == best}
 
 

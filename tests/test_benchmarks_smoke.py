@@ -46,7 +46,7 @@ def test_repair_defaults_smoke(tmp_path):
 
 def test_policy_vs_baselines_smoke(tmp_path):
     out = run_bench(tmp_path, "policy_vs_baselines.py", "--smoke")
-    assert "| regime | meta | meta+guard | meta+uniform-guard | meta+both-guard | meta-alloc | uniform |" in out
+    assert "| regime | meta | meta+guard | meta+uniform-guard | meta+screened-guard | meta-alloc | uniform |" in out
     assert "es-search" in out
 
 

@@ -2,8 +2,8 @@
 
 Columns per task: ``meta`` (zero-shot policy: allocation + repair settings), ``meta+guard``
 (what ``compress`` keeps: policy/guard.py), ``meta+uniform-guard`` (the guard with uniform as
-its fixed rule, unscreened), ``meta+both-guard`` (uniform and the best-screened other rule, one
-more repair), ``meta-alloc`` (the policy's allocation with the
+its only fixed rule: one repair fewer), ``meta+screened-guard`` (the best-screened of all four
+rules as its only fixed rule, uniform included: one repair fewer), ``meta-alloc`` (the policy's allocation with the
 default repair settings), the four built-ins with the default repair settings, ``oracle`` (per
 task, the built-in with the best *validation* accuracy), ``sensitivity`` (the policy's
 probe-based expert alone, default repair: what the learned mixture adds to it), and
@@ -29,7 +29,7 @@ from metacompress.policy.network import REGIMES, init_params
 from metacompress.policy.tasks import CompressionTask, Score, TaskPool, regime_config, teachers_from
 from metacompress.progress import track
 
-COLUMNS = ("meta", "meta+guard", "meta+uniform-guard", "meta+both-guard", "meta-alloc", *RULES, "oracle",
+COLUMNS = ("meta", "meta+guard", "meta+uniform-guard", "meta+screened-guard", "meta-alloc", *RULES, "oracle",
            "sensitivity")
 
 
@@ -75,13 +75,13 @@ def _row(args: tuple[CompressionTask, int]) -> dict[str, Any]:
         res[rule] = _POOL.rule(task, rule)
     # exactly the guard of compress (students.guard_repair): the same screens and repairs, the same choice
     screen = screen_config(regime_config(task.regime, _POOL.defaults))
-    screened = {r: _POOL.rule(task, r, screen).val_correct for r in SCREENED_RULES}
+    screened = {r: _POOL.rule(task, r, screen).val_correct for r in ("uniform", *SCREENED_RULES)}
     policy = {"policy": res["meta"], "policy-allocation": res["meta-alloc"]}
-    best = screened_rule(screened)
-    res["meta+guard"] = _guarded({**policy, best: res[best]})
+    best = screened_rule({r: screened[r] for r in SCREENED_RULES})
+    res["meta+guard"] = _guarded({**policy, "uniform": res["uniform"], best: res[best]})
     res["meta+uniform-guard"] = _guarded({**policy, "uniform": res["uniform"]})
-    other = screened_rule({r: c for r, c in screened.items() if r != "uniform"})
-    res["meta+both-guard"] = _guarded({**policy, "uniform": res["uniform"], other: res[other]})
+    alone = screened_rule(screened)
+    res["meta+screened-guard"] = _guarded({**policy, alone: res[alone]})
     oracle = max(RULES, key=lambda r: res[r].val)
     res["oracle"] = res[oracle]
     res["sensitivity"] = _POOL.expert(task, "sensitivity")  # the policy's probe-based expert alone
@@ -191,7 +191,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                                "meta": _targets(rows, "meta", best_rule),
                                "meta+guard": _targets(rows, "meta+guard", best_rule),
                                "meta+uniform-guard": _targets(rows, "meta+uniform-guard", best_rule),
-                               "meta+both-guard": _targets(rows, "meta+both-guard", best_rule)}
+                               "meta+screened-guard": _targets(rows, "meta+screened-guard", best_rule)}
     if short:
         summary["meta_alloc_short_minus_best_rule"] = _mean_diff(short, "meta-alloc", best_rule)
         summary["sensitivity_short_minus_best_rule"] = _mean_diff(short, "sensitivity", best_rule)
