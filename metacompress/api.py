@@ -142,7 +142,7 @@ def _report(c: Compressed, spec: BudgetSpec, timer: Timer) -> CompressionReport:
         budget=asdict(spec), dense_accuracy=prep.dense_accuracy,
         achieved_macs_ratio=count_macs(c.student, data.x_test[:1]) / prep.space.dense_macs,
         achieved_params_ratio=count_params(c.student) / prep.space.dense_params,
-        accuracy=accuracy(c.student, data.x_test, data.y_test), accuracy_before_repair=c.pruned_accuracy,
+        accuracy=accuracy(c.student, data.x_test, data.y_test), accuracy_before_repair=c.pruned_accuracy[0],
         kept={g.name: k for g, k in zip(prep.space.groups, c.keep)},
         channels={g.name: g.channels for g in prep.space.groups}, round_to=prep.space.round_to,
         repair=c.repair.to_dict(), warnings=list(c.warnings), guard=c.guard, latency=latency, robust=prep.robust,

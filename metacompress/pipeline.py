@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +35,7 @@ from metacompress.compress.prune import PruningSpace
 from metacompress.compress.robust import RobustConfig
 from metacompress.compress.rules import RULES
 from metacompress.data import Dataset, data_paths, load_dataset
+from metacompress.data.lazy import take
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, state_dict_from, write_json
 from metacompress.meta import data_parallel, distributed
@@ -48,16 +50,26 @@ DEFAULT_TRAIN_EPOCHS = 30
 QUANTIZE_MODES = ("none", "auto", "static", "dynamic")
 OUTPUTS = ("model.onnx", "model.pt", "report.json", "model.int8.onnx")
 DENSE_PARITY_SAMPLES = 64  # at most this many test samples check the dense ONNX file (only the latency baseline)
-PARITY_MACS = 5e11         # MACs of PyTorch reference passes a parity check spends, if it has to choose
-MIN_PARITY_SAMPLES = 32
+CHECK_MACS = 5e11          # MACs a PyTorch check pass over the test split spends, if it has to choose
+MIN_CHECK_SAMPLES = 32
 
 
-def parity_samples(macs_per_sample: float, available: int, most: int | None = None) -> int:
-    """Test samples on which an ONNX file is compared with PyTorch: all of them (or ``most``)
-    unless their reference passes would cost over PARITY_MACS (a ViT-B/16 spends a minute on
-    240 images at 224), then as many as that buys, and at least MIN_PARITY_SAMPLES."""
-    affordable = max(MIN_PARITY_SAMPLES, int(PARITY_MACS // max(macs_per_sample, 1.0)))
+def check_samples(macs_per_sample: float, available: int, most: int | None = None) -> int:
+    """Test samples a check in PyTorch runs on (an ONNX file's parity, the accuracy before
+    repair): all of them (or ``most``) unless their passes would cost over CHECK_MACS (a
+    ViT-B/16 spends a minute on 240 images at 224), then as many as that buys, and at least
+    MIN_CHECK_SAMPLES. The accuracy reported for the compressed model counts every test sample."""
+    affordable = max(MIN_CHECK_SAMPLES, int(CHECK_MACS // max(macs_per_sample, 1.0)))
     return min(available, most or available, affordable)
+
+
+def accuracy_before_repair(student: nn.Module, data: Dataset) -> tuple[float, int]:
+    """Test accuracy right after pruning, on an evenly spread subset where all of the test split
+    would cost over CHECK_MACS (test splits may be sorted by class); and the samples it counts."""
+    n = len(data.y_test)
+    k = check_samples(count_macs(student, data.x_test[:1]), n)
+    index = np.linspace(0, n - 1, k).round().astype(np.int64)
+    return accuracy(student, take(data.x_test, index), data.y_test[index]), k
 
 
 @dataclass
@@ -238,7 +250,7 @@ class Compressed:
     student: nn.Module
     keep: list[int]
     repair: RepairConfig
-    pruned_accuracy: float
+    pruned_accuracy: tuple[float, int]  # test accuracy before repair, and the samples it counts
     students: list[dict[str, Any]]
     guard: dict[str, Any] | None = None
     soup: dict[str, Any] | None = None
@@ -289,7 +301,7 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
     warnings = robust_warnings + allocation_warnings(prep.space, keep, prep.space.off_grid(keep), prep.budget)
     for w in warnings:
         status(f"warning: {w}")
-    pruned_acc = accuracy(student, data.x_test, data.y_test)
+    pruned_acc = accuracy_before_repair(student, data)
     with timer.stage("repair"):
         students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed, first)
     soup = None
@@ -321,10 +333,10 @@ def export_and_verify(cfg: CompressConfig, c: Compressed, tmp: Path, timer: Time
                                          calibration=data.calibration_batch(256, cfg.seed)[0].numpy())
     with timer.stage("verify"):
         n = len(data.x_test)
-        student_parity = parity_samples(count_macs(c.student, example), n)
+        student_parity = check_samples(count_macs(c.student, example), n)
         out["verify"] = verify_onnx(tmp / "model.onnx", c.student, data.x_test, data.y_test,
                                     parity_samples=student_parity)
-        dense = slice(0, parity_samples(c.prep.space.dense_macs, n, DENSE_PARITY_SAMPLES))
+        dense = slice(0, check_samples(c.prep.space.dense_macs, n, DENSE_PARITY_SAMPLES))
         out["dense_verify"] = verify_onnx(tmp / "dense.onnx", c.prep.dense, data.x_test[dense], data.y_test[dense])
         sessions = {"dense": tmp / "dense.onnx", "compressed": tmp / "model.onnx"}
         if cfg.quantize != "none":

@@ -289,3 +289,18 @@ def test_guard_reuses_a_screen_that_was_the_whole_repair(monkeypatch):
     best = g.info["screened_rule"]
     assert g.info["val_accuracy"][best] == pytest.approx(g.info["screen"][best], abs=1e-6)
     assert len(repairs) == 1   # the policy's allocation only: uniform is the same, the screened rule was screened
+
+
+def test_accuracy_before_repair_counts_an_evenly_spread_subset_when_costly(monkeypatch):
+    import metacompress.pipeline as pipeline
+    from metacompress.training import accuracy
+
+    data = load_dataset("digits")
+    model = build_model("mlp", data.input_shape, 10).eval()
+    everything = pipeline.accuracy_before_repair(model, data)
+    assert everything == (accuracy(model, data.x_test, data.y_test), len(data.y_test))
+    monkeypatch.setattr(pipeline, "CHECK_MACS", 1.0)   # every sample over budget: the floor
+    acc, n = pipeline.accuracy_before_repair(model, data)
+    index = np.linspace(0, len(data.y_test) - 1, n).round().astype(np.int64)
+    assert n == pipeline.MIN_CHECK_SAMPLES and acc == accuracy(model, data.x_test[index], data.y_test[index])
+    assert len(np.unique(index)) == n and index[-1] == len(data.y_test) - 1   # spread over the whole split

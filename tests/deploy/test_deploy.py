@@ -415,10 +415,10 @@ def test_verify_parity_on_a_prefix_and_accuracy_on_all(tmp_path):
         verify_onnx(path, model, x, y, parity_samples=0)
 
 
-def test_parity_samples_are_bounded_by_the_reference_cost():
-    from metacompress.pipeline import MIN_PARITY_SAMPLES, PARITY_MACS, parity_samples
+def test_check_samples_are_bounded_by_the_reference_cost():
+    from metacompress.pipeline import CHECK_MACS, MIN_CHECK_SAMPLES, check_samples
 
-    assert parity_samples(41e6, 360) == 360                      # a small model: every test sample
-    assert parity_samples(PARITY_MACS / 89.5, 240) == 89          # as many as the budget buys
-    assert parity_samples(PARITY_MACS, 240) == MIN_PARITY_SAMPLES  # and never fewer than the floor
-    assert parity_samples(41e6, 360, most=64) == 64 and parity_samples(41e6, 10) == 10
+    assert check_samples(41e6, 360) == 360                     # a small model: every test sample
+    assert check_samples(CHECK_MACS / 89.5, 240) == 89          # as many as the budget buys
+    assert check_samples(CHECK_MACS, 240) == MIN_CHECK_SAMPLES  # and never fewer than the floor
+    assert check_samples(41e6, 360, most=64) == 64 and check_samples(41e6, 10) == 10
