@@ -56,9 +56,9 @@ MIN_CHECK_SAMPLES = 32
 
 def check_samples(macs_per_sample: float, available: int, most: int | None = None) -> int:
     """Test samples a check in PyTorch runs on (an ONNX file's parity, the accuracy before
-    repair): all of them (or ``most``) unless their passes would cost over CHECK_MACS (a
-    ViT-B/16 spends a minute on 240 images at 224), then as many as that buys, and at least
-    MIN_CHECK_SAMPLES. The accuracy reported for the compressed model counts every test sample."""
+    repair): all of them (or ``most``) unless their passes would cost over CHECK_MACS (on a big
+    model each such pass over the test split is minutes of a small CPU), then as many as that
+    buys, and at least MIN_CHECK_SAMPLES. The accuracy reported for the compressed model counts every test sample."""
     affordable = max(MIN_CHECK_SAMPLES, int(CHECK_MACS // max(macs_per_sample, 1.0)))
     return min(available, most or available, affordable)
 

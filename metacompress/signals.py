@@ -57,6 +57,14 @@ def signals_raise() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def pool_worker_signals() -> None:
+    """In a forked pool worker: die on SIGTERM (``Pool.terminate`` on a finished pool sends it,
+    and an inherited ``Interrupted`` would print a traceback for a run that succeeded) and
+    leave SIGINT to the parent, which stops the pool."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold ``Interrupted`` back while the block runs (a handful of renames): a signal that

@@ -108,10 +108,10 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
                    pruned: nn.Module, bn: bool
                    ) -> tuple[str, dict[str, float], dict[str, Option], dict[str, dict[str, Any]]]:
     """The guard's candidates, after screening the fixed rules other than uniform; also the
-    screened rule, every screen's accuracy, and the screened rule's repair when its screen was that repair (BN-only at
-    a size the screen used, or no BatchNorm, and the whole validation split screened). The rules'
-    unit scores come from one scoring pass on rank 0 (a Taylor score differs in its last bits from
-    process to process, and every rank must prune the same channels)."""
+    screened rule, every screen's accuracy, and the screened rule's repair when its screen was
+    that repair (BN-only at a size the screen used, or no BatchNorm, and the whole validation
+    split screened). The rules' unit scores come from one scoring pass on rank 0 (a Taylor score
+    differs in its last bits from process to process, and every rank must prune the same channels)."""
     from metacompress.policy.features import expert_scores
     from metacompress.policy.guard import SCREEN_VAL_SAMPLES, SCREENED_RULES, screen_config, screened_rule
 
@@ -138,7 +138,7 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
     best = data_parallel.main_decides(lambda: screened_rule(correct))
     options = {"policy": (keep, "magnitude", pruned, learned), "policy-allocation": (keep, "magnitude", pruned, cfg.repair),
                "uniform": (*pruned_by("uniform"), cfg.repair), best: (*candidates[best], cfg.repair)}
-    return best, {r: float(c.mean()) for r, c in correct.items()}, options, {r: done[r] for r in done if r == best}
+    return best, {r: float(c.mean()) for r, c in correct.items()}, options, {best: done[best]} if done else {}
 
 
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,

@@ -10,8 +10,11 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
+import signal
 import struct
 import tempfile
+import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -512,3 +515,30 @@ def test_recipe_loader_fuzzed(capsys, tmp_path, monkeypatch, case):
         assert code in (0, 2), (code, err)
         assert code == 0 or (len(err) == 1 and err[0].startswith("error: ")), err
         assert sorted(p.name for p in Path(tmp).iterdir()) == ["r.yaml"] and not marker.exists()
+
+
+def _idle_pool_worker(ready) -> None:
+    from metacompress.signals import pool_worker_signals
+
+    pool_worker_signals()
+    ready.set()
+    time.sleep(30)
+
+
+def test_a_forked_pool_worker_dies_on_sigterm_without_a_traceback(capfd):
+    """Pool.terminate sends SIGTERM to its workers; one that inherited ``Interrupted`` from the
+    command's handler printed a traceback at the end of a run that succeeded (and exited 1)."""
+    import multiprocessing as mp
+
+    from metacompress.signals import signals_raise
+
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    with signals_raise():
+        p = ctx.Process(target=_idle_pool_worker, args=(ready,))
+        p.start()
+    assert ready.wait(20)
+    os.kill(p.pid, signal.SIGTERM)
+    p.join(20)
+    assert p.exitcode == -signal.SIGTERM
+    assert "Traceback" not in capfd.readouterr().err

@@ -3,13 +3,13 @@
 Columns per task: ``meta`` (zero-shot policy: allocation + repair settings), ``meta+guard``
 (what ``compress`` keeps: policy/guard.py), ``meta+uniform-guard`` (the guard with uniform as
 its only fixed rule: one repair fewer), ``meta+screened-guard`` (the best-screened of all four
-rules as its only fixed rule, uniform included: one repair fewer), ``meta-alloc`` (the policy's allocation with the
-default repair settings), the four built-ins with the default repair settings, ``oracle`` (per
-task, the built-in with the best *validation* accuracy), ``sensitivity`` (the policy's
-probe-based expert alone, default repair: what the learned mixture adds to it), and
-optionally ``es-search`` (a per-task ES search over the same allocation + repair
-parameterisation from the uniform start, with a fixed number of evaluations, scored on
-validation). Every choice uses the validation split; the table reports test accuracy.
+rules as its only fixed rule, uniform included: one repair fewer), ``meta-alloc`` (the policy's
+allocation with the default repair settings), the four built-ins with the default repair
+settings, ``oracle`` (per task, the built-in with the best *validation* accuracy),
+``sensitivity`` (the policy's probe-based expert alone, default repair: what the learned
+mixture adds to it), and optionally ``es-search`` (a per-task ES search over the same
+allocation + repair parameterisation from the uniform start, with a fixed number of
+evaluations, scored on validation). Every choice uses the validation split; the table reports test accuracy.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from metacompress.policy.meta_train import adapt
 from metacompress.policy.network import REGIMES, init_params
 from metacompress.policy.tasks import CompressionTask, Score, TaskPool, regime_config, teachers_from
 from metacompress.progress import track
+from metacompress.signals import pool_worker_signals
 
 COLUMNS = ("meta", "meta+guard", "meta+uniform-guard", "meta+screened-guard", "meta-alloc", *RULES, "oracle",
            "sensitivity")
@@ -61,8 +62,10 @@ _POOL: TaskPool | None = None
 _THETA: np.ndarray | None = None
 
 
-def _init(defaults: dict, theta: np.ndarray, kinds_seen: tuple[str, ...] | None) -> None:
+def _init(defaults: dict, theta: np.ndarray, kinds_seen: tuple[str, ...] | None, worker: bool = False) -> None:
     global _POOL, _THETA
+    if worker:
+        pool_worker_signals()
     torch.set_num_threads(1)
     _POOL, _THETA = TaskPool(RepairConfig(**defaults), kinds_seen), theta
 
@@ -114,7 +117,7 @@ def evaluate(cfg: EvalConfig, theta: np.ndarray, kinds_seen: tuple[str, ...] | N
                                                      and s == 0) else 0
                     jobs.append((CompressionTask(t, b, r, s), search))
     if cfg.workers > 1:
-        with mp.get_context("fork").Pool(cfg.workers, _init, (cfg.repair_defaults, theta, kinds_seen)) as pool:
+        with mp.get_context("fork").Pool(cfg.workers, _init, (cfg.repair_defaults, theta, kinds_seen, True)) as pool:
             rows = list(track(pool.imap(_row, jobs), "evaluating policy", total=len(jobs)))
     else:
         _init(cfg.repair_defaults, theta, kinds_seen)
