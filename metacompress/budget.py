@@ -128,6 +128,13 @@ class Budget:
             return self.latency.project(ratio_fn)
         return space.project(ratio_fn, self.target, self.cost)
 
+    def predicted(self, space: PruningSpace, ratio_fn: Callable[[float], Sequence[float]]) -> list[int]:
+        """Kept units per group that meet the budget as predicted: for latency, by the latency
+        model alone, without the measured correction (for a screen that only ranks allocations)."""
+        if self.latency is not None:
+            return self.latency.predicted_keep(ratio_fn)
+        return space.project(ratio_fn, self.target, self.cost)
+
     @property
     def feasible_target(self) -> float:
         """The target, raised to the latency floor where it lies below (what allocation rules and

@@ -118,14 +118,16 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
     calib = prep.data.calibration_batch(128, cfg.seed)
     scores = data_parallel.main_decides(
         lambda: expert_scores(prep.dense, prep.space, calib, SCREENED_RULES, extra=("magnitude",)))
+    fns = {r: rule_allocation(r, prep.space, prep.dense, calib, scores.get(RULE_SCORES.get(r, "")))
+           for r in ("uniform", *SCREENED_RULES)}
 
-    def pruned_by(rule: str) -> tuple[list[int], str, nn.Module]:
-        fn = rule_allocation(rule, prep.space, prep.dense, calib, scores.get(RULE_SCORES.get(rule, "")))
-        k, importance = prep.budget.project(prep.space, fn), CHANNEL_IMPORTANCE[rule]
+    def pruned_to_keep(rule: str, k: list[int]) -> tuple[list[int], str, nn.Module]:
+        importance = CHANNEL_IMPORTANCE[rule]
         return k, importance, prep.space.apply(copy.deepcopy(prep.dense), k, importance, scores=scores[importance])
 
-    data, candidates, correct, done = prep.data, {r: pruned_by(r) for r in SCREENED_RULES}, {}, {}
-    screen = screen_config(cfg.repair)
+    # screens rank allocations: a latency budget's prediction suffices, measuring is for the candidates
+    data, candidates = prep.data, {r: pruned_to_keep(r, prep.budget.predicted(prep.space, fns[r])) for r in SCREENED_RULES}
+    screen, correct, done = screen_config(cfg.repair), {}, {}
     whole = screen.outcome(bn) == cfg.repair.outcome(bn) and len(data.y_val) <= SCREEN_VAL_SAMPLES
     for r, (_, _, model) in candidates.items():
         s = copy.deepcopy(model)
@@ -136,8 +138,12 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
         else:
             correct[r] = accuracy_and_loss(s, data.x_val[:SCREEN_VAL_SAMPLES], data.y_val[:SCREEN_VAL_SAMPLES])[2]
     best = data_parallel.main_decides(lambda: screened_rule(correct))
+    measured = prep.budget.project(prep.space, fns[best])
+    if measured != candidates[best][0]:
+        candidates[best], done = pruned_to_keep(best, measured), {}
     options = {"policy": (keep, "magnitude", pruned, learned), "policy-allocation": (keep, "magnitude", pruned, cfg.repair),
-               "uniform": (*pruned_by("uniform"), cfg.repair), best: (*candidates[best], cfg.repair)}
+               "uniform": (*pruned_to_keep("uniform", prep.budget.project(prep.space, fns["uniform"])), cfg.repair),
+               best: (*candidates[best], cfg.repair)}
     return best, {r: float(c.mean()) for r, c in correct.items()}, options, {best: done[best]} if done else {}
 
 
