@@ -244,6 +244,21 @@ def test_dense_and_compressed_models_are_timed_as_the_same_kind_of_file(tmp_path
     assert report["compressed"]["onnx_bytes"] == report["dense"]["onnx_bytes"]
 
 
+def _guard_setup(monkeypatch, model: str, rule: str):
+    """A BN-only guard on ``model`` (one training epoch on digits) whose policy allocation is
+    ``rule``'s, with ``students.repair_one`` counting its calls in the returned list."""
+    import metacompress.students as students
+    from metacompress.pipeline import prepare
+
+    repairs: list[int] = []
+    repair_one = students.repair_one
+    monkeypatch.setattr(students, "repair_one", lambda *a, **k: repairs.append(1) or repair_one(*a, **k))
+    cfg = CompressConfig(model=model, data="digits", target_macs=0.5, repair=RepairConfig(steps=0), train_epochs=1)
+    prep = prepare(cfg)
+    keep = prep.budget.project(prep.space, rule_allocation(rule, prep.space, prep.dense, None))
+    return cfg, prep, keep, students.prune_to(prep, keep, "magnitude"), repairs
+
+
 def test_guard_repairs_candidates_with_the_same_outcome_once(monkeypatch):
     """BN-only repairs differ only by their BN sample count: a policy that changes the distillation
     settings alone gives the same model as the default, and the guard does not repair it twice (nor
@@ -251,16 +266,8 @@ def test_guard_repairs_candidates_with_the_same_outcome_once(monkeypatch):
     from dataclasses import replace
 
     import metacompress.students as students
-    from metacompress.pipeline import prepare
 
-    repairs = []
-    repair_one = students.repair_one
-    monkeypatch.setattr(students, "repair_one", lambda *a, **k: repairs.append(1) or repair_one(*a, **k))
-    cfg = CompressConfig(model="resnet20", data="digits", target_macs=0.5, repair=RepairConfig(steps=0),
-                         train_epochs=1)
-    prep = prepare(cfg)
-    keep = prep.budget.project(prep.space, rule_allocation("lamp", prep.space, prep.dense, None))
-    pruned = students.prune_to(prep, keep, "magnitude")
+    cfg, prep, keep, pruned, repairs = _guard_setup(monkeypatch, "resnet20", "lamp")
     same = students.guard_repair(cfg, prep, keep, replace(cfg.repair, lr=0.1, temperature=2.0, alpha=0.9), pruned)
     acc, lamp = same.info["val_accuracy"], same.info["screened_rule"] == "lamp"  # lamp: the policy's allocation
     assert len(acc) == 4 and acc["policy-allocation"] == acc["policy"] and len(repairs) == 3 - lamp
@@ -276,16 +283,9 @@ def test_guard_reuses_a_screen_that_was_the_whole_repair(monkeypatch):
     """Without BatchNorm a BN-only repair changes nothing: the screened rule's screen, scored on
     the whole validation split, is its repair, and the guard does not run it again."""
     import metacompress.students as students
-    from metacompress.pipeline import prepare
 
-    repairs = []
-    repair_one = students.repair_one
-    monkeypatch.setattr(students, "repair_one", lambda *a, **k: repairs.append(1) or repair_one(*a, **k))
-    cfg = CompressConfig(model="lenet5", data="digits", target_macs=0.5, repair=RepairConfig(steps=0),
-                         train_epochs=1)
-    prep = prepare(cfg)
-    keep = prep.budget.project(prep.space, rule_allocation("uniform", prep.space, prep.dense, None))
-    g = students.guard_repair(cfg, prep, keep, cfg.repair, students.prune_to(prep, keep, "magnitude"))
+    cfg, prep, keep, pruned, repairs = _guard_setup(monkeypatch, "lenet5", "uniform")
+    g = students.guard_repair(cfg, prep, keep, cfg.repair, pruned)
     best = g.info["screened_rule"]
     assert g.info["val_accuracy"][best] == pytest.approx(g.info["screen"][best], abs=1e-6)
     assert len(repairs) == 1   # the policy's allocation only: uniform is the same, the screened rule was screened
