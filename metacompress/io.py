@@ -78,7 +78,7 @@ def load_weights(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     except pickle.UnpicklingError as exc:
         blocked = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), None)
         if blocked is None or trust_pickle:  # not a refused object: a corrupt file
-            raise UserError(f"cannot load weights from {p} (not a PyTorch checkpoint?): {_first_line(exc)}") from None
+            raise UserError(f"cannot load weights from {p} (not a PyTorch checkpoint?): {_unpickler_reason(exc)}") from None
         raise UserError(f"refusing to unpickle {p}: it holds objects other than tensors ({blocked}); loading it "
                         "can run code: pass --trust-pickle only if you trust where it came from") from None
     except Exception as exc:  # torch raises several types for corrupt files
@@ -98,6 +98,16 @@ def state_dict_from(obj: Any, what: str) -> dict[str, torch.Tensor]:
     if bad:
         raise UserError(f"{what} holds NaN or infinite values in: {', '.join(bad[:5])}")
     return obj
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """What stopped the weights-only unpickler, without torch's advice to retry with
+    ``weights_only=False``: wrong for a corrupt file, and unsafe for an untrusted one."""
+    text = str(exc)
+    if "WeightsUnpickler error:" not in text:
+        return _first_line(exc)
+    reason = next((ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[1].splitlines() if ln.strip()), "")
+    return reason or "the unpickler stopped"
 
 
 def _first_line(exc: BaseException) -> str:

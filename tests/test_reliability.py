@@ -542,3 +542,15 @@ def test_a_forked_pool_worker_dies_on_sigterm_without_a_traceback(capfd):
     p.join(20)
     assert p.exitcode == -signal.SIGTERM
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_corrupt_weights_file_is_named_without_torchs_unsafe_advice(tmp_path):
+    from metacompress.errors import UserError
+    from metacompress.io import load_weights
+
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    with pytest.raises(UserError) as err:
+        load_weights(tmp_path / "notes.pt")
+    message = str(err.value)
+    assert "not a PyTorch checkpoint" in message and "\n" not in message
+    assert "weights_only" not in message and "Unsupported operand" in message
