@@ -2,8 +2,8 @@
 
 load -> measure -> (robustify) -> allocate -> prune -> repair -> (fuse) -> export -> verify -> report
 
-(with the meta policy, a guard stage after prune repairs three candidates and keeps the best
-on validation).
+(with the meta policy, a guard stage after prune screens the fixed rules, repairs four
+candidates and keeps the best on validation: policy/guard.py).
 
 Every stage is a plain function call into the library; the CLI and recipes only fill in a
 ``CompressConfig``. Outputs are staged in a temporary folder and moved into place only when
