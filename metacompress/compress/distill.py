@@ -21,7 +21,7 @@ from metacompress.data import Dataset, subsample_per_class
 from metacompress.errors import UserError
 from metacompress.meta.modules import batchnorm_layers, has_batchnorm
 from metacompress.progress import track
-from metacompress.training import batch_step, cosine_adam, predict_shared
+from metacompress.training import batch_step, cosine_adam, eval_batch_size, inference_layout, predict_shared
 
 
 @dataclass
@@ -66,8 +66,9 @@ class RepairConfig:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, n: int, batch_size: int = 128, seed: int = 0) -> None:
-    """Re-estimate BN running statistics as a cumulative average over ``n`` samples of ``x``."""
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, n: int, batch_size: int | None = None, seed: int = 0) -> None:
+    """Re-estimate BN running statistics as a cumulative average over ``n`` samples of ``x``, in
+    batches of ``batch_size`` (default: 128, fewer for big samples, as for evaluation)."""
     bns = batchnorm_layers(model)
     if not bns or n <= 0 or len(x) == 0:
         return
@@ -77,10 +78,12 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, n: int, batch_size: int = 
         m.momentum = None
     g = torch.Generator().manual_seed(seed)
     sel = torch.randperm(len(x), generator=g)[:n]  # read batch by batch: ``x`` may be lazy
+    batch_size = batch_size or eval_batch_size(x.shape[1:], most=128)
     model.train()
-    for i in range(0, len(sel), batch_size):
-        if len(sel[i:i + batch_size]) > 1:
-            model(x[sel[i:i + batch_size]])
+    with inference_layout(model, x.shape[1:]) as laid_out:
+        for i in range(0, len(sel), batch_size):
+            if len(sel[i:i + batch_size]) > 1:
+                model(laid_out(x[sel[i:i + batch_size]]))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     model.eval()
