@@ -28,20 +28,20 @@ def eval_batch_size(sample_shape: tuple[int, ...] | torch.Size, most: int = 512)
     return max(1, min(most, EVAL_BATCH_VALUES // max(1, math.prod(sample_shape))))
 
 
-CHANNELS_LAST_MIN_PIXELS = 64 * 64  # images at least this large run inference passes in channels-last layout
+CHANNELS_LAST_MIN_PIXELS = 64 * 64  # images at least this large are computed in channels-last layout
 
 
 @contextmanager
-def inference_layout(model: nn.Module, sample_shape: tuple[int, ...] | torch.Size
+def convolution_layout(model: nn.Module, sample_shape: tuple[int, ...] | torch.Size
                      ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """While inside, ``model`` runs in the memory layout its CPU convolutions are fastest in; yields
     the conversion each input batch needs.
 
     oneDNN computes convolutions in a channels-last layout and reorders a default (NCHW) model's
     tensors on every call: on 224-px images a channels-last pass is 1.3-1.7x faster (resnet,
-    mobilenet, efficientnet, densenet, regnet; BENCHMARKS.md), and on a small CPU the passes of
-    ``compress`` over big images (accuracies, BN recalibration, the guard's screens and candidates)
-    are minutes. Small images keep NCHW, where there is little to gain, and their results stay
+    mobilenet, efficientnet, densenet, regnet; BENCHMARKS.md), a training step 1.2-1.4x, and on a
+    small CPU the passes of ``compress`` over big images (accuracies, BN recalibration, the guard's
+    screens and candidates, repair) are minutes. Small images keep NCHW, where there is little to gain, and their results stay
     bit-identical. ONNX parity checks keep NCHW too: their reference is the model as a user runs
     it. The model is back in NCHW on exit (exporters and pruning expect it)."""
     large = len(sample_shape) == 3 and sample_shape[1] * sample_shape[2] >= CHANNELS_LAST_MIN_PIXELS
@@ -61,7 +61,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) ->
     batch_size = batch_size or eval_batch_size(x.shape[1:])
     was = model.training
     model.eval()
-    with inference_layout(model, x.shape[1:]) as laid_out:
+    with convolution_layout(model, x.shape[1:]) as laid_out:
         out = [model(laid_out(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
     model.train(was)
     return torch.cat(out) if out else x[:0]
@@ -116,12 +116,14 @@ def train_dense(model: nn.Module, data: Dataset, epochs: int = 30, lr: float = 3
     opt, sched = cosine_adam(model.parameters(), lr, epochs * math.ceil(n / batch_size), weight_decay=1e-4)
     model.train()
     epochs_iter = track(range(epochs), "training dense model", total=epochs) if progress else range(epochs)
-    for _ in epochs_iter:
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            if len(idx) < 2:
-                continue
-            batch_step(model, opt, sched, idx, lambda i: F.cross_entropy(model(data.x_train[i]), data.y_train[i]))
+    with convolution_layout(model, data.x_train.shape[1:]) as laid_out:
+        for _ in epochs_iter:
+            perm = torch.randperm(n, generator=g)
+            for i in range(0, n, batch_size):
+                idx = perm[i:i + batch_size]
+                if len(idx) < 2:
+                    continue
+                batch_step(model, opt, sched, idx,
+                           lambda i: F.cross_entropy(model(laid_out(data.x_train[i])), data.y_train[i]))
     model.eval()
     return model

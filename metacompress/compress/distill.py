@@ -21,7 +21,7 @@ from metacompress.data import Dataset, subsample_per_class
 from metacompress.errors import UserError
 from metacompress.meta.modules import batchnorm_layers, has_batchnorm
 from metacompress.progress import track
-from metacompress.training import batch_step, cosine_adam, eval_batch_size, inference_layout, predict_shared
+from metacompress.training import batch_step, convolution_layout, cosine_adam, eval_batch_size, predict_shared
 
 
 @dataclass
@@ -80,7 +80,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, n: int, batch_size: int | 
     sel = torch.randperm(len(x), generator=g)[:n]  # read batch by batch: ``x`` may be lazy
     batch_size = batch_size or eval_batch_size(x.shape[1:], most=128)
     model.train()
-    with inference_layout(model, x.shape[1:]) as laid_out:
+    with convolution_layout(model, x.shape[1:]) as laid_out:
         for i in range(0, len(sel), batch_size):
             if len(sel[i:i + batch_size]) > 1:
                 model(laid_out(x[sel[i:i + batch_size]]))
@@ -111,10 +111,11 @@ def _distill(student: nn.Module, opt, sched, batch: tuple[torch.Tensor, torch.Te
     if steps <= 0 or (has_batchnorm(student) and bs < 2):  # BN cannot train on a batch of one sample
         return
     student.train()
-    for _ in track(range(steps), "repairing", total=steps) if progress else range(steps):
-        idx = torch.randint(len(x), (bs,), generator=g)
-        batch_step(student, opt, sched, idx, lambda i: distill_loss(student(x[i]), teacher_logits[i], y[i],
-                                                                   cfg.temperature, cfg.alpha))
+    with convolution_layout(student, x.shape[1:]) as laid_out:
+        for _ in track(range(steps), "repairing", total=steps) if progress else range(steps):
+            idx = torch.randint(len(x), (bs,), generator=g)
+            batch_step(student, opt, sched, idx, lambda i: distill_loss(student(laid_out(x[i])), teacher_logits[i],
+                                                                       y[i], cfg.temperature, cfg.alpha))
     student.eval()
 
 
