@@ -8,7 +8,7 @@ pick, fuse or report without repairing again.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -75,18 +75,17 @@ def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned
     from metacompress.policy.guard import fallback_of, guard_choice, versus_fallback
 
     bn = has_batchnorm(pruned)
-    best, screen, options, tried = _guard_options(cfg, prep, keep, learned, pruned, bn)
-    models = {name: option[2] for name, option in options.items() if name in tried}
-    for name, (k, importance, model, rc) in options.items():
+    screened = _guard_options(cfg, prep, keep, learned, pruned, bn)
+    options, tried = screened.candidates, dict(screened.repaired)
+    for name, option in options.items():
         if name in tried:
             continue
-        same = next((n for n in tried if options[n][:2] == (k, importance) and
-                     options[n][3].outcome(bn) == rc.outcome(bn)), None)
+        same = next((n for n in tried if options[n].same_repair(option, bn)), None)
         if same is not None:  # the same repair again: all settings given explicitly, or BN-only with one BN size
-            models[name], tried[name] = models[same], tried[same]
+            options[name], tried[name] = replace(option, pruned=options[same].pruned), tried[same]
             continue
-        models[name] = model
-        tried[name] = repair_one(model, prep.dense, prep.data, rc, cfg.seed, test=False)  # the guard picks on validation
+        tried[name] = repair_one(option.pruned, prep.dense, prep.data, option.repair, cfg.seed,
+                                 test=False)  # the guard picks on validation
     acc = {n: t["val_accuracy"] for n, t in tried.items()}
     loss = {n: t["val_loss"] for n, t in tried.items()}
     correct = {n: t["val_correct"] for n, t in tried.items()}
@@ -95,23 +94,45 @@ def guard_repair(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned
     counts = {n: f" (+{t['wins']}/-{t['losses']} images)" for n, t in paired.items()}
     scores = ", ".join(f"{n} {a:.4f}{counts.get(n, '')}" for n, a in acc.items())
     status(f"guard: validation accuracy {scores} -> {chosen}")
-    info = {"val_accuracy": acc, "val_loss": loss, "screen": screen, "screened_rule": best,
+    info = {"val_accuracy": acc, "val_loss": loss, "screen": screened.accuracy, "screened_rule": screened.rule,
             "fallback": fallback_of(correct, loss), "vs_fallback": paired, "chosen": chosen}
-    k, _, _, rc = options[chosen]
-    return Guarded(k, rc, models[chosen], info, tried[chosen])
+    pick = options[chosen]
+    return Guarded(pick.keep, pick.repair, pick.pruned, info, tried[chosen])
 
 
-Option = tuple[list[int], str, nn.Module, RepairConfig]  # allocation, channel importance, pruned model, repair
+@dataclass
+class Candidate:
+    """One of the guard's candidates: an allocation, its channel importance, the pruned model and
+    the repair it gets."""
+
+    keep: list[int]
+    importance: str
+    pruned: nn.Module
+    repair: RepairConfig
+
+    def same_repair(self, other: "Candidate", bn: bool) -> bool:
+        """Whether repairing ``other`` would give this candidate's student (``bn``: the models have BatchNorm)."""
+        return ((self.keep, self.importance) == (other.keep, other.importance)
+                and self.repair.outcome(bn) == other.repair.outcome(bn))
+
+
+@dataclass
+class Screened:
+    """The guard's candidates after the fixed rules' screens."""
+
+    rule: str                              # the screened rule that is repaired
+    accuracy: dict[str, float]             # every screen's validation accuracy
+    candidates: dict[str, Candidate]       # name -> candidate, names from GUARD_CANDIDATES
+    repaired: dict[str, dict[str, Any]]    # the screened rule's repair, when its screen was that repair
 
 
 def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learned: RepairConfig,
-                   pruned: nn.Module, bn: bool
-                   ) -> tuple[str, dict[str, float], dict[str, Option], dict[str, dict[str, Any]]]:
-    """The guard's candidates, after screening the fixed rules other than uniform; also the
-    screened rule, every screen's accuracy, and the screened rule's repair when its screen was
-    that repair (BN-only at a size the screen used, or no BatchNorm, and the whole validation
-    split screened). The rules' unit scores come from one scoring pass on rank 0 (a Taylor score
-    differs in its last bits from process to process, and every rank must prune the same channels)."""
+                   pruned: nn.Module, bn: bool) -> Screened:
+    """The guard's candidates, after screening the fixed rules other than uniform. A screen is
+    reused as the screened rule's repair when it was that repair (BN-only at a size the screen
+    used, or no BatchNorm, and the whole validation split screened). The rules' unit scores come
+    from one scoring pass on rank 0 (a Taylor score differs in its last bits from process to
+    process, and every rank must prune the same channels)."""
     from metacompress.policy.features import expert_scores
     from metacompress.policy.guard import SCREEN_VAL_SAMPLES, SCREENED_RULES, screen_config, screened_rule
 
@@ -121,16 +142,17 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
     fns = {r: rule_allocation(r, prep.space, prep.dense, calib, scores.get(RULE_SCORES.get(r, "")))
            for r in ("uniform", *SCREENED_RULES)}
 
-    def pruned_to_keep(rule: str, k: list[int]) -> tuple[list[int], str, nn.Module]:
+    def pruned_to_keep(rule: str, k: list[int]) -> Candidate:
         importance = CHANNEL_IMPORTANCE[rule]
-        return k, importance, prep.space.apply(copy.deepcopy(prep.dense), k, importance, scores=scores[importance])
+        model = prep.space.apply(copy.deepcopy(prep.dense), k, importance, scores=scores[importance])
+        return Candidate(k, importance, model, cfg.repair)
 
     # screens rank allocations: a latency budget's prediction suffices, measuring is for the candidates
     data, candidates = prep.data, {r: pruned_to_keep(r, prep.budget.predicted(prep.space, fns[r])) for r in SCREENED_RULES}
     screen, correct, done = screen_config(cfg.repair), {}, {}
     whole = screen.outcome(bn) == cfg.repair.outcome(bn) and len(data.y_val) <= SCREEN_VAL_SAMPLES
-    for r, (_, _, model) in candidates.items():
-        s = copy.deepcopy(model)
+    for r, candidate in candidates.items():
+        s = copy.deepcopy(candidate.pruned)
         repair(s, prep.dense, data, screen, seed=cfg.seed, progress=False)
         if whole:
             done[r] = _scored(s, data, cfg.seed, test=False)
@@ -139,12 +161,14 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
             correct[r] = accuracy_and_loss(s, data.x_val[:SCREEN_VAL_SAMPLES], data.y_val[:SCREEN_VAL_SAMPLES])[2]
     best = data_parallel.main_decides(lambda: screened_rule(correct))
     measured = prep.budget.project(prep.space, fns[best])
-    if measured != candidates[best][0]:
+    if measured != candidates[best].keep:
         candidates[best], done = pruned_to_keep(best, measured), {}
-    options = {"policy": (keep, "magnitude", pruned, learned), "policy-allocation": (keep, "magnitude", pruned, cfg.repair),
-               "uniform": (*pruned_to_keep("uniform", prep.budget.project(prep.space, fns["uniform"])), cfg.repair),
-               best: (*candidates[best], cfg.repair)}
-    return best, {r: float(c.mean()) for r, c in correct.items()}, options, {best: done[best]} if done else {}
+    options = {"policy": Candidate(keep, "magnitude", pruned, learned),
+               "policy-allocation": Candidate(keep, "magnitude", pruned, cfg.repair),
+               "uniform": pruned_to_keep("uniform", prep.budget.project(prep.space, fns["uniform"])),
+               best: candidates[best]}
+    return Screened(best, {r: float(c.mean()) for r, c in correct.items()}, options,
+                    {best: done[best]} if best in done else {})
 
 
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,
