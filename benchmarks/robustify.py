@@ -1,6 +1,7 @@
 """Prune-robust meta-training (``metacompress robustify``) vs the plain dense model.
 
-    python benchmarks/robustify.py --model resnet20 --data digits@16 [--steps 60] [--set KEY=VALUE] [--quick] [--out FILE]
+    python benchmarks/robustify.py --model resnet20 --data digits@16 [--steps 60] [--set KEY=VALUE]
+        [--repair-lr LR ...] [--quick] [--out FILE]
 
 Three dense models of one architecture and dataset (one seed): (a) the plain dense model
 robustified (uniform allocation plus perturbations, budgets 0.15-0.7 kept MACs), (b) the plain
@@ -8,8 +9,9 @@ dense model, (c) the plain dense model trained further with plain cross-entropy 
 batches as robustify spent (forward + backward), so that a gain is not just more training. Each
 is pruned (uniform allocation, L2 magnitude channels) to 0.5, 0.3 and 0.15 kept MACs and repaired
 with the model itself as teacher in three regimes: BN recalibration only, 20 distillation steps,
-50 steps with 10 labelled samples per class (``--full-repair``: also the default 150 steps).
-Prints test accuracies and robustify's wall time.
+50 steps with 10 labelled samples per class (``--full-repair``: also the default 150 steps;
+``--repair-lr``: the step regimes again at other learning rates). Prints test accuracies and
+robustify's wall time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -59,6 +62,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few steps, for the smoke test")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--full-repair", action="store_true", help="also repair with the default 150 steps, all data")
+    ap.add_argument("--repair-lr", action="append", type=float, default=[], metavar="LR",
+                    help="also run the step regimes at this repair learning rate (repeatable)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a RobustConfig field (repeatable), e.g. --set inner_lr=0.05")
     args = ap.parse_args()
@@ -84,6 +89,8 @@ def main() -> None:
     extra_s = time.perf_counter() - t0
 
     regimes = REGIMES | ({"150 steps": RepairConfig()} if args.full_repair else {})
+    regimes |= {f"{name} lr {lr:g}": replace(rc, lr=lr) for lr in args.repair_lr
+                for name, rc in list(regimes.items()) if rc.steps}
     rows = {}
     for name, model in (("robust", robust), ("plain", plain), ("plain+extra", extra)):
         rows[name] = {"dense": accuracy(model, data.x_test, data.y_test),

@@ -38,12 +38,13 @@ def convolution_layout(model: nn.Module, sample_shape: tuple[int, ...] | torch.S
     the conversion each input batch needs.
 
     oneDNN computes convolutions in a channels-last layout and reorders a default (NCHW) model's
-    tensors on every call: on 224-px images a channels-last pass is 1.3-1.7x faster (resnet,
-    mobilenet, efficientnet, densenet, regnet; BENCHMARKS.md), a training step 1.2-1.4x, and on a
-    small CPU the passes of ``compress`` over big images (accuracies, BN recalibration, the guard's
-    screens and candidates, repair) are minutes. Small images keep NCHW, where there is little to gain, and their results stay
-    bit-identical. ONNX parity checks keep NCHW too: their reference is the model as a user runs
-    it. The model is back in NCHW on exit (exporters and pruning expect it)."""
+    tensors on every call. On 224-px images an evaluation pass is 1.1-1.4x faster in channels-last,
+    a BN recalibration pass 1.25-1.6x and a training step 1.2-1.5x (resnet, mobilenet, efficientnet,
+    densenet, regnet; BENCHMARKS.md), and on a small CPU the passes of ``compress`` over big images
+    (accuracies, BN recalibration, the guard's screens and candidates, repair) are minutes. Small
+    images keep NCHW, where there is little to gain, and their results stay bit-identical. ONNX
+    parity checks keep NCHW too: their reference is the model as a user runs it. The model is back
+    in NCHW on exit (exporters and pruning expect it)."""
     large = len(sample_shape) == 3 and sample_shape[1] * sample_shape[2] >= CHANNELS_LAST_MIN_PIXELS
     if not large or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         yield lambda t: t

@@ -77,3 +77,8 @@ def test_robustify_smoke(tmp_path):
 def test_distributed_smoke(tmp_path):
     out = run_bench(tmp_path, "distributed.py", "--quick")
     assert "policy ES, reward jobs/s" in out and "data-parallel repair" in out and "estimated ES efficiency" in out
+
+
+def test_conv_layout_smoke(tmp_path):
+    out = run_bench(tmp_path, "conv_layout.py", "--models", "regnet_y_400mf", "--repeats", "1", "--batch", "2")
+    assert "| model | eval: NCHW / channels-last" in out and "| regnet_y_400mf |" in out
