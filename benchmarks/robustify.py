@@ -10,7 +10,8 @@ batches as robustify spent (forward + backward), so that a gain is not just more
 is pruned (uniform allocation, L2 magnitude channels) to 0.5, 0.3 and 0.15 kept MACs and repaired
 with the model itself as teacher in three regimes: BN recalibration only, 20 distillation steps,
 50 steps with 10 labelled samples per class (``--full-repair``: also the default 150 steps;
-``--repair-lr``: the step regimes again at other learning rates). Prints test accuracies and
+``--repair-lr``: the step regimes again at other learning rates; ``--choose-rate``: the robust
+model also repaired as ``compress --robustify`` repairs it). Prints test accuracies and
 robustify's wall time.
 """
 
@@ -33,7 +34,9 @@ from metacompress.compress.prune import PruningSpace  # noqa: E402
 from metacompress.compress.robust import RobustConfig, robustify  # noqa: E402
 from metacompress.compress.rules import rule_allocation  # noqa: E402
 from metacompress.data import load_dataset  # noqa: E402
+from metacompress.meta.modules import load_state  # noqa: E402
 from metacompress.pipeline import load_dense  # noqa: E402
+from metacompress.students import robust_repair_choice  # noqa: E402
 from metacompress.training import accuracy, train_dense  # noqa: E402
 
 BUDGETS = (0.5, 0.3, 0.15)
@@ -41,13 +44,18 @@ REGIMES = {"bn": RepairConfig(steps=0), "20 steps": RepairConfig(steps=20),
            "50 steps, 10/class": RepairConfig(steps=50, samples_per_class=10)}
 
 
-def pruned_accuracies(model, space, ratio_fn, data, seed: int, regimes: dict) -> dict:
+def pruned_accuracies(model, space, ratio_fn, data, seed: int, regimes: dict, choose_rate: bool = False) -> dict:
+    """Test accuracy after pruning to each budget and repairing in each regime (``choose_rate``:
+    step regimes as ``compress --robustify`` repairs, at two rates with the better kept on validation)."""
     out = {}
     for b in BUDGETS:
         keep = space.project(ratio_fn, b)
         for name, rc in regimes.items():
             student = space.apply(copy.deepcopy(model), keep)
-            repair(student, model, data, rc, seed=seed, progress=False)
+            if choose_rate and rc.steps:
+                load_state(student, robust_repair_choice(student, model, data, rc, seed)[1]["state_dict"])
+            else:
+                repair(student, model, data, rc, seed=seed, progress=False)
             out[f"{b}/{name}"] = accuracy(student, data.x_test, data.y_test)
     return out
 
@@ -64,6 +72,8 @@ def main() -> None:
     ap.add_argument("--full-repair", action="store_true", help="also repair with the default 150 steps, all data")
     ap.add_argument("--repair-lr", action="append", type=float, default=[], metavar="LR",
                     help="also run the step regimes at this repair learning rate (repeatable)")
+    ap.add_argument("--choose-rate", action="store_true",
+                    help="also the robust model repaired as compress --robustify does: two rates, the better on validation")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a RobustConfig field (repeatable), e.g. --set inner_lr=0.05")
     args = ap.parse_args()
@@ -95,6 +105,9 @@ def main() -> None:
     for name, model in (("robust", robust), ("plain", plain), ("plain+extra", extra)):
         rows[name] = {"dense": accuracy(model, data.x_test, data.y_test),
                       **pruned_accuracies(model, space, uniform, data, args.seed, regimes)}
+    if args.choose_rate:
+        rows["robust, rate on validation"] = {"dense": rows["robust"]["dense"], **pruned_accuracies(
+            robust, space, uniform, data, args.seed, {k: v for k, v in regimes.items() if " lr " not in k}, True)}
     result = {"model": args.model, "data": args.data, "seed": args.seed, "dense_epochs": epochs, "overrides": overrides,
               "robustify": info.to_dict() | {"wall_s": round(robust_s, 1)},
               "extra_training": {"epochs": extra_epochs, "batches": extra_epochs * batches_per_epoch,
@@ -107,7 +120,7 @@ def main() -> None:
     print("| condition | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for name, r in rows.items():
-        print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+        print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "" for k in keys) + " |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

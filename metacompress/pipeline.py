@@ -42,7 +42,7 @@ from metacompress.meta import data_parallel, distributed
 from metacompress.meta.modules import load_state
 from metacompress.progress import status
 from metacompress.signals import signals_deferred
-from metacompress.students import guard_repair, prune_to, repair_students, soup_students
+from metacompress.students import guard_repair, prune_to, repair_students, robust_repair_choice, soup_students
 from metacompress.training import accuracy, train_dense
 from metacompress.zoo import build_model, check_forward, is_builtin, native_image_size
 
@@ -303,6 +303,9 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
         status(f"warning: {w}")
     pruned_acc = accuracy_before_repair(student, data)
     with timer.stage("repair"):
+        if cfg.robustify is not None and repair_cfg.steps > 0 and "lr" not in cfg.repair_overrides:
+            repair_cfg, first, prep.robust["repair"] = robust_repair_choice(student, prep.dense, data, repair_cfg,
+                                                                            cfg.seed, first)
         students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed, first)
     soup = None
     if cfg.students > 1:

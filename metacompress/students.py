@@ -171,6 +171,33 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
                     {best: done[best]} if best in done else {})
 
 
+GENTLE_LR_FACTOR = 0.1  # a robustified model's second repair runs at this fraction of the lr (BENCHMARKS.md)
+
+
+def robust_repair_choice(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int,
+                         first: dict[str, Any] | None = None) -> tuple[RepairConfig, dict[str, Any], dict[str, Any]]:
+    """For a prune-robust model: repair ``pruned`` with ``cfg`` (or take ``first``, already
+    repaired so) and at GENTLE_LR_FACTOR of its learning rate, and keep the better on validation
+    (accuracy, then loss; ``cfg`` on a tie). Returns the kept settings, their student and what
+    was compared.
+
+    Where robustify left a sub-network close to the dense model, large first steps undo that
+    head start and a gentler repair keeps it. Where the sub-network still trails the dense
+    model by much, the default rate repairs it better. Which case a task is in shows on
+    validation, so both are tried (one extra repair)."""
+    gentle_cfg = replace(cfg, lr=cfg.lr * GENTLE_LR_FACTOR)
+    default = first if first is not None else repair_one(pruned, teacher, data, cfg, seed, test=False)
+    gentle = repair_one(pruned, teacher, data, gentle_cfg, seed, test=False)
+    better = data_parallel.main_decides(  # one pick on every rank, whatever float noise
+        lambda: (gentle["val_accuracy"], -gentle["val_loss"]) > (default["val_accuracy"], -default["val_loss"]))
+    kept_cfg, kept = (gentle_cfg, gentle) if better else (cfg, default)
+    info = {"lr": {f"{cfg.lr:g}": default["val_accuracy"], f"{gentle_cfg.lr:g}": gentle["val_accuracy"]},
+            "chosen_lr": kept_cfg.lr}
+    status(f"robust repair: validation accuracy at lr {cfg.lr:.3g} {default['val_accuracy']:.4f}, "
+           f"at {gentle_cfg.lr:.3g} {gentle['val_accuracy']:.4f} -> lr {kept_cfg.lr:.3g}")
+    return kept_cfg, kept, info
+
+
 def repair_students(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, k: int,
                     seed: int = 0, first: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Repair ``k`` students of ``pruned`` (left untouched), with their scores and weights.

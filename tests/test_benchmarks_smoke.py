@@ -70,8 +70,9 @@ def test_compress_parity_smoke(tmp_path):
 
 
 def test_robustify_smoke(tmp_path):
-    out = run_bench(tmp_path, "robustify.py", "--model", "mlp", "--data", "digits", "--quick", "--set", "tasks=2")
-    assert "| condition |" in out and "| plain+extra |" in out
+    out = run_bench(tmp_path, "robustify.py", "--model", "mlp", "--data", "digits", "--quick", "--set", "tasks=2",
+                    "--choose-rate")
+    assert "| condition |" in out and "| plain+extra |" in out and "| robust, rate on validation |" in out
 
 
 def test_distributed_smoke(tmp_path):

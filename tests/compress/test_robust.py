@@ -137,6 +137,40 @@ def test_compress_runs_robustify_as_a_stage():
     assert c.prep.robust["steps"] == 3 and c.prep.robust["dense_test_accuracy"] == c.prep.dense_accuracy
 
 
+@pytest.mark.parametrize("overridden", [False, True])
+def test_compress_repairs_a_robust_model_at_two_rates_and_keeps_the_better_on_validation(overridden):
+    from metacompress.students import GENTLE_LR_FACTOR
+
+    cfg = CompressConfig(model="mlp", data="digits", weights="none", target_macs=0.3, allocation="uniform",
+                         round_to=8, robustify=RobustConfig(steps=3, checks=1),
+                         repair_overrides=("lr",) if overridden else ())
+    cfg.repair.steps = 5
+    c = compress_stages(cfg, Timer())
+    if overridden:  # an explicit --repair-lr is the rate
+        assert "repair" not in c.prep.robust and c.repair.lr == cfg.repair.lr
+        return
+    tried = c.prep.robust["repair"]["lr"]
+    assert set(tried) == {f"{cfg.repair.lr:g}", f"{cfg.repair.lr * GENTLE_LR_FACTOR:g}"}
+    best = max(tried.values())
+    assert c.repair.lr == c.prep.robust["repair"]["chosen_lr"]
+    assert tried[f"{c.repair.lr:g}"] == best
+    assert c.students[0]["val_accuracy"] == best  # the kept student is the one that scored
+
+
+@pytest.mark.parametrize("gentle_wins", [False, True])
+def test_robust_repair_choice_keeps_the_rate_that_wins_on_validation(monkeypatch, gentle_wins):
+    from metacompress import students
+    from metacompress.compress.distill import RepairConfig
+
+    def fake_repair(pruned, teacher, data, cfg, seed, test=True):
+        gentle = cfg.lr < RepairConfig().lr
+        return {"val_accuracy": 0.9 if gentle == gentle_wins else 0.8, "val_loss": 0.5, "lr": cfg.lr}
+
+    monkeypatch.setattr(students, "repair_one", fake_repair)
+    cfg, kept, info = students.robust_repair_choice(None, None, None, RepairConfig(steps=5), seed=0)
+    assert (cfg.lr < RepairConfig().lr) == gentle_wins and kept["lr"] == cfg.lr == info["chosen_lr"]
+
+
 def _run(*args):
     return subprocess.run([*MC, *map(str, args)], capture_output=True, text=True, env=ENV, timeout=300)
 
