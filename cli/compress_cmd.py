@@ -73,9 +73,9 @@ def compress(
     out: str = typer.Option(..., "--out", help="Output folder for model.onnx, model.pt and report.json."),
     epochs: int = typer.Option(30, "--train-epochs", min=1, help="Epochs when the dense model is trained first."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP),
-    robustify: bool = typer.Option(False, "--robustify", help="First make the dense model prune-robust (see robustify); its repair "
-                                   "then also runs at a tenth of the learning rate and the better on validation is "
-                                   "kept (unless --repair-lr is given)."),
+    robustify: bool = typer.Option(False, "--robustify", help="First make the dense model prune-robust (see "
+                                   "robustify); its repair then also runs at a tenth of the learning rate and the "
+                                   "better on validation is kept (unless --repair-lr is given)."),
     robustify_steps: int = typer.Option(RobustConfig.steps, "--robustify-steps", help="Outer steps of --robustify."),
     seed: int = SEED_OPTION,
     as_json: bool = JSON_OPTION,
