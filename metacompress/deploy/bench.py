@@ -21,6 +21,7 @@ from metacompress.errors import UserError
 
 MAX_REPEATS = 5000
 MIN_TIMINGS = 3  # fewest timings of each model (over all its sessions) a time cap (``max_seconds``) may leave
+LONG_PASS_S = 1.0  # passes at least this long count from their first run (a first run's one-off costs are lost in them)
 
 
 def _session(ref: Any, threads: int | None, spin: bool, provider: str) -> ort.InferenceSession:
@@ -69,10 +70,11 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     for batch in batches:
         x = rng.standard_normal((int(batch), *shape)).astype(np.float32)
         feeds = {name: {sess.get_inputs()[0].name: x} for name, sess in sessions.items()}
-        per_round = _warm_up(sessions, feeds, warmup, max_seconds)
+        per_round, last = _warm_up(sessions, feeds, warmup, max_seconds)
         rounds = _rounds(per_round, repeats, min_seconds, max_seconds, copies)
-        times: dict[tuple[str, int], list[float]] = {key: [] for key in names}
-        for r in range(rounds):
+        counted = min(last.values()) >= LONG_PASS_S * 1e3
+        times: dict[tuple[str, int], list[float]] = {key: [last[key]] if counted else [] for key in names}
+        for r in range(int(counted), rounds):
             for k in range(len(names)):
                 key = names[(r + k) % len(names)]
                 start = time.perf_counter()
@@ -86,17 +88,22 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     return result
 
 
-def _warm_up(sessions: dict, feeds: dict, warmup: int, max_seconds: float) -> float:
+def _warm_up(sessions: dict, feeds: dict, warmup: int, max_seconds: float) -> tuple[float, dict]:
     """Untimed rounds over every session: ``warmup`` of them, or fewer (at least one) where they
-    would take over a tenth of ``max_seconds``. Returns the seconds one round takes."""
-    done, start = 0, time.perf_counter()
+    would take over a tenth of ``max_seconds``. Returns the seconds one round takes, and each
+    session's ms in the last round: where every pass takes LONG_PASS_S or more, that round counts
+    as the first timed one (ViT-B/16 at batch 32: a fresh session's first pass is within the
+    spread of its next three; BENCHMARKS.md), which saves a round of passes that last seconds."""
+    done, start, last = 0, time.perf_counter(), {}
     while done < max(1, warmup):
         for key, sess in sessions.items():
+            t0 = time.perf_counter()
             sess.run(None, feeds[key])
+            last[key] = (time.perf_counter() - t0) * 1e3
         done += 1
         if (time.perf_counter() - start) / done * max(1, warmup) > max_seconds / 10:
             break
-    return (time.perf_counter() - start) / done
+    return (time.perf_counter() - start) / done, last
 
 
 def _rounds(per_round: float, repeats: int, min_seconds: float, max_seconds: float, copies: int) -> int:

@@ -280,6 +280,37 @@ def test_benchmark_rounds_follow_the_time_limits(resnet):
     assert rounds(repeats=2, min_seconds=0.2) > 2
 
 
+def test_a_long_pass_counts_from_its_first_run(resnet, monkeypatch):
+    """Where every pass takes LONG_PASS_S or more, the warm-up run is the first timing (a model
+    with passes of seconds saves a round); a short pass's warm-up is never timed."""
+    from metacompress.deploy import bench
+
+    _, path, _ = resnet
+    opened = []
+    real_session = bench._session
+
+    class Counting:
+        def __init__(self, session):
+            self.session, self.runs = session, 0
+
+        def run(self, *args):
+            self.runs += 1
+            return self.session.run(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    monkeypatch.setattr(bench, "_session", lambda *a: opened.append(Counting(real_session(*a))) or opened[-1])
+
+    def runs() -> int:
+        benchmark_latency({"a": path}, (1, 32, 32), batches=(1,), threads=1, warmup=1, repeats=4)
+        return opened.pop().runs
+
+    assert runs() == 1 + 4
+    monkeypatch.setattr(bench, "LONG_PASS_S", 0.0)
+    assert runs() == 4
+
+
 # ---------------------------------------------------------------- CLI
 
 runner = CliRunner()
