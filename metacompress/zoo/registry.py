@@ -115,7 +115,11 @@ def build_model(spec: str, input_shape, num_classes: int, mean: float = 0.0, std
         params = inspect.signature(factory).parameters
         offered = {"input_shape": input_shape, "num_classes": num_classes, **kwargs}
         accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        model = factory(**{k: v for k, v in offered.items() if accepts_any or k in params})
+        arguments = {k: v for k, v in offered.items() if accepts_any or k in params}
+        # the data's normalisation, as the built-in models get it: only to a factory that names it
+        # (a **kwargs factory may pass its keywords on to a constructor that takes no such thing)
+        arguments |= {k: v for k, v in (("mean", mean), ("std", std)) if k in params and k not in kwargs}
+        model = factory(**arguments)
         if not isinstance(model, nn.Module):
             raise UserError(f"factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
         return model

@@ -96,6 +96,23 @@ def test_user_model_factory_compresses(tmp_path):
     assert abs(json.loads(res.stdout)["achieved_params_ratio"] - 0.5) <= 0.01
 
 
+def test_user_factory_gets_the_data_normalisation_only_when_it_names_it(tmp_path):
+    """The built-in models normalise their input with the data's mean and std; a factory that
+    names them gets them too, and a ``**kwargs`` factory, which may pass them on, does not."""
+    (tmp_path / "nets.py").write_text(
+        "import torch.nn as nn\n"
+        "def named(input_shape, num_classes, mean, std):\n"
+        "    net = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n"
+        "    net.norm = (mean, std)\n"
+        "    return net\n"
+        "def forwarding(input_shape, num_classes, **kwargs):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes, **kwargs))\n")
+    named = build_model(f"{tmp_path / 'nets.py'}:named", (1, 8, 8), 10, mean=4.9, std=6.0)
+    assert named.norm == (4.9, 6.0)
+    forwarding = build_model(f"{tmp_path / 'nets.py'}:forwarding", (1, 8, 8), 10, mean=4.9, std=6.0)
+    assert forwarding[1].out_features == 10
+
+
 def test_inspect_lists_groups(tmp_path):
     res = run("inspect", "resnet20", "--data", "digits", "--json")
     assert res.returncode == 0, res.stderr
