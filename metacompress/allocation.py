@@ -111,7 +111,7 @@ def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], bu
     cannot meet within the tolerance, the groups ``off`` the rounding grid (which cost speed;
     ``space.off_grid(keep)``), and a latency target missed as measured or below the floor."""
     if budget.latency is not None:
-        return list(budget.latency.warnings)
+        return budget.latency.warnings_for(keep)
     out = []
     kept = space.kept_fraction(keep, budget.cost)
     if abs(kept - budget.target) > BUDGET_TOL * budget.target:

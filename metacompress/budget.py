@@ -163,9 +163,11 @@ class LatencyTarget:
     provider: str = "cpu"
     dynamo: bool = True    # the exporter of the deployed file, which each measurement times
     history: list[list[Round]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)       # about the target itself (the floor)
+    misses: dict[tuple[int, ...], str] = field(default_factory=dict)  # per projected allocation
     _workdir: tempfile.TemporaryDirectory | None = None
     _scores: list | None = None
+    _floor_measured: float | None = None  # the floor is the same architecture for every projection
 
     @property
     def floor_fraction(self) -> float:
@@ -195,10 +197,17 @@ class LatencyTarget:
         self.history.append(rounds)
         best = min(rounds, key=lambda r: (abs(r.measured / target - 1), r.measured))
         if abs(best.measured / target - 1) > LATENCY_TOL:
-            self._warn(f"measured latency {best.measured:.3f} misses the target {target:.3f} by more than "
-                       f"{LATENCY_TOL:.0%} after {len(rounds)} rounds: the channel grid is too coarse here or the "
-                       f"machine too noisy")
+            self.misses[tuple(best.keep)] = (f"measured latency {best.measured:.3f} misses the target {target:.3f} by "
+                                             f"more than {LATENCY_TOL:.0%} after {len(rounds)} rounds: the channel grid "
+                                             f"is too coarse here or the machine too noisy")
         return best.keep
+
+    def warnings_for(self, keep: Sequence[int]) -> list[str]:
+        """What a user of the allocation ``keep`` (one this target projected) should know: the
+        target's own warnings and, if its projection missed, by how much (the guard projects
+        allocations it then drops: their misses are not the deployed model's)."""
+        miss = self.misses.get(tuple(keep))
+        return self.warnings + ([miss] if miss else [])
 
     @property
     def feasible_target(self) -> float:
@@ -224,7 +233,9 @@ class LatencyTarget:
         that keeps far more units runs about as fast as the floor and is far more accurate."""
         if self.target >= floor * (1 + LATENCY_TOL):
             return self.target
-        measured = self.measure(floor_keep)
+        if self._floor_measured is None:
+            self._floor_measured = self.measure(floor_keep)
+        measured = self._floor_measured
         if self.target >= measured * (1 + LATENCY_TOL):
             return self.target
         reachable = min(1.0, measured * (1 + LATENCY_TOL))

@@ -187,9 +187,21 @@ def test_correction_loop_terminates_and_warns_when_it_cannot_converge(cnn):
     """A runtime that answers noise: the loop stops after MAX_ROUNDS and says so."""
     rng = np.random.default_rng(0)
     lt = _target(cnn, 0.5, lambda p: float(rng.uniform(0.1, 1.0)))
-    lt.project(lambda s: [s * 0.9] * len(lt.space.groups))
+    keep = lt.project(lambda s: [s * 0.9] * len(lt.space.groups))
     assert len(lt.history[-1]) <= MAX_ROUNDS
-    assert len(lt.warnings) == 1 and "misses the target" in lt.warnings[0]
+    assert len(lt.warnings_for(keep)) == 1 and "misses the target" in lt.warnings_for(keep)[0]
+
+
+def test_a_miss_is_warned_about_only_for_the_allocation_that_missed(cnn):
+    """The guard projects several allocations and deploys one: another's miss is not its warning."""
+    answers = iter([0.9, 0.9, 0.9, 0.9])  # the first projection's rounds all miss 0.5; then the runtime is exact
+    lt = _target(cnn, 0.5, lambda p: next(answers, p))
+    missed = lt.project(lambda s: [s * 0.9] * len(lt.space.groups))
+    n = len(lt.space.groups)
+    met = lt.project(lambda s: [s * (i + 1) / n for i in range(n)])  # another shape: another allocation
+    assert missed != met
+    assert "misses the target" in lt.warnings_for(missed)[0]
+    assert lt.warnings_for(met) == []
 
 
 def test_target_below_the_floor_compresses_to_the_floor_plus_tolerance_and_warns(cnn):
@@ -203,6 +215,27 @@ def test_target_below_the_floor_compresses_to_the_floor_plus_tolerance_and_warns
     assert abs(lt.measure(keep) / (floor * (1 + LATENCY_TOL)) - 1) <= LATENCY_TOL
     assert len(lt.warnings) == 1
     assert "below what width pruning reaches" in lt.warnings[0] and f"{floor:.3f}" in lt.warnings[0]
+
+
+def test_the_floor_is_measured_once_for_every_projection(cnn):
+    """The guard projects several allocations onto one target: the floor is one architecture, so
+    it is timed once and a runtime that drifts between timings gives one warning, not one each."""
+    floors = []
+    lt = _target(cnn, 0.02, lambda p: p + 0.1)
+    floor_keep = lt.space.floor_keep()
+    runtime = lt.measure
+
+    def drifting(keep):
+        if list(keep) == list(floor_keep):
+            floors.append(runtime(keep) + 0.001 * len(floors))
+            return floors[-1]
+        return runtime(keep)
+
+    lt.measure = drifting
+    for scale in (0.9, 0.5, 0.7):
+        lt.project(lambda s, scale=scale: [s * scale] * len(lt.space.groups))
+    assert len(floors) == 1
+    assert len([w for w in lt.warnings if "below what width pruning reaches" in w]) == 1
 
 
 # ----- budgets at the boundary ----------------------------------------------------------------
