@@ -315,15 +315,19 @@ def test_latency_budget_leaves_groups_whose_pruning_saves_no_time():
     assert keep[last] < 64 and abs(lm.fraction(keep) / 0.6 - 1) <= LATENCY_TOL
 
 
-def test_a_final_measurement_off_the_target_is_warned_about_once():
-    from metacompress.report import final_latency_warning
+def test_the_final_measurement_decides_the_latency_warnings():
+    """Off the target where the loop met it: one warning. Within it: the loop's miss for the
+    deployed allocation is superseded by the final timing and dropped (other warnings stay)."""
+    from metacompress.report import final_latency_warnings
 
     section = {"within_tolerance": False, "measured_fraction": {"b1": 0.58, "b32": 0.5}, "target_fraction": 0.5,
                "tolerance": LATENCY_TOL, "correction_rounds": [[{"goal": 0.5, "predicted": 0.5, "measured": 0.51}]]}
-    (warning,) = final_latency_warning(section, 1, warned=False)
+    (warning,) = final_latency_warnings([], section, 1, loop_miss=None)
     assert "0.580" in warning and "16%" in warning and "0.500" in warning
-    assert final_latency_warning(section, 1, warned=True) == []  # the loop already warned (floor, miss)
-    assert final_latency_warning(section | {"within_tolerance": True}, 1, warned=False) == []
+    miss, floor = "measured latency 0.470 misses the target 0.500", "below what width pruning reaches"
+    assert final_latency_warnings([floor, miss], section, 1, miss) == [floor, miss]  # the loop already warned
+    assert final_latency_warnings([floor, miss], section | {"within_tolerance": True}, 1, miss) == [floor]
+    assert final_latency_warnings([], section | {"within_tolerance": True}, 1, None) == []
 
 
 def test_policy_on_a_latency_budget_is_told_the_macs_fraction_it_keeps(cnn, monkeypatch, digits):
