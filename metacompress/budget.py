@@ -196,6 +196,7 @@ class LatencyTarget:
             goal = float(np.clip(goal * target / rounds[-1].measured, floor, 1.0))
         self.history.append(rounds)
         best = min(rounds, key=lambda r: (abs(r.measured / target - 1), r.measured))
+        self.misses.pop(tuple(best.keep), None)  # an earlier projection to the same widths may have missed
         if abs(best.measured / target - 1) > LATENCY_TOL:
             self.misses[tuple(best.keep)] = (f"measured latency {best.measured:.3f} misses the target {target:.3f} by "
                                              f"more than {LATENCY_TOL:.0%} after {len(rounds)} rounds: the channel grid "

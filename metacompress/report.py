@@ -79,7 +79,7 @@ def final_latency_warnings(warnings: list[str], section: dict[str, Any], batch: 
     """``warnings`` as the final timing of the exported model leaves them. Within the tolerance,
     the correction loop's miss for this allocation (``loop_miss``) is dropped: the final timing,
     longer and of the deployed file, supersedes it. Off the tolerance, where nothing was warned
-    (the loop met the target), the miss is said."""
+    (the loop met the target), the final timing's miss is said."""
     if section["within_tolerance"]:
         return [w for w in warnings if w != loop_miss]
     if warnings:
