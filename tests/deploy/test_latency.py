@@ -323,7 +323,7 @@ def test_the_final_measurement_decides_the_latency_warnings():
     section = {"within_tolerance": False, "measured_fraction": {"b1": 0.58, "b32": 0.5}, "target_fraction": 0.5,
                "tolerance": LATENCY_TOL, "correction_rounds": [[{"goal": 0.5, "predicted": 0.5, "measured": 0.51}]]}
     (warning,) = final_latency_warnings([], section, 1, loop_miss=None)
-    assert "0.580" in warning and "16%" in warning and "0.500" in warning
+    assert "0.580" in warning and "16.0%" in warning and "0.500" in warning
     miss, floor = "measured latency 0.470 misses the target 0.500", "below what width pruning reaches"
     assert final_latency_warnings([floor, miss], section, 1, miss) == [floor, miss]  # the loop already warned
     assert final_latency_warnings([floor, miss], section | {"within_tolerance": True}, 1, miss) == [floor]
