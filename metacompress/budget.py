@@ -203,11 +203,15 @@ class LatencyTarget:
                                              f"is too coarse here or the machine too noisy")
         return best.keep
 
+    def miss(self, keep: Sequence[int]) -> str | None:
+        """The warning of the projection that ended at ``keep``, if it missed the target."""
+        return self.misses.get(tuple(keep))
+
     def warnings_for(self, keep: Sequence[int]) -> list[str]:
         """What a user of the allocation ``keep`` (one this target projected) should know: the
         target's own warnings and, if its projection missed, by how much (the guard projects
         allocations it then drops: their misses are not the deployed model's)."""
-        miss = self.misses.get(tuple(keep))
+        miss = self.miss(keep)
         return self.warnings + ([miss] if miss else [])
 
     @property

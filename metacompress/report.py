@@ -54,7 +54,7 @@ def compress_report(cfg: "CompressConfig", c: "Compressed", r: dict[str, Any]) -
     if prep.budget.latency is not None:
         report["latency"] = latency_section(cfg, c, lat)
         warnings = final_latency_warnings(warnings, report["latency"], cfg.latency_batch,
-                                          prep.budget.latency.misses.get(tuple(c.keep)))
+                                          prep.budget.latency.miss(c.keep))
     warnings += not_faster_warnings(report["speedup"], cfg.latency_batch if spec.is_latency else None)
     if warnings:
         report["warnings"] = warnings
