@@ -1,6 +1,6 @@
 """The meta-learned policy against the built-in allocations on held-out tasks, in one run.
 
-    python benchmarks/policy_vs_baselines.py [--quick] [--policy DIR] [--out FILE.md] [--timing-only]
+    python benchmarks/policy_vs_baselines.py [--quick] [--no-search] [--policy DIR] [--out FILE.md] [--timing-only]
 
 Held-out tasks come from recipes/policy-eval.yaml (architecture families and a dataset variant
 never used in meta-training). Columns: meta (zero-shot), meta-alloc (its allocation with the
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--config", default="recipes/policy-eval.yaml")
     ap.add_argument("--policy", default=None)
     ap.add_argument("--quick", action="store_true", help="1 seed, no ES search, two budgets")
+    ap.add_argument("--no-search", action="store_true", help="no per-task ES search column (about a third of the time)")
     ap.add_argument("--smoke", action="store_true", help="one held-out teacher, one task: checks the script runs")
     ap.add_argument("--out", default=None, help="write the markdown section here")
     ap.add_argument("--rows", default=None, help="write every row as JSON here")
@@ -84,6 +85,8 @@ def main() -> None:
     d = load_recipe(args.config)
     if args.quick or args.smoke:
         d.update(seeds=1, es_search_evals=0, budgets=[0.3, 0.15])
+    if args.no_search:
+        d.update(es_search_evals=0)
     if args.smoke:
         first = d["teachers"][0]
         d.update(teachers=[{**first, "data": "digits"}], budgets=[0.3], regimes=["short"], workers=1,
@@ -106,7 +109,8 @@ def main() -> None:
         for k in cell:
             cell[k].append(r["test"][k])
     lines = [
-        f"Command: `python benchmarks/policy_vs_baselines.py{' --quick' if args.quick else ''}` "
+        f"Command: `python benchmarks/policy_vs_baselines.py{' --quick' if args.quick else ''}"
+        f"{' --no-search' if args.no_search else ''}{f' --policy {args.policy}' if args.policy else ''}` "
         f"({len(rows)} task runs, {wall / 60:.1f} min on 2 workers). Policy: "
         f"{pol.provenance.get('iterations', '?')} ES iterations over {len(pol.provenance.get('teachers', []))} "
         f"teachers ({hist[-1]['seconds'] / 60 if hist else float('nan'):.1f} min of meta-training)"

@@ -11,8 +11,9 @@
   torchvision); ``size`` resizes each image's shorter side to S and center-crops S x S, so images
   may have any size. Without it, images of mixed sizes get the model's own input size (224 for
   most torchvision classifiers), and images of one size are read as they are.
-- ``idx:DIR[:n=N][:size=S]``: MNIST-format idx files (plain or .gz), e.g. Fashion-MNIST from
-  ``/usr/share/datasets/fashion-mnist``; ``n`` keeps N training images, ``size`` resizes.
+- ``idx:DIR[:n=N][:size=S][:labels=A-B]``: MNIST-format idx files (plain or .gz), e.g. Fashion-MNIST from
+  ``/usr/share/datasets/fashion-mnist``; ``n`` keeps N training images, ``size`` resizes,
+  ``labels`` keeps classes A..B (renumbered from 0).
 
 A fixed validation split is always carved from the training split. Image folders and
 uncompressed ``.npz`` arrays whose float32 copy exceeds ``lazy.IN_MEMORY_BYTES`` are read batch

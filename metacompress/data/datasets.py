@@ -201,21 +201,28 @@ def _synthetic(arg: str) -> Dataset:
 
 
 def _idx(arg: str) -> Dataset:
-    """``idx:DIR[:n=N][:size=S]``: MNIST-format files; ``n`` keeps a stratified subset of the
-    training images, ``size`` resizes images to S x S."""
+    """``idx:DIR[:n=N][:size=S][:labels=A-B]``: MNIST-format files; ``labels`` keeps the classes A..B
+    (renumbered from 0), ``n`` then keeps a stratified subset of their training images, ``size``
+    resizes images to S x S."""
     from metacompress.data.idx import load_idx_arrays
 
     root, *parts = arg.split(":")
+    usage = "use idx:DIR[:n=N][:size=S][:labels=A-B]"
     try:
-        opts = {k: int(v) for k, v in (p.split("=", 1) for p in parts)}
+        opts = dict(p.split("=", 1) for p in parts)
+        labels = tuple(int(v) for v in opts.pop("labels").split("-", 1)) if "labels" in opts else None
+        n, size = int(opts.pop("n", 0)), int(opts.pop("size", 0))
     except ValueError:
-        raise UserError(f"malformed idx spec 'idx:{arg}': use idx:DIR[:n=N][:size=S]") from None
-    n, size = opts.pop("n", 0), opts.pop("size", 0)
-    if opts or n < 0 or size < 0:
-        raise UserError(f"idx options must be n=N and size=S with positive integers, got '{arg}'")
+        raise UserError(f"malformed idx spec 'idx:{arg}': {usage}") from None
+    if opts or n < 0 or size < 0 or (labels is not None and (len(labels) != 2 or not 0 <= labels[0] < labels[1])):
+        raise UserError(f"idx options must be n=N and size=S with positive integers and labels=A-B with "
+                        f"0 <= A < B, got '{arg}'")
     a = load_idx_arrays(root)
     x_tr, y_tr = a["x_train"], check_labels(f"idx:{root}: train labels", a["y_train"])
-    y_te = check_labels(f"idx:{root}: test labels", a["y_test"])
+    x_te, y_te = a["x_test"], check_labels(f"idx:{root}: test labels", a["y_test"])
+    if labels is not None:
+        x_tr, y_tr = _label_range(x_tr, y_tr, labels, f"idx:{arg}: train")
+        x_te, y_te = _label_range(x_te, y_te, labels, f"idx:{arg}: test")
     if len(y_tr) == 0 or len(y_te) == 0:
         raise UserError(f"idx:{root}: needs training and test images, got {len(y_tr)} and {len(y_te)}")
     classes = int(max(y_tr.max(), y_te.max())) + 1
@@ -223,11 +230,19 @@ def _idx(arg: str) -> Dataset:
         if n < 2 * classes:
             raise UserError(f"idx:{arg}: n={n} is too small for {classes} classes (at least {2 * classes})")
         x_tr, _, y_tr, _ = _split(x_tr, y_tr, 1 - n / len(x_tr), seed=0)
-    x_te = a["x_test"]
     if size:
         check_size(f"idx:{arg}", len(x_tr) + len(x_te), (x_tr.shape[1], size, size))
         x_tr, x_te = _resize(x_tr, size), _resize(x_te, size)
     return make_dataset(f"idx:{arg}", x_tr, y_tr, x_te, y_te, classes)
+
+
+def _label_range(x: np.ndarray, y: np.ndarray, labels: tuple[int, int], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The samples whose label is in labels[0]..labels[1], relabelled from 0."""
+    first, last = labels
+    keep = (y >= first) & (y <= last)
+    if len(np.unique(y[keep])) < 2:
+        raise UserError(f"{what} labels {first}-{last} select fewer than 2 classes")
+    return x[keep], y[keep] - first
 
 
 def data_paths(spec: str) -> list[str]:

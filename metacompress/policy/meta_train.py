@@ -204,7 +204,7 @@ def _train(cfg: MetaTrainConfig, resume: bool) -> dict[str, Any]:
     state = _load_state(ckpt, fp) if resume else None
     if state is not None:
         run.restore(state)
-    _POOL = TaskPool(defaults)
+    _POOL = TaskPool(defaults, score_test=False)
     _warm_teachers(teachers)
     t0 = time.perf_counter()
     if run.select_tasks and not run.selection:

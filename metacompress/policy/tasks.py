@@ -113,9 +113,11 @@ class Context:
 class TaskPool:
     """Builds and caches teacher contexts; evaluates allocations on tasks."""
 
-    def __init__(self, defaults: RepairConfig | None = None, kinds_seen: tuple[str, ...] | None = None) -> None:
+    def __init__(self, defaults: RepairConfig | None = None, kinds_seen: tuple[str, ...] | None = None,
+                 score_test: bool = True) -> None:
         self.defaults = defaults or RepairConfig()
         self.kinds_seen = kinds_seen  # of the policy being judged (see network.decide)
+        self.score_test = score_test  # off in meta-training, whose rewards read validation only (test: nan)
         self._contexts: dict[Teacher, Context] = {}
         self._data: dict[str, Dataset] = {}
 
@@ -143,7 +145,8 @@ class TaskPool:
         student = ctx.space.apply(copy.deepcopy(ctx.model), keep, importance, calib=calib)
         repair(student, ctx.model, ctx.data, cfg, seed=task.seed, progress=False)
         val, val_loss, correct = accuracy_and_loss(student, ctx.data.x_val, ctx.data.y_val)
-        return Score(val, accuracy(student, ctx.data.x_test, ctx.data.y_test), val_loss, correct)
+        test = accuracy(student, ctx.data.x_test, ctx.data.y_test) if self.score_test else float("nan")
+        return Score(val, test, val_loss, correct)
 
     def budget(self, task: CompressionTask) -> float:
         """The task's budget, raised to what its teacher can reach (sampled budgets may be below)."""

@@ -150,6 +150,20 @@ def test_idx_reads_mnist_format_plain_and_gzip(tmp_path, gz):
     assert small.input_shape == (1, 8, 8) and len(small.x_train) + len(small.x_val) == 30
 
 
+def test_idx_label_range_keeps_and_renumbers_those_classes(tmp_path):
+    root = _idx_folder(tmp_path / "fm", gz=False, n=80, classes=4)
+    full = load_dataset(f"idx:{root}")
+    sub = load_dataset(f"idx:{root}:labels=1-2")
+    assert sub.num_classes == 2 and set(np.unique(sub.y_test).tolist()) == {0, 1}
+    assert len(sub.x_test) == 20 and len(sub.x_train) + len(sub.x_val) == 40
+    # the renumbered class 0 holds the images that carried label 1 in the full set
+    first = np.asarray(full.x_test)[np.asarray(full.y_test) == 1]
+    assert np.array_equal(np.asarray(sub.x_test)[np.asarray(sub.y_test) == 0], first)
+    for bad in ("labels=2-1", "labels=3", "labels=a-b", "labels=3-9"):
+        with pytest.raises(UserError, match="idx"):
+            load_dataset(f"idx:{root}:{bad}")
+
+
 def test_idx_refuses_forged_and_broken_files(tmp_path):
     root = _idx_folder(tmp_path / "fm", gz=False)
     # a header that declares 10^12 images is refused before any allocation

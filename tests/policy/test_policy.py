@@ -141,6 +141,16 @@ def test_shipped_policy_beats_uniform_in_the_short_regime(tmp_path, monkeypatch)
     assert min(gains) > 0.02, gains
 
 
+def test_a_pool_that_skips_the_test_split_scores_validation_alike(tmp_path, monkeypatch):
+    """Meta-training reads validation only, so its pool leaves the test split unscored (nan):
+    on larger test splits (Fashion-MNIST's 10k images) that pass would cost more than the repair."""
+    monkeypatch.setenv("METACOMPRESS_CACHE", str(tmp_path))
+    task = CompressionTask(Teacher("mlp", "digits", (("depth", 1), ("hidden", 32))), 0.4, "bn", 0)
+    full, val_only = TaskPool().rule(task, "uniform"), TaskPool(score_test=False).rule(task, "uniform")
+    assert 0.0 < full.test <= 1.0 and np.isnan(val_only.test)
+    assert val_only.val == full.val and np.array_equal(val_only.val_correct, full.val_correct)
+
+
 def test_policy_train_smoke_and_resume(tmp_path, monkeypatch):
     """A CI-sized meta-training run: writes a loadable policy, checkpoints, and a reward curve."""
     from metacompress.policy.meta_train import MetaTrainConfig, train_policy
