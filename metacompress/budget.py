@@ -150,6 +150,26 @@ class Round:
     measured: float
 
 
+def next_goal(rounds: Sequence[Round], target: float) -> float:
+    """The predicted fraction to project onto next, from the rounds measured so far.
+
+    Once two rounds straddle the target (one measured faster, one slower), the next goal lies
+    between their goals, interpolated linearly: latency is not smooth in the widths (a layer
+    that leaves the runtime's blocked layout jumps), and scaling the last goal by the last error
+    alone steps back and forth across such a jump. The interpolation runs over the predicted
+    fractions the rounds' allocations have (what a goal projects to). Before that, the last goal
+    is scaled by the last measured error."""
+    last = rounds[-1]
+    faster = [r for r in rounds if r.measured < target]
+    slower = [r for r in rounds if r.measured > target]
+    if faster and slower:
+        lo = max(faster, key=lambda r: r.predicted)
+        hi = min(slower, key=lambda r: r.predicted)
+        if lo.predicted < hi.predicted:
+            return lo.predicted + (target - lo.measured) / (hi.measured - lo.measured) * (hi.predicted - lo.predicted)
+    return last.goal * target / last.measured
+
+
 @dataclass
 class LatencyTarget:
     """Projection onto a latency target, checked by measuring the exported architecture."""
@@ -186,14 +206,14 @@ class LatencyTarget:
         goal, rounds = target, []
         for _ in range(MAX_ROUNDS):
             keep = floor_keep if goal <= floor else self.space.project(ratio_fn, goal, self.model, grid_only=True)
-            if rounds and keep == rounds[-1].keep:
+            if any(keep == r.keep for r in rounds):  # measured already: the grid has nothing in between
                 break
             rounds.append(Round(keep, goal, self.model.fraction(keep), self.measure(keep)))
             status(f"latency: predicted {rounds[-1].predicted:.3f}, measured {rounds[-1].measured:.3f} "
                    f"of the dense model (target {target:.3f})")
             if abs(rounds[-1].measured / target - 1) <= AIM * LATENCY_TOL:
                 break
-            goal = float(np.clip(goal * target / rounds[-1].measured, floor, 1.0))
+            goal = float(np.clip(next_goal(rounds, target), floor, 1.0))
         self.history.append(rounds)
         best = min(rounds, key=lambda r: (abs(r.measured / target - 1), r.measured))
         self.misses.pop(tuple(best.keep), None)  # an earlier projection to the same widths may have missed

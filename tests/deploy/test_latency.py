@@ -383,3 +383,30 @@ def test_latency_budget_keeps_the_policy_allocation_with_the_lowest_calibration_
                                          Budget("latency", 0.6, lt.model, lt), RepairConfig(steps=20))
     assert len(ranked) >= 2
     assert tuple(keep) == min(ranked, key=ranked.get)
+
+
+def _kinked(p: float) -> float:
+    """A runtime whose latency jumps between 0.4 and 0.5 of the predicted (a layer leaving the
+    runtime's blocked layout): scaling by the last error alone steps back and forth across it."""
+    if p < 0.4:
+        return p
+    return 0.4 + 3 * (p - 0.4) if p < 0.5 else 0.7 + (p - 0.5)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.55, 0.65])
+def test_correction_loop_closes_in_on_a_target_across_a_jump(cnn, target):
+    lt = _target(cnn, target, _kinked)
+    keep = lt.project(lambda s: [s] * len(lt.space.groups))
+    rounds = lt.history[-1]
+    assert abs(lt.measure(keep) / target - 1) <= LATENCY_TOL, [(r.goal, r.predicted, r.measured) for r in rounds]
+    assert lt.warnings_for(keep) == []
+    assert len({tuple(r.keep) for r in rounds}) == len(rounds)  # no allocation timed twice
+
+
+def test_next_goal_interpolates_between_rounds_that_straddle_the_target():
+    from metacompress.budget import Round, next_goal
+
+    first = Round([8], 0.6, 0.6, 0.8)
+    assert next_goal([first], 0.6) == pytest.approx(0.45)  # one round: scaled by its error
+    second = Round([6], 0.45, 0.45, 0.55)
+    assert next_goal([first, second], 0.6) == pytest.approx(0.48)  # between 0.45 (0.55) and 0.6 (0.8)
