@@ -1,5 +1,6 @@
 """The Python API: a user's nn.Module and torch data in, a smaller module out, exported and verified."""
 
+import copy
 import re
 from pathlib import Path
 
@@ -112,3 +113,107 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert (tmp_path / "small.onnx").is_file()
     assert abs(scope["report"].achieved_macs_ratio - 0.5) <= 0.01
     assert scope["check"]["max_abs_diff"] <= 1e-4
+
+
+class SignalNet(nn.Module):
+    """A 1-D CNN over (channels, time) sequences, as for audio or sensor data."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(2, 32, 5, padding=2), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Conv1d(32, 48, 3, stride=2, padding=1), nn.BatchNorm1d(48), nn.ReLU(),
+            nn.Conv1d(48, 48, 3, padding=1, groups=48), nn.BatchNorm1d(48), nn.ReLU(),  # depthwise
+            nn.Conv1d(48, 64, 1), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def signals(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-channel noisy tones whose frequency is the class."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    t = torch.arange(64) / 64
+    phase = torch.rand(n, 2, 1, generator=g) * 6.28
+    x = torch.sin(2 * torch.pi * (2 + 3 * y).view(-1, 1, 1) * t + phase) + 0.5 * torch.randn(n, 2, 64, generator=g)
+    return x, y
+
+
+def test_compress_a_1d_convolutional_model(tmp_path):
+    """Conv1d layers are pruned by channel like Conv2d ones: the budget, ONNX parity and a
+    round trip through ``mc.save`` hold for a sequence model."""
+    torch.manual_seed(0)
+    model = SignalNet()
+    x, y = signals(640, 0)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(4):
+        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    test = signals(200, 1)
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=TensorDataset(x, y), test=test,
+                                repair=mc.RepairConfig(steps=30))
+    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
+    assert report.dense_accuracy > 0.9 and report.accuracy > 0.85
+    assert sum(report.kept.values()) < sum(report.channels.values())
+    mc.export_onnx(small, x[:1], tmp_path / "signal.onnx")
+    check = mc.verify(tmp_path / "signal.onnx", small, test)
+    assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
+    mc.save(small, tmp_path / "signal.pt", x[:1])
+    back, _ = mc.load_compressed(tmp_path / "signal.pt", SignalNet())
+    assert torch.equal(back(x[:8]), small(x[:8]))
+
+
+class UpsampleNet(nn.Module):
+    """Down, up again with a transposed convolution (whose input channels a group prunes), down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 64, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(64, 16, 2, stride=2)
+        self.mix = nn.Conv2d(16, 48, 3, padding=1)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.up(torch.relu(self.down(x))))
+        return self.head(torch.relu(self.mix(h)).mean((2, 3)))
+
+
+def test_transposed_convolutions_count_in_the_budget(trained, tmp_path):
+    """A transposed conv's MACs shrink with the group that prunes its inputs: the budget holds
+    as counted on the pruned model, and the pruned shapes survive ``mc.save``."""
+    from metacompress.compress.prune import PruningSpace
+
+    _, train, _ = trained
+    x = train.tensors[0]
+    torch.manual_seed(0)
+    model = UpsampleNet().eval()
+    space = PruningSpace(model, x[:1], 10, round_to=16)
+    keep = [32 if g.name == "down" else g.channels for g in space.groups]
+    pruned = space.apply(copy.deepcopy(model), keep, "magnitude")
+    assert pruned.up.in_channels == 32
+    assert space.kept_fraction(keep, "macs") == pytest.approx(count_macs(pruned, x[:1]) / count_macs(model, x[:1]))
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=train, allocation="uniform",
+                                repair=mc.RepairConfig(steps=0))
+    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
+    mc.save(small, tmp_path / "up.pt", x[:1])
+    back, _ = mc.load_compressed(tmp_path / "up.pt", UpsampleNet())
+    assert torch.equal(back(x[:8]), small(x[:8]))
+
+
+def test_recurrent_layers_are_refused_with_the_reason(trained):
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.rnn, self.head = nn.Linear(8, 32), nn.GRU(32, 32, batch_first=True), nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(torch.relu(self.inp(x.view(len(x), 8, 8))))[0][:, -1])
+
+    _, train, _ = trained
+    with pytest.raises(mc.UserError, match=r"recurrent layers \(GRU 'rnn'\)"):
+        mc.compress(Recurrent(), train.tensors[0][:1], target=0.5, train=train)

@@ -411,6 +411,8 @@ def bad_files(tmp_path_factory):
     np.savez(d / "labels.npz", x_train=rng.random((100, 6)), y_train=y + 10**7, x_test=rng.random((20, 6)), y_test=y[:20])
     np.savez(d / "single.npz", x_train=rng.random((10, 6)), y_train=np.arange(10), x_test=rng.random((5, 6)),
              y_test=np.arange(5))
+    np.savez(d / "rank6.npz", x_train=rng.random((100, 1, 2, 2, 2, 2)), y_train=y, x_test=rng.random((20, 1, 2, 2, 2, 2)),
+             y_test=y[:20])
     np.savez(d / "rank3.npz", x_train=rng.random((100, 8, 8)), y_train=y, x_test=rng.random((20, 8, 8)), y_test=y[:20])
     np.savez(d / "mismatch.npz", x_train=rng.random((100, 6)), y_train=y[:90], x_test=rng.random((20, 6)), y_test=y[:20])
     np.savez(d / "empty.npz", x_train=np.zeros((0, 6)), y_train=y[:0], x_test=rng.random((20, 6)), y_test=y[:20])
@@ -430,7 +432,9 @@ BAD = [
     ([*C, "{d}/inf.pt"], "NaN or infinite values in: features.1.weight"),
     ([*C, "none", "--data", "npz:{d}/labels.npz"], "labels must be class indices"),
     ([*C, "none", "--data", "npz:{d}/single.npz"], "cannot split"),
-    ([*C, "none", "--data", "npz:{d}/rank3.npz"], "must be N x F"),
+    ([*C, "none", "--data", "npz:{d}/rank6.npz"], "must be N x F"),
+    (["compress", "lenet5", "--target-macs", "0.5", "--weights", "none", "--data", "npz:{d}/rank3.npz"],
+     "give grayscale images a channel axis"),
     ([*C, "none", "--data", "npz:{d}/mismatch.npz"], "label and sample counts differ"),
     ([*C, "none", "--data", "npz:{d}/empty.npz"], "needs training and test samples"),
     ([*C, "none", "--data", "digits@100000"], "digits@SIZE with 8 <= SIZE <= 512"),

@@ -20,7 +20,7 @@ from metacompress.zoo import build_model
 
 FORMAT = "metacompress.compressed/1"
 _SHAPE_ATTRS = {
-    nn.Conv2d: ("in_channels", "out_channels", "groups"),
+    nn.modules.conv._ConvNd: ("in_channels", "out_channels", "groups"),  # transposed ones too
     nn.Linear: ("in_features", "out_features"),
     nn.modules.batchnorm._BatchNorm: ("num_features",),
     nn.LayerNorm: ("normalized_shape",),

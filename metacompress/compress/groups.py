@@ -24,6 +24,8 @@ the same offsets in each of the G conv groups, so ``groups`` stays valid and the
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +37,35 @@ from torch_pruning.pruner.function import BasePruningFunc
 from metacompress.errors import UserError
 
 KINDS = ("conv", "depthwise", "linear", "attention")
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # pruned by channel, whatever the spatial rank
+PRUNABLE_LAYERS = (*CONV_LAYERS, nn.Linear)    # group roots: their output units are what a group keeps
+# transposed convolutions are never roots, but a group prunes their input channels: they are
+# members whose MACs and parameters shrink with it
+CHANNEL_LAYERS = (*CONV_LAYERS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+WIDTH_LAYERS = (*CHANNEL_LAYERS, nn.Linear)
+
+
+def is_conv(m: nn.Module) -> bool:
+    return isinstance(m, CONV_LAYERS)
+
+
+def in_width(layer: nn.Module) -> int:
+    """Input channels of a conv, input features of a linear layer."""
+    return layer.in_channels if isinstance(layer, CHANNEL_LAYERS) else layer.in_features
+
+
+def kernel_area(conv: nn.Module) -> int:
+    """Taps of one output position per input channel (k for 1-D, k x k for 2-D, ...)."""
+    return math.prod(conv.kernel_size)
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    return is_conv(m) and m.groups > 1 and m.groups == m.in_channels
+
+
+def out_channel_pruner(root: nn.Module):
+    """torch-pruning's function that removes ``root``'s output units."""
+    return tp.prune_conv_out_channels if is_conv(root) else tp.prune_linear_out_channels
 
 
 @dataclass
@@ -63,7 +94,7 @@ def find_classifier(model: nn.Module, num_classes: int) -> nn.Module | None:
     for module in model.modules():
         if isinstance(module, nn.Linear) and module.out_features == num_classes:
             last = module
-        elif isinstance(module, nn.Conv2d) and module.out_channels == num_classes:
+        elif is_conv(module) and module.out_channels == num_classes:
             last = module
     return last
 
@@ -173,12 +204,20 @@ def channel_shuffle_sites(model: nn.Module, example: torch.Tensor) -> list[str]:
 def refuse_unsupported(model: nn.Module, example: torch.Tensor) -> None:
     """Refuse, before any pruning work, constructs whose channels cannot be pruned correctly.
 
+    Recurrent layers (RNN, LSTM, GRU): torch-pruning 1.6 traces a GRU into an index error and an
+    RNN into its raw parameters, and the flop counter gives an LSTM no MACs.
+
     Channel shuffle (ShuffleNet) permutes channels through view + transpose + view: torch-pruning
     1.6 maps a reshape's indices only as a flatten (and divides by zero on this one), and a
     shuffled concat couples every block's outputs through a permutation that it cannot express;
     pruning would give a wrong model, so we stop with the reason instead (upstream: ShuffleNet is
     open as VainF/Torch-Pruning#14).
     """
+    recurrent = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+    if recurrent:
+        name, kind = recurrent[0]
+        raise UserError(f"cannot prune a model with recurrent layers ({kind} '{name}'): their gates tie input and "
+                        "hidden widths that the dependency graph and the MACs count do not model")
     sites = channel_shuffle_sites(model, example)
     if sites:
         raise UserError(f"cannot prune channel shuffle (view to N x G x C/G x H x W + transpose) in '{sites[0]}'"
@@ -191,10 +230,14 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     model.eval()
     refuse_unsupported(model, example)
     try:
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters"),
-            customized_pruners={t: _KeptWhole() for t in _opaque_types()},
-        )
+        with warnings.catch_warnings():
+            # plain parameters (class tokens, layer scales) follow their last non-singleton axis,
+            # which is the channel axis in the models it occurs in; the warning would only alarm
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters"),
+                customized_pruners={t: _KeptWhole() for t in _opaque_types()},
+            )
     except Exception as exc:
         raise UserError(f"cannot trace the model for pruning: {type(exc).__name__}: {exc}") from None
 
@@ -212,10 +255,6 @@ def fixed_width_layers(model: nn.Module) -> list[nn.Module]:
             and isinstance(getattr(m, "class_token", None), nn.Parameter)]
 
 
-def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv2d, nn.Linear))
-
-
 def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, round_to: int = 8,
                     dg: tp.DependencyGraph | None = None) -> list[Group]:
     """All prunable groups of ``model``, in the order the dependency graph gives them."""
@@ -227,12 +266,16 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
     ignored = ([classifier] if classifier is not None else []) + list(hints.get("frozen", [])) + fixed_width_layers(model)
     ignored += opaque_blocks(model)
     groups: list[Group] = []
-    for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+    try:
+        found = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=list(PRUNABLE_LAYERS)))
+    except Exception as exc:  # torch-pruning's index mapping of a construct it does not know
+        raise UserError(f"cannot trace the model for pruning: {type(exc).__name__}: {exc}") from None
+    for g in found:
         root = g[0].dep.target.module
         outs, ins, norms = [], [], []
         for dep, _ in g:
             mod = dep.target.module
-            if _is_layer(mod) and mod in names:
+            if isinstance(mod, WIDTH_LAYERS) and mod in names:
                 (outs if dg.is_out_channel_pruning_fn(dep.handler) else ins).append(names[mod])
             elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and mod in names:
                 norms.append(names[mod])
@@ -244,10 +287,9 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
             groups.append(Group(names[root], head_dim, "attention", [names[root]], [names[proj]],
                                 step=_step(head_dim, step), heads=heads))
             continue
-        if isinstance(root, nn.Conv2d):
-            depthwise = root.groups > 1 and root.groups == root.in_channels
-            kind = "depthwise" if depthwise else "conv"
-            kernel = root.kernel_size[0] * root.kernel_size[1]
+        if is_conv(root):
+            kind = "depthwise" if is_depthwise(root) else "conv"
+            kernel = kernel_area(root)
             stride = root.stride[0]
             channels = root.out_channels
         else:
@@ -270,7 +312,7 @@ def _step(channels: int, round_to: int, quantum: int = 1) -> int:
 def _grouped_conv(mod: nn.Module) -> int:
     """G of a grouped, non-depthwise conv, else 1. Depthwise convs (groups == out_channels) are
     coupled input-to-output by torch-pruning and shrink ``groups`` with their channels instead."""
-    if isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups != mod.out_channels:
+    if is_conv(mod) and mod.groups > 1 and mod.groups != mod.out_channels:
         return mod.groups
     return 1
 
@@ -283,7 +325,7 @@ def _conv_grouping(group, root: nn.Module, dg: tp.DependencyGraph) -> tuple[int,
     group's channels through an index mapping (a concatenation, a slice), the per-block pattern
     would not line up with its conv groups: the group is then frozen (quantum = all channels).
     """
-    channels = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
+    channels = root.out_channels if is_conv(root) else root.out_features
     conv_groups = 1
     for dep, idxs in group:
         mod = dep.target.module

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from metacompress.compress.groups import Group
+from metacompress.compress.groups import Group, out_channel_pruner
 from metacompress.errors import UserError
 
 METHODS = ("magnitude", "taylor", "lamp")
@@ -79,8 +79,7 @@ def unit_scores_by_method(model: nn.Module, groups: list[Group], methods: tuple[
             for m in methods:
                 out[m].append(_attention_scores(root, proj, heads, m).float())
             continue
-        fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
-        group = dg.get_pruning_group(root, fn, idxs=list(range(g.channels)))
+        group = dg.get_pruning_group(root, out_channel_pruner(root), idxs=list(range(g.channels)))
         for m, imp in imps.items():
             with torch.no_grad():
                 s = imp(group)

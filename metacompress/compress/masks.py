@@ -24,7 +24,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from metacompress.compress.groups import Group, attention_blocks, build_graph
+from metacompress.compress.groups import PRUNABLE_LAYERS, Group, attention_blocks, build_graph, is_conv, out_channel_pruner
 from metacompress.compress.prune import PruningSpace, drop_indices
 from metacompress.errors import UserError
 
@@ -108,8 +108,7 @@ def _attention_sites(g: Group, proj: str, heads: int) -> list[MaskSite]:
 
 def _group_sites(g: Group, root: nn.Module, dg: tp.DependencyGraph, names: dict[int, str]) -> list[MaskSite]:
     """Mask sites of a conv/linear-rooted group, read off torch-pruning's group over all units."""
-    fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
-    group = dg.get_pruning_group(root, fn, idxs=list(range(g.channels)))
+    group = dg.get_pruning_group(root, out_channel_pruner(root), idxs=list(range(g.channels)))
     sites = []
     for item in group:
         mod = item.dep.target.module
@@ -133,10 +132,10 @@ def _module_sites(g: Group, name: str, mod: nn.Module, out: bool, idx: torch.Ten
         if not mod.affine:
             raise UserError(f"cannot mask group '{g.name}': BatchNorm '{name}' has no affine scale to zero")
         return rows_and_bias()
-    if isinstance(mod, (nn.Conv2d, nn.Linear)):
+    if isinstance(mod, PRUNABLE_LAYERS):
         if out:
             return rows_and_bias()
-        if isinstance(mod, nn.Conv2d) and mod.groups > 1:
+        if is_conv(mod) and mod.groups > 1:
             return []  # depthwise/grouped: its own outputs are in the group and masked as rows
         return [MaskSite(f"{name}.weight", 1, idx, root)]
     raise UserError(f"cannot mask group '{g.name}': masking does not reproduce pruning through "

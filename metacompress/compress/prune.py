@@ -19,7 +19,18 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from metacompress.compress.groups import Group, attention_blocks, build_graph, discover_groups
+from metacompress.compress.groups import (
+    CHANNEL_LAYERS,
+    WIDTH_LAYERS,
+    Group,
+    attention_blocks,
+    build_graph,
+    discover_groups,
+    in_width,
+    is_depthwise,
+    kernel_area,
+    out_channel_pruner,
+)
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.measure import count_macs, count_params, module_macs
 from metacompress.errors import UserError
@@ -89,13 +100,11 @@ class PruningSpace:
         layers: list[LayerTerm] = []
         covered = 0
         for name, mod in modules.items():
-            if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            if not isinstance(mod, WIDTH_LAYERS):
                 continue
             macs = per_module.get(name, 0)
             covered += macs
-            depthwise = isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels
-            width = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
-            source = -1 if depthwise else self._input_of(in_of.get(name, []), width)
+            source = -1 if is_depthwise(mod) else self._input_of(in_of.get(name, []), in_width(mod))
             terms.append((macs, mod.weight.numel(), out_of.get(name, -1), source))
             layers.append(_layer_term(name, mod, macs, out_of.get(name, -1), source))
             if mod.bias is not None:
@@ -306,8 +315,7 @@ class PruningSpace:
                 proj, heads = attn[id(root)]
                 _prune_head_dims(root, proj, heads, drop)
                 continue
-            fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
-            group = dg.get_pruning_group(root, fn, idxs=sorted(drop))
+            group = dg.get_pruning_group(root, out_channel_pruner(root), idxs=sorted(drop))
             if not dg.check_pruning_group(group):
                 raise UserError(f"pruning group '{g.name}' would remove a whole layer; lower the target")
             group.prune()
@@ -317,10 +325,9 @@ class PruningSpace:
 def _layer_term(name: str, mod: nn.Module, macs: int, out_group: int, source) -> LayerTerm:
     """A conv or linear layer's term; its output size is read off its MACs (no second pass)."""
     in_group, in_shares = (source, ()) if isinstance(source, int) else (-1, source[0])
-    if isinstance(mod, nn.Conv2d):
-        k = mod.kernel_size[0] * mod.kernel_size[1]
-        depthwise = mod.groups > 1 and mod.groups == mod.in_channels
-        kind = "depthwise" if depthwise else "pointwise" if k == 1 else "conv"
+    if isinstance(mod, CHANNEL_LAYERS):
+        k = kernel_area(mod)
+        kind = "depthwise" if is_depthwise(mod) else "pointwise" if k == 1 else "conv"
         per_output = k * mod.in_channels // mod.groups
         return LayerTerm(name, kind, macs, macs // max(1, per_output), mod.out_channels, mod.in_channels,
                          out_group, in_group, in_shares)

@@ -82,16 +82,17 @@ def _member_start(p: Path, info) -> int:
 
 
 def load_npz(path: str) -> Dataset:
-    """``npz:PATH``: arrays x_train, y_train, x_test, y_test; images NCHW, NHWC or flat."""
+    """``npz:PATH``: arrays x_train, y_train, x_test, y_test: flat N x F, sequences N x C x L,
+    images NCHW or NHWC, volumes N x C x D x H x W."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data file not found: {p}")
     members = _npz_headers(p)
     for key in ("x_train", "x_test"):
         shape = members[key].shape
-        if len(shape) not in (2, 4):
-            raise UserError(f"{p}: {key} must be N x F (flat) or images N x C x H x W / N x H x W x C, "
-                            f"got shape {shape}")
+        if not 2 <= len(shape) <= 5:
+            raise UserError(f"{p}: {key} must be N x F (flat), sequences N x C x L, images N x C x H x W / "
+                            f"N x H x W x C or volumes N x C x D x H x W, got shape {shape}")
         check_size(f"{p}: {key}", shape[0], shape[1:], whole=not _mapped(members[key]))
     with _reading(p) as z:
         ys = {k: z[k] for k in ("y_train", "y_test")}

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metacompress.compress.groups import Group
+from metacompress.compress.groups import Group, is_conv, kernel_area
 
 ACTIVATION_MACS = 256      # MACs one output element costs in time on CPU (fitted on resnet18 and
                            # efficientnet_b0 at 224 on two cores; it predicts convnext_tiny within 10 %)
@@ -65,8 +65,8 @@ def call_cost(module: nn.Module, output) -> float:
     size = float(sum(t.numel() for t in main))
     width = float(main[0].numel()) if main else 0.0
     macs = 0.0
-    if isinstance(module, nn.Conv2d):
-        macs = width * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+    if is_conv(module):
+        macs = width * module.in_channels // module.groups * kernel_area(module)
     elif isinstance(module, nn.Linear):
         macs = width * module.in_features
     elif isinstance(module, nn.MultiheadAttention):  # q/k/v/out projections, then QK^T and AV

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metacompress.compress.groups import Group
+from metacompress.compress.groups import CHANNEL_LAYERS, Group, in_width
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.prune import MAX_RATIO, Metric, PruningSpace
 from metacompress.meta.modules import batchnorm_layers
@@ -59,7 +59,7 @@ def masked(model: nn.Module, group: Group, drop: torch.Tensor) -> Iterator[None]
             mask[rows] = 0
             handles.append(layer.register_forward_hook(lambda m, i, o, mask=mask: o * mask))
             continue
-        width = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+        width = in_width(layer)
         mask = torch.ones(width)
         if width != group.channels:  # e.g. flatten before a linear layer: units repeat spatially
             per = width // group.channels
@@ -67,7 +67,7 @@ def masked(model: nn.Module, group: Group, drop: torch.Tensor) -> Iterator[None]
         else:
             idx = drop
         mask[idx] = 0
-        shape = (1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (1, -1)
+        shape = (1, -1) + (1,) * (layer.weight.dim() - 2) if isinstance(layer, CHANNEL_LAYERS) else (1, -1)
 
         def hook(m, inputs, mask=mask.view(*shape)):
             return (inputs[0] * mask,) + tuple(inputs[1:])

@@ -58,8 +58,10 @@ def _require_image(name: str, input_shape) -> int:
     if len(input_shape) != 3:
         from metacompress.errors import UserError
 
+        hint = " (npz reads N x C x L arrays as sequences: give grayscale images a channel axis)" \
+            if len(input_shape) == 2 else ""
         raise UserError(f"model '{name}' needs image input C x H x W; the data gives samples of shape "
-                        f"{tuple(input_shape)} (use an image data set, e.g. digits or synthetic:3x32x32, or mlp)")
+                        f"{tuple(input_shape)}{hint} (use an image data set, e.g. digits or synthetic:3x32x32, or mlp)")
     return int(input_shape[0])
 
 

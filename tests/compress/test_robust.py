@@ -30,7 +30,7 @@ def _randomise_bn(model: nn.Module) -> None:
     """Non-trivial BN statistics and affine terms, so that eval-mode BN cannot hide a wrong mask."""
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g))
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.randn(m.num_features, generator=g))
@@ -59,6 +59,30 @@ def test_masked_model_equals_physically_pruned_model(spec, data):
         dense = model(x)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), float((got - want).abs().max())
     assert not torch.allclose(dense, want, atol=1e-3)  # the masks did something
+
+
+def test_masks_equal_pruning_on_1d_and_3d_convolutions():
+    """Channel masks of Conv1d/Conv3d groups (BatchNorm1d/3d, a depthwise conv, a flatten into the
+    classifier) reproduce the physically pruned model."""
+    torch.manual_seed(0)
+    for conv, bn, shape in ((nn.Conv1d, nn.BatchNorm1d, (3, 24)), (nn.Conv3d, nn.BatchNorm3d, (2, 6, 6, 6))):
+        model = nn.Sequential(conv(shape[0], 16, 3, padding=1), bn(16), nn.ReLU(),
+                              conv(16, 16, 3, padding=1, groups=16), bn(16), nn.ReLU(),
+                              conv(16, 24, 1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+        x = torch.randn(8, *shape)
+        model(x)
+        model.eval()
+        _randomise_bn(model)
+        space = PruningSpace(model, x[:1], 5, 8)
+        scores = unit_scores(model, space.groups, "magnitude", example=space.example)
+        keep = space.project(rule_allocation("uniform", space, model, None), 0.4)
+        assert any(k < g.channels for k, g in zip(keep, space.groups))
+        pruned = space.apply(copy.deepcopy(model), keep, scores=scores)
+        masks = ChannelMasks(model, space)
+        with torch.no_grad():
+            got = functional_call(model, masked(dict(model.named_parameters()), masks.param_masks(
+                masks.unit_masks(keep, scores))), (x,))
+            assert torch.allclose(got, pruned(x), atol=1e-5, rtol=1e-4), conv.__name__
 
 
 def test_tasks_meet_their_budgets_under_any_cost_model(trained, digits):

@@ -30,7 +30,7 @@ def test_synthetic_is_seeded_and_learnable_shapes():
         load_dataset("synthetic:abc")
 
 
-def test_npz_nhwc_and_flat(tmp_path):
+def test_npz_shapes(tmp_path):
     rng = np.random.default_rng(0)
     y = np.arange(200) % 4
     np.savez(tmp_path / "img.npz", x_train=rng.random((200, 8, 8, 3)), y_train=y,
@@ -40,6 +40,12 @@ def test_npz_nhwc_and_flat(tmp_path):
     np.savez(tmp_path / "flat.npz", x_train=rng.random((200, 12)), y_train=y, x_test=rng.random((40, 12)),
              y_test=y[:40])
     assert load_dataset(f"npz:{tmp_path / 'flat.npz'}").input_shape == (12,)
+    np.savez(tmp_path / "seq.npz", x_train=rng.random((200, 2, 30)), y_train=y, x_test=rng.random((40, 2, 30)),
+             y_test=y[:40])
+    assert load_dataset(f"npz:{tmp_path / 'seq.npz'}").input_shape == (2, 30)  # sequences stay N x C x L
+    np.savez(tmp_path / "vol.npz", x_train=rng.random((200, 1, 4, 5, 6)), y_train=y,
+             x_test=rng.random((40, 1, 4, 5, 6)), y_test=y[:40])
+    assert load_dataset(f"npz:{tmp_path / 'vol.npz'}").input_shape == (1, 4, 5, 6)
     np.savez(tmp_path / "bad.npz", x_train=rng.random((200, 12)), y_train=y)
     with pytest.raises(UserError, match="lacks array"):
         load_dataset(f"npz:{tmp_path / 'bad.npz'}")
