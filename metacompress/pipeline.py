@@ -42,7 +42,14 @@ from metacompress.meta import data_parallel, distributed
 from metacompress.meta.modules import load_state
 from metacompress.progress import status
 from metacompress.signals import signals_deferred
-from metacompress.students import guard_repair, prune_to, repair_students, robust_repair_choice, soup_students
+from metacompress.students import (
+    guard_repair,
+    prune_to,
+    repair_students,
+    rescued_repair,
+    robust_repair_choice,
+    soup_students,
+)
 from metacompress.training import accuracy, train_dense
 from metacompress.zoo import build_model, check_forward, is_builtin, native_image_size
 
@@ -255,6 +262,7 @@ class Compressed:
     guard: dict[str, Any] | None = None
     soup: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    rescue: dict[str, Any] | None = None  # the repair tried again at a lower rate, when the first failed
 
 
 def compress_stages(cfg: CompressConfig, timer: Timer, prep: Prepared | None = None) -> Compressed:
@@ -302,10 +310,14 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
     for w in warnings:
         status(f"warning: {w}")
     pruned_acc = accuracy_before_repair(student, data)
+    rescue = None
     with timer.stage("repair"):
         if cfg.robustify is not None and repair_cfg.steps > 0 and "lr" not in cfg.repair_overrides:
             repair_cfg, first, prep.robust["repair"] = robust_repair_choice(student, prep.dense, data, repair_cfg,
                                                                             cfg.seed, first)
+        elif guard is None and repair_cfg.steps > 0 and "lr" not in cfg.repair_overrides:
+            repair_cfg, first, rescue = rescued_repair(student, prep.dense, data, repair_cfg, cfg.seed)
+            warnings += rescue_warnings(rescue)
         students = repair_students(student, prep.dense, data, repair_cfg, cfg.students, cfg.seed, first)
     soup = None
     if cfg.students > 1:
@@ -313,7 +325,17 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
             soup = soup_students(student, students, data)
     else:
         load_state(student, students[0]["state_dict"])
-    return Compressed(prep, student, keep, repair_cfg, pruned_acc, students, guard, soup, warnings)
+    return Compressed(prep, student, keep, repair_cfg, pruned_acc, students, guard, soup, warnings, rescue)
+
+
+def rescue_warnings(rescue: dict[str, Any] | None) -> list[str]:
+    """What a user who relies on the default learning rate should know when it failed here."""
+    if rescue is None:
+        return []
+    (high, at_high), (low, at_low) = rescue["lr"].items()
+    w = (f"the repair's training loss rose at lr {high} (validation accuracy {at_high:.4f}); repaired again at "
+         f"lr {low} ({at_low:.4f}) and kept lr {rescue['chosen_lr']:g} (set --repair-lr to choose)")
+    return [w]
 
 
 def export_and_verify(cfg: CompressConfig, c: Compressed, tmp: Path, timer: Timer) -> dict[str, Any]:

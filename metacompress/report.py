@@ -62,6 +62,8 @@ def compress_report(cfg: "CompressConfig", c: "Compressed", r: dict[str, Any]) -
         report["guard"] = c.guard
     if prep.robust is not None:
         report["robustify"] = prep.robust
+    if c.rescue is not None:
+        report["repair_rescue"] = c.rescue
     if c.soup is not None:
         report["students"] = [{k: v for k, v in st.items() if k not in ("state_dict", "val_correct")}
                               for st in c.students]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from metacompress.compress.distill import RepairConfig, repair, repair_forked
+from metacompress.compress.distill import RepairConfig, loss_rose, repair, repair_forked
 from metacompress.compress.rules import CHANNEL_IMPORTANCE, RULE_SCORES, rule_allocation
 from metacompress.data import Dataset
 from metacompress.meta import data_parallel
@@ -43,11 +43,11 @@ def _scored(student: nn.Module, data: Dataset, seed: int, test: bool = True) -> 
 
 def repair_one(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int,
                test: bool = True) -> dict[str, Any]:
-    """One student repaired from ``pruned`` (left untouched), with its validation scores, weights
-    and (``test``) test accuracy."""
-    s = copy.deepcopy(pruned)
-    repair(s, teacher, data, cfg, seed=seed)
-    return _scored(s, data, seed, test)
+    """One student repaired from ``pruned`` (left untouched), with its validation scores, weights,
+    (``test``) test accuracy and whether its training loss rose (``distill.loss_rose``)."""
+    s, losses = copy.deepcopy(pruned), []
+    repair(s, teacher, data, cfg, seed=seed, losses=losses)
+    return _scored(s, data, seed, test) | {"loss_rose": loss_rose(losses)}
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _guard_options(cfg: "CompressConfig", prep: Prepared, keep: list[int], learn
                     {best: done[best]} if best in done else {})
 
 
-GENTLE_LR_FACTOR = 0.1  # a robustified model's second repair runs at this fraction of the lr (BENCHMARKS.md)
+GENTLE_LR_FACTOR = 0.1  # a second repair runs at this fraction of the lr (robust models, failed repairs: BENCHMARKS.md)
 
 
 def robust_repair_choice(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int,
@@ -185,15 +185,34 @@ def robust_repair_choice(pruned: nn.Module, teacher: nn.Module, data: Dataset, c
     head start and a gentler repair keeps it. Where the sub-network still trails the dense
     model by much, the default rate repairs it better. Which case a task is in shows on
     validation, so both are tried (one extra repair)."""
-    gentle_cfg = replace(cfg, lr=cfg.lr * GENTLE_LR_FACTOR)
     default = first if first is not None else repair_one(pruned, teacher, data, cfg, seed, test=False)
+    return _gentler_choice(pruned, teacher, data, cfg, seed, default, "robust repair")
+
+
+def rescued_repair(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int
+                   ) -> tuple[RepairConfig, dict[str, Any], dict[str, Any] | None]:
+    """Repair ``pruned`` with ``cfg``; where its training loss rose on the way (``loss_rose``: the
+    rate is too high for this model, as the default 1e-2 is for a ViT), repair again at
+    GENTLE_LR_FACTOR of the rate and keep the better on validation. Returns the kept settings,
+    their student, and what was compared (None when the loss did not rise: one repair, as asked)."""
+    first = repair_one(pruned, teacher, data, cfg, seed, test=False)
+    if not data_parallel.main_decides(lambda: first["loss_rose"]):
+        return cfg, first, None
+    return _gentler_choice(pruned, teacher, data, cfg, seed, first, "repair (its loss rose)")
+
+
+def _gentler_choice(pruned: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int,
+                    default: dict[str, Any], what: str) -> tuple[RepairConfig, dict[str, Any], dict[str, Any]]:
+    """``default`` (``pruned`` repaired with ``cfg``) against a repair at GENTLE_LR_FACTOR of the
+    rate: the better on validation (accuracy, then loss; ``cfg`` on a tie)."""
+    gentle_cfg = replace(cfg, lr=cfg.lr * GENTLE_LR_FACTOR)
     gentle = repair_one(pruned, teacher, data, gentle_cfg, seed, test=False)
     better = data_parallel.main_decides(  # one pick on every rank, whatever float noise
         lambda: (gentle["val_accuracy"], -gentle["val_loss"]) > (default["val_accuracy"], -default["val_loss"]))
     kept_cfg, kept = (gentle_cfg, gentle) if better else (cfg, default)
     info = {"lr": {f"{cfg.lr:g}": default["val_accuracy"], f"{gentle_cfg.lr:g}": gentle["val_accuracy"]},
             "chosen_lr": kept_cfg.lr}
-    status(f"robust repair: validation accuracy at lr {cfg.lr:.3g} {default['val_accuracy']:.4f}, "
+    status(f"{what}: validation accuracy at lr {cfg.lr:.3g} {default['val_accuracy']:.4f}, "
            f"at {gentle_cfg.lr:.3g} {gentle['val_accuracy']:.4f} -> lr {kept_cfg.lr:.3g}")
     return kept_cfg, kept, info
 

@@ -104,23 +104,39 @@ def distill_loss(student_logits, teacher_logits, labels, temperature: float, alp
 
 
 def _distill(student: nn.Module, opt, sched, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-             cfg: RepairConfig, steps: int, g: torch.Generator, progress: bool) -> None:
-    """``steps`` distillation steps on random batches of ``batch`` = (inputs, labels, teacher logits)."""
+             cfg: RepairConfig, steps: int, g: torch.Generator, progress: bool, losses: list[float] | None = None) -> None:
+    """``steps`` distillation steps on random batches of ``batch`` = (inputs, labels, teacher
+    logits); each step's training loss is appended to ``losses`` when given."""
     x, y, teacher_logits = batch
     bs = min(cfg.batch_size, len(x))
     if steps <= 0 or (has_batchnorm(student) and bs < 2):  # BN cannot train on a batch of one sample
         return
+
+    def loss_of(i: torch.Tensor) -> torch.Tensor:
+        loss = distill_loss(student(laid_out(x[i])), teacher_logits[i], y[i], cfg.temperature, cfg.alpha)
+        if losses is not None:
+            losses.append(float(loss.detach()))
+        return loss
+
     student.train()
     with convolution_layout(student, x.shape[1:]) as laid_out:
         for _ in track(range(steps), "repairing", total=steps) if progress else range(steps):
-            idx = torch.randint(len(x), (bs,), generator=g)
-            batch_step(student, opt, sched, idx, lambda i: distill_loss(student(laid_out(x[i])), teacher_logits[i],
-                                                                       y[i], cfg.temperature, cfg.alpha))
+            batch_step(student, opt, sched, torch.randint(len(x), (bs,), generator=g), loss_of)
     student.eval()
 
 
+LOSS_RISE = 0.25  # a repair whose loss climbs this far above its first step's ran at too high a rate
+
+
+def loss_rose(losses: list[float]) -> bool:
+    """Whether a repair's training loss climbed over LOSS_RISE above its first step's: the rate is
+    too high for this model (ViT-tiny, VGG and ResNet-20 at 1e-2 on digits@16 climb 1.7x and end
+    behind a tenth of the rate; the models that do not climb end ahead at 1e-2: BENCHMARKS.md)."""
+    return bool(losses) and max(losses) > losses[0] * (1 + LOSS_RISE)
+
+
 def _trunk(student: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int, steps: int,
-           progress: bool):
+           progress: bool, losses: list[float] | None = None):
     """Recalibrate BN and run the first ``steps`` of the repair; returns what continuing needs."""
     cfg.validate()
     x, y = repair_set(data, cfg, seed)
@@ -131,14 +147,15 @@ def _trunk(student: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairCon
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt, sched = cosine_adam(student.parameters(), cfg.lr, cfg.steps)
-    _distill(student, opt, sched, batch, cfg, steps, g, progress)
+    _distill(student, opt, sched, batch, cfg, steps, g, progress, losses)
     return batch, opt, sched, g
 
 
 def repair(student: nn.Module, teacher: nn.Module, data: Dataset, cfg: RepairConfig, seed: int = 0,
-           progress: bool = True) -> nn.Module:
-    """Recalibrate BN, then distill for ``cfg.steps`` steps (Adam, cosine decay). In place."""
-    _trunk(student, teacher, data, cfg, seed, cfg.steps, progress)
+           progress: bool = True, losses: list[float] | None = None) -> nn.Module:
+    """Recalibrate BN, then distill for ``cfg.steps`` steps (Adam, cosine decay). In place.
+    ``losses``: a list to append each step's training loss to."""
+    _trunk(student, teacher, data, cfg, seed, cfg.steps, progress, losses)
     student.eval()
     return student
 

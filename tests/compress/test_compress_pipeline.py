@@ -304,3 +304,33 @@ def test_accuracy_before_repair_counts_an_evenly_spread_subset_when_costly(monke
     index = np.linspace(0, len(data.y_test) - 1, n).round().astype(np.int64)
     assert n == pipeline.MIN_CHECK_SAMPLES and acc == accuracy(model, data.x_test[index], data.y_test[index])
     assert len(np.unique(index)) == n and index[-1] == len(data.y_test) - 1   # spread over the whole split
+
+
+def test_loss_rose_flags_a_climb_above_the_first_step():
+    from metacompress.compress.distill import LOSS_RISE, loss_rose
+
+    assert not loss_rose([])
+    assert not loss_rose([2.0, 1.9, 1.2, 0.4])
+    assert not loss_rose([2.0, 2.0 * (1 + LOSS_RISE), 1.0])  # batch noise up to the margin
+    assert loss_rose([2.0, 3.5, 2.8, 1.0])
+
+
+@pytest.mark.parametrize("lr,overridden", [(3.0, False), (3.0, True), (1e-3, False)])
+def test_a_repair_whose_loss_rises_is_run_again_at_a_tenth_of_the_rate(lr, overridden):
+    """A rate far too high for the model (3.0 on an MLP) makes the training loss climb: without an
+    explicit --repair-lr, the repair runs again at GENTLE_LR_FACTOR of it and the better on
+    validation is kept, with a warning. A sane rate, or one the user set, runs once."""
+    from metacompress.pipeline import Timer, compress_stages
+    from metacompress.students import GENTLE_LR_FACTOR
+
+    cfg = CompressConfig(model="mlp", data="digits", weights="none", target_macs=0.4, allocation="uniform",
+                         repair=RepairConfig(steps=30, lr=lr), repair_overrides=("lr",) if overridden else ())
+    c = compress_stages(cfg, Timer())
+    if overridden or lr < 0.1:
+        assert c.rescue is None and c.repair.lr == lr
+        assert not any("loss rose" in w for w in c.warnings)
+        return
+    assert set(c.rescue["lr"]) == {f"{lr:g}", f"{lr * GENTLE_LR_FACTOR:g}"}
+    assert c.repair.lr == c.rescue["chosen_lr"] == lr * GENTLE_LR_FACTOR  # the gentler rate repairs better here
+    assert c.students[0]["val_accuracy"] == max(c.rescue["lr"].values())
+    assert any("training loss rose at lr 3" in w for w in c.warnings)
