@@ -63,7 +63,8 @@ def compress(
     round_to: str = typer.Option(
         "auto", "--round-to", help="Keep channel counts multiples of this; auto: the runtime's channel block."),
     repair_steps: int = typer.Option(RepairConfig.steps, "--repair-steps", help="Distillation steps (0: BN recalibration only)."),
-    repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="Distillation learning rate (default: the policy's)."),
+    repair_lr: Optional[float] = typer.Option(None, "--repair-lr", help="Distillation learning rate (default: the policy's; "
+                                                "unguarded, a repair whose loss rises is rerun at a tenth of it)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Distillation temperature (default: the policy's)."),
     alpha: Optional[float] = typer.Option(None, "--alpha", help="Weight of the teacher's soft targets (default: the policy's)."),
     samples_per_class: Optional[int] = typer.Option(
