@@ -65,8 +65,13 @@ def _example(example_inputs: torch.Tensor | tuple) -> torch.Tensor:
 
 
 def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
-    with torch.no_grad():
-        out = model(example[:1])
+    try:
+        with torch.no_grad():
+            out = model(example[:1])
+    except Exception as exc:  # the user's forward: its own error, on one line
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the model cannot run on float32 inputs of shape {tuple(example.shape[1:])} (the data's "
+                        f"samples are fed as float32; integer inputs such as token ids are not supported): {msg}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise UserError(f"the model must return (N, classes) class scores; got "
                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")

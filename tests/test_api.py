@@ -100,6 +100,10 @@ def test_bad_arguments_are_user_errors(trained):
         mc.compress(model, torch.zeros(1, 1, 9, 9), target=0.5, train=train)
     with pytest.raises(mc.UserError, match="torch.nn.Module"):
         mc.compress(lambda t: t, x[:1], target=0.5, train=train)
+    tokens = torch.randint(0, 50, (64, 8))
+    with pytest.raises(mc.UserError, match="cannot run on float32 inputs of shape \\(8,\\).*token ids"):
+        mc.compress(nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(128, 10)), tokens[:1], target=0.5,
+                    train=(tokens, torch.randint(0, 10, (64,))))
 
 
 @pytest.mark.integration
