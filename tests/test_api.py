@@ -221,3 +221,33 @@ def test_recurrent_layers_are_refused_with_the_reason(trained):
     _, train, _ = trained
     with pytest.raises(mc.UserError, match=r"recurrent layers \(GRU 'rnn'\)"):
         mc.compress(Recurrent(), train.tensors[0][:1], target=0.5, train=train)
+
+
+class GatedNet(nn.Module):
+    """A gated linear unit over two halves of one conv's output: its channels are coupled in pairs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Conv2d(1, 64, 3, padding=1)
+        self.mix = nn.Conv2d(32, 48, 3, padding=1)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.gate(x).chunk(2, dim=1)
+        return self.head(torch.relu(self.mix(a * torch.sigmoid(b))).mean((2, 3)))
+
+
+def test_a_group_whose_units_are_coupled_to_each_other_is_kept_whole(trained, tmp_path):
+    """Removing one of the gate's channels removes its partner in the other half too: counted per
+    channel, an allocation would remove twice what it asked for (it stopped with 'would remove a
+    whole layer'). The gate is kept whole and the rest meets the budget."""
+    _, train, _ = trained
+    x = train.tensors[0]
+    torch.manual_seed(0)
+    model = GatedNet().eval()
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=train, allocation="uniform",
+                                repair=mc.RepairConfig(steps=0))
+    assert report.kept["gate"] == 64 and report.kept["mix"] < 48
+    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
+    mc.export_onnx(small, x[:1], tmp_path / "gated.onnx")
+    assert mc.verify(tmp_path / "gated.onnx", small, (x[:64], train.tensors[1][:64]))["max_abs_diff"] <= 1e-4

@@ -280,6 +280,8 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
             elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and mod in names:
                 norms.append(names[mod])
         conv_groups, quantum = _conv_grouping(g, root, dg)
+        if root not in attn and _self_coupled(dg, root):
+            quantum = root.out_channels if is_conv(root) else root.out_features
         if root in attn:
             proj, heads = attn[root]
             head_dim = root.out_features // 3 // heads
@@ -307,6 +309,15 @@ def _step(channels: int, round_to: int, quantum: int = 1) -> int:
     to keep two steps of it, which step by ``quantum`` alone (the finest size that stays valid)."""
     step = round_to * quantum // _gcd(round_to, quantum)
     return step if channels >= 2 * step else quantum
+
+
+def _self_coupled(dg: tp.DependencyGraph, root: nn.Module) -> bool:
+    """Whether removing one of ``root``'s output units removes others of its own: its output is
+    split and the parts meet again unit by unit (a GLU's ``a * sigmoid(b)`` over two halves), so
+    its units are not independent. Such a group is kept whole (its quantum is all its units):
+    counted per unit, an allocation would remove twice what it asks for."""
+    group = dg.get_pruning_group(root, out_channel_pruner(root), idxs=[0])
+    return len(set(group[0].idxs)) > 1
 
 
 def _grouped_conv(mod: nn.Module) -> int:
