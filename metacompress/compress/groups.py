@@ -85,6 +85,7 @@ class Group:
     residual: bool = False    # coupled through a residual addition (several producers)
     conv_groups: int = 1      # G: units form G equal conv groups, pruned at the same offsets in each
     quantum: int = 1          # kept units are always a multiple of this (even when rounding falls back)
+    partial: dict[str, float] = field(default_factory=dict)  # "out:/in:/norm:" + layer -> share of its width
     extra: dict = field(default_factory=dict)
 
 
@@ -272,13 +273,16 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
         raise UserError(f"cannot trace the model for pruning: {type(exc).__name__}: {exc}") from None
     for g in found:
         root = g[0].dep.target.module
-        outs, ins, norms = [], [], []
-        for dep, _ in g:
+        outs, ins, norms, partial = [], [], [], {}
+        for dep, idxs in g:
             mod = dep.target.module
             if isinstance(mod, WIDTH_LAYERS) and mod in names:
-                (outs if dg.is_out_channel_pruning_fn(dep.handler) else ins).append(names[mod])
+                out = dg.is_out_channel_pruning_fn(dep.handler)
+                (outs if out else ins).append(names[mod])
+                _note_partial(partial, f"{'out' if out else 'in'}:{names[mod]}", idxs, _width(mod, out))
             elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and mod in names:
                 norms.append(names[mod])
+                _note_partial(partial, f"norm:{names[mod]}", idxs, mod.weight.numel() if mod.weight is not None else 0)
         conv_groups, quantum = _conv_grouping(g, root, dg)
         if root not in attn and _self_coupled(dg, root):
             quantum = root.out_channels if is_conv(root) else root.out_features
@@ -298,7 +302,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
             kind, kernel, stride, channels = "linear", 1, 1, root.out_features
         groups.append(Group(names[root], channels, kind, outs, ins, norms, step=_step(channels, round_to, quantum),
                             kernel=kernel, stride=stride, residual=len(outs) > 1, conv_groups=conv_groups,
-                            quantum=quantum))
+                            quantum=quantum, partial=partial))
     if not groups:
         raise UserError("the model has no prunable groups (no conv or linear layer besides the classifier)")
     return groups
@@ -309,6 +313,22 @@ def _step(channels: int, round_to: int, quantum: int = 1) -> int:
     to keep two steps of it, which step by ``quantum`` alone (the finest size that stays valid)."""
     step = round_to * quantum // _gcd(round_to, quantum)
     return step if channels >= 2 * step else quantum
+
+
+def _width(layer: nn.Module, out: bool) -> int:
+    if out:
+        return layer.out_channels if isinstance(layer, CHANNEL_LAYERS) else layer.out_features
+    return in_width(layer)
+
+
+def _note_partial(partial: dict[str, float], key: str, idxs, width: int) -> None:
+    """Record the share of a member layer's width that the group's units reach, where it is not
+    all of it: a concatenation's part, or a residual sum with a zero-padded shortcut (CIFAR
+    ResNets' option A), whose padded channels no group prunes. A flatten reaches all of a linear
+    layer's inputs (each unit repeated spatially), and the whole is the default."""
+    reached = len(set(idxs))
+    if 0 < reached < width:
+        partial[key] = reached / width
 
 
 def _self_coupled(dg: tp.DependencyGraph, root: nn.Module) -> bool:

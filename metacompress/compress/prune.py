@@ -96,7 +96,11 @@ class PruningSpace:
                 in_of.setdefault(name, []).append(gi)
             for name in g.norm_layers:
                 norm_of.setdefault(name, []).append(gi)
-        terms = []  # (macs, params, out_group, input: a group index or (shares, rest))
+
+        def output_of(name: str):
+            return self._input_of([out_of[name]], 0, f"out:{name}") if name in out_of else -1
+
+        terms = []  # (macs, params, output, input): each a group index or (shares, rest)
         layers: list[LayerTerm] = []
         covered = 0
         for name, mod in modules.items():
@@ -104,14 +108,14 @@ class PruningSpace:
                 continue
             macs = per_module.get(name, 0)
             covered += macs
-            source = -1 if is_depthwise(mod) else self._input_of(in_of.get(name, []), in_width(mod))
-            terms.append((macs, mod.weight.numel(), out_of.get(name, -1), source))
+            source = -1 if is_depthwise(mod) else self._input_of(in_of.get(name, []), in_width(mod), f"in:{name}")
+            terms.append((macs, mod.weight.numel(), output_of(name), source))
             layers.append(_layer_term(name, mod, macs, out_of.get(name, -1), source))
             if mod.bias is not None:
-                terms.append((0, mod.bias.numel(), out_of.get(name, -1), -1))
+                terms.append((0, mod.bias.numel(), output_of(name), -1))
         for name, gis in norm_of.items():  # a norm over a concat is shared by the groups that feed it
             norm = modules[name]
-            terms.append((0, count_params(norm), -1, self._input_of(gis, getattr(norm, "num_features", 0))))
+            terms.append((0, count_params(norm), -1, self._input_of(gis, getattr(norm, "num_features", 0), f"norm:{name}")))
         # attention score/value matmuls scale with the head dims kept
         for qkv, _, _ in attention_blocks(model):
             name = next(n for n, m in modules.items() if m is qkv)
@@ -124,18 +128,22 @@ class PruningSpace:
             covered += own
         self._term_macs = np.array([t[0] for t in terms], dtype=np.float64)
         self._term_params = np.array([t[1] for t in terms], dtype=np.float64)
-        self._term_out = np.array([t[2] for t in terms], dtype=np.int64)  # -1: the constant 1.0 at f[-1]
+        self._term_out = self._input_matrix([t[2] for t in terms])
         self._term_in = self._input_matrix([t[3] for t in terms])
         self.layers = layers
         self._fixed_macs = self.dense_macs - covered
         self._fixed_params = self.dense_params - sum(t[1] for t in terms)
 
-    def _input_of(self, gis: list[int], width: int) -> int | tuple[tuple[tuple[int, float], ...], float]:
-        """What sets a layer's input width: one group (its index; -1 for none), or for an input
-        concatenated from several groups each group's share of the width and the unpruned rest."""
-        if len(gis) <= 1:
-            return gis[0] if gis else -1
-        shares = [(gi, self.groups[gi].channels / max(1, width)) for gi in gis]
+    def _input_of(self, gis: list[int], width: int, key: str) -> int | tuple[tuple[tuple[int, float], ...], float]:
+        """What sets a member layer's width (input, output or norm; ``key`` as in ``Group.partial``):
+        one group (its index; -1 for none) where it reaches all of the width, else each group's
+        share of the width (a concatenation, a zero-padded residual) and the unpruned rest."""
+        if not gis:
+            return -1
+        shares = [(gi, self.groups[gi].partial.get(key, 1.0 if len(gis) == 1 else self.groups[gi].channels / max(1, width)))
+                  for gi in gis]
+        if len(shares) == 1 and shares[0][1] >= 1.0:
+            return shares[0][0]
         total = sum(s for _, s in shares)
         if total > 1.0:
             shares = [(gi, s / total) for gi, s in shares]
@@ -161,7 +169,7 @@ class PruningSpace:
     def estimate(self, keep: Sequence[int]) -> tuple[float, float]:
         """Estimated (MACs, params) when group i keeps ``keep[i]`` units."""
         f = self.fractions(keep)
-        scale = f[self._term_out] * (self._term_in @ f)
+        scale = (self._term_out @ f) * (self._term_in @ f)
         return (float(self._fixed_macs + self._term_macs @ scale),
                 float(self._fixed_params + self._term_params @ scale))
 

@@ -130,3 +130,37 @@ def test_cost_model_is_exact_through_a_concatenation(cut):
     pruned = space.apply(copy.deepcopy(model), keep)
     assert macs == pytest.approx(count_macs(pruned, example), rel=1e-9)
     assert params == pytest.approx(count_params(pruned), rel=1e-9)
+
+
+class PaddedShortcut(nn.Module):
+    """A CIFAR ResNet downsampling block with the zero-padded shortcut ("option A"): the stem's
+    channels reach only the middle half of the residual sum (and of the classifier's inputs);
+    the padded quarters no group prunes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.c1 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        short = nn.functional.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+        return self.head(torch.relu(self.c2(self.c1(h)) + short).mean((2, 3)))
+
+
+def test_cost_model_is_exact_where_a_group_reaches_part_of_a_layer():
+    torch.manual_seed(0)
+    model = PaddedShortcut().eval()
+    x = torch.randn(4, 3, 16, 16)
+    space = PruningSpace(model, x[:1], 10, round_to=1)
+    assert any(g.partial for g in space.groups)  # the stem's group reaches half of c2's outputs
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        keep = [g.quantum * int(torch.randint(max(1, g.channels // (4 * g.quantum)), g.channels // g.quantum + 1, (1,),
+                                              generator=gen)) for g in space.groups]
+        pruned = space.apply(copy.deepcopy(model), keep)
+        assert count_macs(pruned, x[:1]) == pytest.approx(space.estimate(keep)[0], rel=1e-6), keep
+        assert count_params(pruned) == pytest.approx(space.estimate(keep)[1], rel=1e-6), keep
+        assert pruned(x).shape == (4, 10)
