@@ -251,3 +251,37 @@ def test_a_group_whose_units_are_coupled_to_each_other_is_kept_whole(trained, tm
     assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
     mc.export_onnx(small, x[:1], tmp_path / "gated.onnx")
     assert mc.verify(tmp_path / "gated.onnx", small, (x[:64], train.tensors[1][:64]))["max_abs_diff"] <= 1e-4
+
+
+class PaddedShortcutOnly(nn.Module):
+    """A residual sum with a zero-padded shortcut: torch-pruning maps the padding's channels wrongly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.down, self.head = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, 2, 1), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.down(h) + nn.functional.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))).mean((2, 3)))
+
+
+class ConcatFlattened(nn.Module):
+    """Two branches concatenated and flattened into the classifier: torch-pruning cuts its inputs wrongly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1), nn.Linear(24 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.head(nn.functional.adaptive_max_pool2d(h, 2).flatten(1))
+
+
+@pytest.mark.parametrize("model,reason", [(PaddedShortcutOnly, "cannot rank the units of group"),
+                                          (ConcatFlattened, "pruning gave a model that cannot run")])
+def test_constructs_torch_pruning_maps_wrongly_are_one_line_errors(trained, model, reason):
+    _, train, _ = trained
+    torch.manual_seed(0)
+    with pytest.raises(mc.UserError, match=reason):
+        mc.compress(model(), train.tensors[0][:1], target=0.5, train=train, allocation="uniform",
+                    repair=mc.RepairConfig(steps=0))

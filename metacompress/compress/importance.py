@@ -82,10 +82,18 @@ def unit_scores_by_method(model: nn.Module, groups: list[Group], methods: tuple[
         group = dg.get_pruning_group(root, out_channel_pruner(root), idxs=list(range(g.channels)))
         for m, imp in imps.items():
             with torch.no_grad():
-                s = imp(group)
+                s = _scored(imp, group, g.name)
             if s is None or len(s) != g.channels:
                 s = torch.ones(g.channels)
             out[m].append(torch.nan_to_num(s.detach().float().cpu(), nan=0.0))
     if "taylor" in methods:
         model.zero_grad(set_to_none=True)
     return out
+
+
+def _scored(imp: tp.importance.Importance, group, name: str) -> torch.Tensor | None:
+    try:
+        return imp(group)
+    except Exception as exc:  # torch-pruning's index mapping of a construct it does not follow
+        raise UserError(f"cannot rank the units of group '{name}': torch-pruning maps its channels wrongly through "
+                        f"a layer it does not follow (a channel padding, ...): {type(exc).__name__}: {exc}") from None

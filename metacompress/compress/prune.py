@@ -326,8 +326,28 @@ class PruningSpace:
             group = dg.get_pruning_group(root, out_channel_pruner(root), idxs=sorted(drop))
             if not dg.check_pruning_group(group):
                 raise UserError(f"pruning group '{g.name}' would remove a whole layer; lower the target")
-            group.prune()
+            try:
+                group.prune()
+            except Exception as exc:  # torch-pruning's index mapping of a construct it does not follow
+                raise UserError(f"cannot prune group '{g.name}': torch-pruning maps its channels wrongly through a layer "
+                                f"it does not follow (a channel padding, ...): {type(exc).__name__}: {exc}") from None
+        _check_runs(model, self.example)
         return model
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """One sample through the pruned model: a width torch-pruning cut wrongly (through a construct
+    whose channel mapping it does not follow) shows here as a one-line error, not later."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example[:1])
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"pruning gave a model that cannot run ({msg}): torch-pruning does not follow how some layers "
+                        "of this model share channels (e.g. a concatenation flattened into a linear layer)") from None
+    finally:
+        model.train(was_training)
 
 
 def _layer_term(name: str, mod: nn.Module, macs: int, out_group: int, source) -> LayerTerm:
