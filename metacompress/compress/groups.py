@@ -45,6 +45,14 @@ CHANNEL_LAYERS = (*CONV_LAYERS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvT
 WIDTH_LAYERS = (*CHANNEL_LAYERS, nn.Linear)
 
 
+MISMAPPED = "torch-pruning maps its channels wrongly through a layer it does not follow (a channel padding, ...)"
+
+
+def pruning_error(what: str, exc: Exception, why: str | None = None) -> UserError:
+    """The one-line error for a failure inside torch-pruning: what failed, why if known, its own message."""
+    return UserError(f"{what}: {f'{why}: ' if why else ''}{type(exc).__name__}: {exc}")
+
+
 def is_conv(m: nn.Module) -> bool:
     return isinstance(m, CONV_LAYERS)
 
@@ -240,7 +248,7 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
                 customized_pruners={t: _KeptWhole() for t in _opaque_types()},
             )
     except Exception as exc:
-        raise UserError(f"cannot trace the model for pruning: {type(exc).__name__}: {exc}") from None
+        raise pruning_error("cannot trace the model for pruning", exc) from None
 
 
 def fixed_width_layers(model: nn.Module) -> list[nn.Module]:
@@ -270,7 +278,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
     try:
         found = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=list(PRUNABLE_LAYERS)))
     except Exception as exc:  # torch-pruning's index mapping of a construct it does not know
-        raise UserError(f"cannot trace the model for pruning: {type(exc).__name__}: {exc}") from None
+        raise pruning_error("cannot trace the model for pruning", exc) from None
     for g in found:
         root = g[0].dep.target.module
         outs, ins, norms, partial = [], [], [], {}
@@ -285,7 +293,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
                 _note_partial(partial, f"norm:{names[mod]}", idxs, mod.weight.numel() if mod.weight is not None else 0)
         conv_groups, quantum = _conv_grouping(g, root, dg)
         if root not in attn and _self_coupled(dg, root):
-            quantum = root.out_channels if is_conv(root) else root.out_features
+            quantum = _width(root, out=True)
         if root in attn:
             proj, heads = attn[root]
             head_dim = root.out_features // 3 // heads
@@ -356,7 +364,7 @@ def _conv_grouping(group, root: nn.Module, dg: tp.DependencyGraph) -> tuple[int,
     group's channels through an index mapping (a concatenation, a slice), the per-block pattern
     would not line up with its conv groups: the group is then frozen (quantum = all channels).
     """
-    channels = root.out_channels if is_conv(root) else root.out_features
+    channels = _width(root, out=True)
     conv_groups = 1
     for dep, idxs in group:
         mod = dep.target.module

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from metacompress.compress.groups import Group, out_channel_pruner
+from metacompress.compress.groups import MISMAPPED, Group, out_channel_pruner, pruning_error
 from metacompress.errors import UserError
 
 METHODS = ("magnitude", "taylor", "lamp")
@@ -95,5 +95,4 @@ def _scored(imp: tp.importance.Importance, group, name: str) -> torch.Tensor | N
     try:
         return imp(group)
     except Exception as exc:  # torch-pruning's index mapping of a construct it does not follow
-        raise UserError(f"cannot rank the units of group '{name}': torch-pruning maps its channels wrongly through "
-                        f"a layer it does not follow (a channel padding, ...): {type(exc).__name__}: {exc}") from None
+        raise pruning_error(f"cannot rank the units of group '{name}'", exc, MISMAPPED) from None

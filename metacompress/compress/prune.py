@@ -21,6 +21,7 @@ from torch import nn
 
 from metacompress.compress.groups import (
     CHANNEL_LAYERS,
+    MISMAPPED,
     WIDTH_LAYERS,
     Group,
     attention_blocks,
@@ -30,6 +31,7 @@ from metacompress.compress.groups import (
     is_depthwise,
     kernel_area,
     out_channel_pruner,
+    pruning_error,
 )
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.measure import count_macs, count_params, module_macs
@@ -98,7 +100,7 @@ class PruningSpace:
                 norm_of.setdefault(name, []).append(gi)
 
         def output_of(name: str):
-            return self._input_of([out_of[name]], 0, f"out:{name}") if name in out_of else -1
+            return self._width_source([out_of[name]], 0, f"out:{name}") if name in out_of else -1
 
         terms = []  # (macs, params, output, input): each a group index or (shares, rest)
         layers: list[LayerTerm] = []
@@ -108,14 +110,14 @@ class PruningSpace:
                 continue
             macs = per_module.get(name, 0)
             covered += macs
-            source = -1 if is_depthwise(mod) else self._input_of(in_of.get(name, []), in_width(mod), f"in:{name}")
+            source = -1 if is_depthwise(mod) else self._width_source(in_of.get(name, []), in_width(mod), f"in:{name}")
             terms.append((macs, mod.weight.numel(), output_of(name), source))
             layers.append(_layer_term(name, mod, macs, out_of.get(name, -1), source))
             if mod.bias is not None:
                 terms.append((0, mod.bias.numel(), output_of(name), -1))
         for name, gis in norm_of.items():  # a norm over a concat is shared by the groups that feed it
             norm = modules[name]
-            terms.append((0, count_params(norm), -1, self._input_of(gis, getattr(norm, "num_features", 0), f"norm:{name}")))
+            terms.append((0, count_params(norm), -1, self._width_source(gis, getattr(norm, "num_features", 0), f"norm:{name}")))
         # attention score/value matmuls scale with the head dims kept
         for qkv, _, _ in attention_blocks(model):
             name = next(n for n, m in modules.items() if m is qkv)
@@ -134,7 +136,7 @@ class PruningSpace:
         self._fixed_macs = self.dense_macs - covered
         self._fixed_params = self.dense_params - sum(t[1] for t in terms)
 
-    def _input_of(self, gis: list[int], width: int, key: str) -> int | tuple[tuple[tuple[int, float], ...], float]:
+    def _width_source(self, gis: list[int], width: int, key: str) -> int | tuple[tuple[tuple[int, float], ...], float]:
         """What sets a member layer's width (input, output or norm; ``key`` as in ``Group.partial``):
         one group (its index; -1 for none) where it reaches all of the width, else each group's
         share of the width (a concatenation, a zero-padded residual) and the unpruned rest."""
@@ -151,7 +153,7 @@ class PruningSpace:
 
     def _input_matrix(self, sources: list) -> np.ndarray:
         """(terms x groups+1): row t times the kept fractions ``f`` (``fractions``) is the kept
-        fraction of term t's input width; one matrix product prices every layer at once."""
+        fraction of term t's input (or output) width; one matrix product prices every layer at once."""
         rows = np.zeros((len(sources), len(self.groups) + 1))
         for t, source in enumerate(sources):
             if isinstance(source, (int, np.integer)):
@@ -329,8 +331,7 @@ class PruningSpace:
             try:
                 group.prune()
             except Exception as exc:  # torch-pruning's index mapping of a construct it does not follow
-                raise UserError(f"cannot prune group '{g.name}': torch-pruning maps its channels wrongly through a layer "
-                                f"it does not follow (a channel padding, ...): {type(exc).__name__}: {exc}") from None
+                raise pruning_error(f"cannot prune group '{g.name}'", exc, MISMAPPED) from None
         _check_runs(model, self.example)
         return model
 
