@@ -27,7 +27,7 @@ from metacompress.compress.groups import refuse_unsupported
 from metacompress.compress.measure import count_macs, count_params
 from metacompress.compress.robust import RobustConfig
 from metacompress.data.torchdata import DataLike, _pairs, from_torch
-from metacompress.errors import UserError
+from metacompress.errors import UserError, first_line
 from metacompress.pipeline import CompressConfig, Compressed, Timer, compress_prepared, prepare_model
 
 _BUDGET_FIELDS = {"macs": "target_macs", "params": "target_params", "latency": "target_latency", "ms": "target_ms"}
@@ -69,7 +69,7 @@ def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
         with torch.no_grad():
             out = model(example[:1])
     except Exception as exc:  # the user's forward: its own error, on one line
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise UserError(f"the model cannot run on float32 inputs of shape {tuple(example.shape[1:])} (the data's "
                         f"samples are fed as float32; integer inputs such as token ids are not supported): {msg}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

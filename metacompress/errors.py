@@ -4,6 +4,6 @@ The class is defined in ``metacompress.meta.errors`` (the meta-learning core dep
 only) and is the same class everywhere.
 """
 
-from metacompress.meta.errors import UserError
+from metacompress.meta.errors import UserError, first_line
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "first_line"]

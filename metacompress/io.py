@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from metacompress.errors import UserError
+from metacompress.errors import UserError, first_line
 
 MAX_CHECKPOINT_BYTES = 2**34  # 16 GiB unpacked: far above any model this toolkit compresses on a CPU
 
@@ -82,7 +82,7 @@ def load_weights(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
         raise UserError(f"refusing to unpickle {p}: it holds objects other than tensors ({blocked}); loading it "
                         "can run code: pass --trust-pickle only if you trust where it came from") from None
     except Exception as exc:  # torch raises several types for corrupt files
-        raise UserError(f"cannot load weights from {p} (not a PyTorch checkpoint?): {_first_line(exc)}") from None
+        raise UserError(f"cannot load weights from {p} (not a PyTorch checkpoint?): {first_line(exc)}") from None
 
 
 def state_dict_from(obj: Any, what: str) -> dict[str, torch.Tensor]:
@@ -105,13 +105,9 @@ def _unpickler_reason(exc: BaseException) -> str:
     ``weights_only=False``: wrong for a corrupt file, and unsafe for an untrusted one."""
     text = str(exc)
     if "WeightsUnpickler error:" not in text:
-        return _first_line(exc)
+        return first_line(exc)
     reason = next((ln.strip() for ln in text.split("WeightsUnpickler error:", 1)[1].splitlines() if ln.strip()), "")
     return reason or "the unpickler stopped"
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _check_archive(p: Path) -> None:
@@ -122,7 +118,7 @@ def _check_archive(p: Path) -> None:
         with zipfile.ZipFile(p) as zf:
             unpacked = sum(info.file_size for info in zf.infolist())
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UserError(f"cannot load weights from {p}: corrupt archive: {_first_line(exc)}") from None
+        raise UserError(f"cannot load weights from {p}: corrupt archive: {first_line(exc)}") from None
     if unpacked > MAX_CHECKPOINT_BYTES:
         raise UserError(f"{p} unpacks to {unpacked / 2**30:.1f} GiB; the limit is {MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB")
 

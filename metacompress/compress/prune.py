@@ -35,7 +35,7 @@ from metacompress.compress.groups import (
 )
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.measure import count_macs, count_params, module_macs
-from metacompress.errors import UserError
+from metacompress.errors import UserError, first_line
 
 MAX_RATIO = 0.9  # never remove more than 90 % of a group: whole layers are never removed
 BUDGET_TOL = 0.02  # project meets the target within this relative tolerance wherever whole units allow
@@ -344,7 +344,7 @@ def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
         with torch.no_grad():
             model.eval()(example[:1])
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise UserError(f"pruning gave a model that cannot run ({msg}): torch-pruning does not follow how some layers "
                         "of this model share channels (e.g. a concatenation flattened into a linear layer)") from None
     finally:

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from metacompress.meta import distributed
+from metacompress.meta.errors import first_line
 
 
 class CheckpointMismatch(ValueError):
@@ -60,7 +61,7 @@ def _read(path: Path, fp: str, legacy_ok: bool) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointMismatch(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(state, dict):
         raise CheckpointMismatch(f"{path} is not a run-state checkpoint")

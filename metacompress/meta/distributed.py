@@ -34,6 +34,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from metacompress.meta.errors import first_line
+
 T = TypeVar("T")
 
 TIMEOUT_ENV = "METACOMPRESS_DIST_TIMEOUT"  # seconds a collective may wait for a silent rank
@@ -96,7 +98,7 @@ def collective(what: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except (RuntimeError, OSError) as exc:
         rank, world = rank_and_world()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise WorkerLost(f"rank {rank} of {world}: {what} failed because another rank died or stopped "
                          f"answering ({first[:160]}); the launcher's summary names the failed rank; "
                          "restart to continue from the last checkpoint") from None

@@ -12,3 +12,10 @@ class UserError(ValueError):
     The message must name the problem and, where possible, what to do about it. Anything
     else that escapes a command is an internal failure (exit code 1).
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type name where it has none): how a
+    failure from code we call reads in a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

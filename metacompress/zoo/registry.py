@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from metacompress.errors import UserError
+from metacompress.errors import UserError, first_line
 from metacompress.zoo import models as m
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {
@@ -134,7 +134,7 @@ def check_forward(model: nn.Module, sample: torch.Tensor, num_classes: int, spec
         with torch.no_grad():
             out = model(sample[:2])
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         raise UserError(f"{spec} cannot run on inputs of shape {tuple(sample.shape[1:])}: {msg}") from None
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise UserError(f"{spec} gives outputs of shape {tuple(out.shape)}; expected (N, {num_classes}) class scores")
