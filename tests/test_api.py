@@ -209,6 +209,82 @@ def test_transposed_convolutions_count_in_the_budget(trained, tmp_path):
     assert torch.equal(back(x[:8]), small(x[:8]))
 
 
+class NormNet(nn.Module):
+    """Conv blocks with a given norm layer (GroupNorm, InstanceNorm) instead of BatchNorm."""
+
+    def __init__(self, norm) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), norm(32), nn.ReLU(),
+                                      nn.Conv2d(32, 64, 3, stride=2, padding=1), norm(64), nn.ReLU(),
+                                      nn.Conv2d(64, 64, 3, padding=1), norm(64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_group_and_instance_norm_models_compress_and_round_trip(trained, tmp_path, norm):
+    """A GroupNorm keeps its number of groups, so its width stays a multiple of it and every norm
+    group loses as many channels (a pruned width of 13 over 4 groups cannot run); InstanceNorm
+    widths survive ``mc.save``."""
+    _, train, _ = trained
+    x, y = train.tensors
+    layer = (lambda c: nn.GroupNorm(4, c)) if norm == "group" else (lambda c: nn.InstanceNorm2d(c, affine=True))
+    torch.manual_seed(0)
+    model = NormNet(layer).eval()
+    dense_w = model.features[0].weight.detach().clone()
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
+                                repair=mc.RepairConfig(steps=0), guard=False)
+    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
+    assert sum(report.kept.values()) < sum(report.channels.values())
+    if norm == "group":
+        norms = [m for m in small.modules() if isinstance(m, nn.GroupNorm)]
+        assert all(m.num_groups == 4 and m.num_channels % 4 == 0 for m in norms)
+        assert any(m.num_channels < 32 for m in norms[:1]) and all(len(m.weight) == m.num_channels for m in norms)
+        kept = [i for i in range(32) if any(torch.equal(dense_w[i], w) for w in small.features[0].weight)]
+        assert [sum(1 for i in kept if i // 8 == b) for b in range(4)] == [len(kept) // 4] * 4  # alike in each norm group
+    mc.export_onnx(small, x[:1], tmp_path / "norm.onnx")
+    assert mc.verify(tmp_path / "norm.onnx", small, (x[:64], y[:64]))["max_abs_diff"] <= 1e-4
+    mc.save(small, tmp_path / "norm.pt", x[:1])
+    back, _ = mc.load_compressed(tmp_path / "norm.pt", NormNet(layer))
+    assert torch.equal(back.eval()(x[:8]), small.eval()(x[:8]))
+
+
+class ShuffleNet(nn.Module):
+    """Grouped convs with a channel shuffle between them, written in one of the ways users write it."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.c1, self.g = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 32, 1, groups=4)
+        self.c2, self.fc = nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.g(torch.relu(self.c1(x))))
+        if self.form == "module":
+            x = nn.ChannelShuffle(4)(x)
+        elif self.form == "functional":
+            x = nn.functional.channel_shuffle(x, 4)
+        elif self.form == "unflatten":
+            x = x.unflatten(1, (4, -1)).transpose(1, 2).flatten(1, 2)
+        else:
+            x = x.view(len(x), 4, 8, *x.shape[2:]).permute(0, 2, 1, 3, 4).reshape(x.shape)
+        return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", ["module", "functional", "unflatten", "view"])
+def test_channel_shuffle_in_any_form_is_refused(trained, form):
+    """torch-pruning follows a channel shuffle as if it kept channels in place: pruned, the model
+    computes something else. Every way of writing one is refused before any work."""
+    _, train, _ = trained
+    x, y = train.tensors
+    with pytest.raises(mc.UserError, match="cannot prune channel shuffle") as info:
+        mc.compress(ShuffleNet(form).eval(), x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
+                    repair=mc.RepairConfig(steps=0), guard=False)
+    assert "\n" not in str(info.value)
+
+
 def test_recurrent_layers_are_refused_with_the_reason(trained):
     class Recurrent(nn.Module):
         def __init__(self) -> None:
@@ -277,7 +353,7 @@ class ConcatFlattened(nn.Module):
         return self.head(nn.functional.adaptive_max_pool2d(h, 2).flatten(1))
 
 
-@pytest.mark.parametrize("model,reason", [(PaddedShortcutOnly, "cannot rank the units of group"),
+@pytest.mark.parametrize("model,reason", [(PaddedShortcutOnly, "'down' .torch-pruning maps its units past the width of 'stem'"),
                                           (ConcatFlattened, "pruning gave a model that cannot run")])
 def test_constructs_torch_pruning_maps_wrongly_are_one_line_errors(trained, model, reason):
     _, train, _ = trained

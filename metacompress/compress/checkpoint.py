@@ -22,8 +22,9 @@ FORMAT = "metacompress.compressed/1"
 _SHAPE_ATTRS = {
     nn.modules.conv._ConvNd: ("in_channels", "out_channels", "groups"),  # transposed ones too
     nn.Linear: ("in_features", "out_features"),
-    nn.modules.batchnorm._BatchNorm: ("num_features",),
+    nn.modules.batchnorm._NormBase: ("num_features",),  # BatchNorm and InstanceNorm
     nn.LayerNorm: ("normalized_shape",),
+    nn.GroupNorm: ("num_channels",),
 }
 
 

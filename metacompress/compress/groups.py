@@ -19,6 +19,7 @@ kept indices of conv group 0 (``ConvPruner.prune_in_channels``), which is only r
 conv group loses the same in-group offsets. A group that touches such a conv therefore carries
 ``conv_groups`` G and a ``quantum`` (kept units are always a multiple of it): ``apply`` drops
 the same offsets in each of the G conv groups, so ``groups`` stays valid and the slicing exact.
+A GroupNorm is handled alike: its norm groups are G blocks of equal width.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ PRUNABLE_LAYERS = (*CONV_LAYERS, nn.Linear)    # group roots: their output units
 # members whose MACs and parameters shrink with it
 CHANNEL_LAYERS = (*CONV_LAYERS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 WIDTH_LAYERS = (*CHANNEL_LAYERS, nn.Linear)
+# norms a group shrinks with its channels (BatchNorm and InstanceNorm are _NormBase)
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 MISMAPPED = "torch-pruning maps its channels wrongly through a layer it does not follow (a channel padding, ...)"
@@ -65,6 +68,13 @@ def in_width(layer: nn.Module) -> int:
 def kernel_area(conv: nn.Module) -> int:
     """Taps of one output position per input channel (k for 1-D, k x k for 2-D, ...)."""
     return math.prod(conv.kernel_size)
+
+
+def norm_width(norm: nn.Module) -> int:
+    """Channels a norm layer normalises (its affine scale's length where it has one)."""
+    if getattr(norm, "weight", None) is not None:
+        return norm.weight.numel()
+    return int(getattr(norm, "num_features", 0) or getattr(norm, "num_channels", 0))
 
 
 def is_depthwise(m: nn.Module) -> bool:
@@ -94,6 +104,7 @@ class Group:
     conv_groups: int = 1      # G: units form G equal conv groups, pruned at the same offsets in each
     quantum: int = 1          # kept units are always a multiple of this (even when rounding falls back)
     partial: dict[str, float] = field(default_factory=dict)  # "out:/in:/norm:" + layer -> share of its width
+    mismapped: str = ""       # a layer torch-pruning maps the group's units past the end of: the group is kept whole
     extra: dict = field(default_factory=dict)
 
 
@@ -151,10 +162,13 @@ class _KeptWhole(BasePruningFunc):
 
 class _ChannelShuffleProbe(TorchFunctionMode):
     """Records where a forward pass shuffles channels: a view of (N, C, H, W) as (N, G, C/G, H, W)
-    followed by a transpose or permute that swaps the two channel factors (ShuffleNet)."""
+    (``view``, ``reshape`` or ``unflatten``) followed by a transpose or permute that swaps the two
+    channel factors (ShuffleNet), or a call of the shuffle itself (``nn.ChannelShuffle``,
+    ``F.channel_shuffle``), which torch-pruning follows as if it kept channels in place."""
 
-    VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape}
+    VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten, torch.unflatten}
     SWAPS = {torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute}
+    SHUFFLES = {"channel_shuffle", "native_channel_shuffle"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -168,7 +182,10 @@ class _ChannelShuffleProbe(TorchFunctionMode):
         if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
             return out
         where = self.stack[-1] if self.stack else "<model>"
-        if func in self.VIEWS and x.dim() == 4 and out.dim() == 5 and out.shape[0] == x.shape[0] \
+        if getattr(func, "__name__", "") in self.SHUFFLES:
+            if where not in self.sites:
+                self.sites.append(where)
+        elif func in self.VIEWS and x.dim() == 4 and out.dim() == 5 and out.shape[0] == x.shape[0] \
                 and out.shape[3:] == x.shape[2:] and out.shape[1] > 1 and out.shape[1] * out.shape[2] == x.shape[1]:
             self.split.add(where)
         elif func in self.SWAPS and x.dim() == 5 and where in self.split and _swaps_1_2(func, args, kwargs, x.dim()):
@@ -229,7 +246,7 @@ def refuse_unsupported(model: nn.Module, example: torch.Tensor) -> None:
                         "hidden widths that the dependency graph and the MACs count do not model")
     sites = channel_shuffle_sites(model, example)
     if sites:
-        raise UserError(f"cannot prune channel shuffle (view to N x G x C/G x H x W + transpose) in '{sites[0]}'"
+        raise UserError(f"cannot prune channel shuffle (N x G x C/G x H x W + transpose, or channel_shuffle) in '{sites[0]}'"
                         f"{f' and {len(sites) - 1} more modules' if len(sites) > 1 else ''}: torch-pruning cannot map "
                         "channel indices through the permutation, so pruning would give a wrong model")
 
@@ -288,11 +305,12 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
                 out = dg.is_out_channel_pruning_fn(dep.handler)
                 (outs if out else ins).append(names[mod])
                 _note_partial(partial, f"{'out' if out else 'in'}:{names[mod]}", idxs, _width(mod, out))
-            elif isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and mod in names:
+            elif isinstance(mod, NORM_LAYERS) and mod in names:
                 norms.append(names[mod])
-                _note_partial(partial, f"norm:{names[mod]}", idxs, mod.weight.numel() if mod.weight is not None else 0)
+                _note_partial(partial, f"norm:{names[mod]}", idxs, norm_width(mod))
         conv_groups, quantum = _conv_grouping(g, root, dg)
-        if root not in attn and _self_coupled(dg, root):
+        mismapped = "" if root in attn else _mismapped(g, dg, names)
+        if root not in attn and (mismapped or _self_coupled(dg, root)):
             quantum = _width(root, out=True)
         if root in attn:
             proj, heads = attn[root]
@@ -310,7 +328,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
             kind, kernel, stride, channels = "linear", 1, 1, root.out_features
         groups.append(Group(names[root], channels, kind, outs, ins, norms, step=_step(channels, round_to, quantum),
                             kernel=kernel, stride=stride, residual=len(outs) > 1, conv_groups=conv_groups,
-                            quantum=quantum, partial=partial))
+                            quantum=quantum, partial=partial, mismapped=mismapped))
     if not groups:
         raise UserError("the model has no prunable groups (no conv or linear layer besides the classifier)")
     return groups
@@ -339,6 +357,25 @@ def _note_partial(partial: dict[str, float], key: str, idxs, width: int) -> None
         partial[key] = reached / width
 
 
+def _mismapped(group, dg: tp.DependencyGraph, names: dict[nn.Module, str]) -> str:
+    """The first member layer that torch-pruning maps the group's units to indices past its
+    width, or "". Its index mapping does not follow every construct (a head split by reshape in
+    a hand-written attention, a pixel shuffle, a split whose parts are concatenated in another
+    order, a transposed weight reused by ``F.linear``); such a group used to fail while ranked
+    or pruned. It is kept whole instead, and the rest of the model is still pruned."""
+    for dep, idxs in group:
+        mod = dep.target.module
+        if isinstance(mod, WIDTH_LAYERS):
+            width = _width(mod, dg.is_out_channel_pruning_fn(dep.handler))
+        elif isinstance(mod, NORM_LAYERS):
+            width = norm_width(mod)
+        else:
+            continue
+        if len(idxs) and max(idxs) >= width:
+            return names.get(mod, type(mod).__name__)
+    return ""
+
+
 def _self_coupled(dg: tp.DependencyGraph, root: nn.Module) -> bool:
     """Whether removing one of ``root``'s output units removes others of its own: its output is
     split and the parts meet again unit by unit (a GLU's ``a * sigmoid(b)`` over two halves), so
@@ -348,16 +385,22 @@ def _self_coupled(dg: tp.DependencyGraph, root: nn.Module) -> bool:
     return len(set(group[0].idxs)) > 1
 
 
-def _grouped_conv(mod: nn.Module) -> int:
-    """G of a grouped, non-depthwise conv, else 1. Depthwise convs (groups == out_channels) are
-    coupled input-to-output by torch-pruning and shrink ``groups`` with their channels instead."""
+def _channel_blocks(mod: nn.Module, out: bool) -> tuple[int, int]:
+    """(G, width) of a layer whose channels form G equal blocks that pruning must keep equal: a
+    grouped, non-depthwise conv, or a GroupNorm (torch-pruning keeps its ``num_groups``, so its
+    width must stay a multiple of it, and each norm group should lose alike); else (1, width).
+    Depthwise convs (groups == out_channels) are coupled input-to-output by torch-pruning and
+    shrink ``groups`` with their channels instead."""
     if is_conv(mod) and mod.groups > 1 and mod.groups != mod.out_channels:
-        return mod.groups
-    return 1
+        return mod.groups, mod.out_channels if out else mod.in_channels
+    if isinstance(mod, nn.GroupNorm) and mod.num_groups > 1:
+        return mod.num_groups, mod.num_channels
+    return 1, 0
 
 
 def _conv_grouping(group, root: nn.Module, dg: tp.DependencyGraph) -> tuple[int, int]:
-    """(G, quantum) for a torch-pruning group: G is the lcm of the grouped convs it touches.
+    """(G, quantum) for a torch-pruning group: G is the lcm of the channel blocks of the grouped
+    convs and GroupNorms it touches (``_channel_blocks``).
 
     Same offsets in each of lcm(G1, G2) blocks are also the same offsets in each of G1 and G2
     blocks, so one pattern serves every grouped conv of the group. When a grouped conv sees the
@@ -367,11 +410,9 @@ def _conv_grouping(group, root: nn.Module, dg: tp.DependencyGraph) -> tuple[int,
     channels = _width(root, out=True)
     conv_groups = 1
     for dep, idxs in group:
-        mod = dep.target.module
-        g = _grouped_conv(mod)
+        g, dim = _channel_blocks(dep.target.module, dg.is_out_channel_pruning_fn(dep.handler))
         if g == 1:
             continue
-        dim = mod.out_channels if dg.is_out_channel_pruning_fn(dep.handler) else mod.in_channels
         if dim != channels or list(idxs) != list(range(channels)):
             return 1, channels
         conv_groups = conv_groups * g // _gcd(conv_groups, g)

@@ -55,7 +55,9 @@ class ChannelMasks:
         self.sites: list[list[MaskSite]] = []
         for g in space.groups:
             root = modules[g.name]
-            if g.kind == "attention":
+            if g.mismapped:  # kept whole: never masked
+                self.sites.append([])
+            elif g.kind == "attention":
                 proj, heads = attn[id(root)]
                 self.sites.append(_attention_sites(g, names[id(proj)], heads))
             else:

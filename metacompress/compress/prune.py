@@ -30,6 +30,7 @@ from metacompress.compress.groups import (
     in_width,
     is_depthwise,
     kernel_area,
+    norm_width,
     out_channel_pruner,
     pruning_error,
 )
@@ -38,6 +39,7 @@ from metacompress.compress.measure import count_macs, count_params, module_macs
 from metacompress.errors import UserError, first_line
 
 MAX_RATIO = 0.9  # never remove more than 90 % of a group: whole layers are never removed
+POLISH_CANDIDATES = 5000  # allocations a round of the off-target fallback of the budget projection may price
 BUDGET_TOL = 0.02  # project meets the target within this relative tolerance wherever whole units allow
 
 
@@ -117,7 +119,7 @@ class PruningSpace:
                 terms.append((0, mod.bias.numel(), output_of(name), -1))
         for name, gis in norm_of.items():  # a norm over a concat is shared by the groups that feed it
             norm = modules[name]
-            terms.append((0, count_params(norm), -1, self._width_source(gis, getattr(norm, "num_features", 0), f"norm:{name}")))
+            terms.append((0, count_params(norm), -1, self._width_source(gis, norm_width(norm), f"norm:{name}")))
         # attention score/value matmuls scale with the head dims kept
         for qkv, _, _ in attention_blocks(model):
             name = next(n for n, m in modules.items() if m is qkv)
@@ -253,11 +255,7 @@ class PruningSpace:
         fine = not grid_only and cost([self.min_keep(g) for g in self.groups]) > target * (1 + tol)
         floor = cost([self.min_keep(g, fine) for g in self.groups])
         if floor > target * (1 + tol):
-            name = metric if isinstance(metric, str) else metric.name
-            fixed = cost([0] * len(self.groups))
-            raise UserError(f"target {name} {target:g} is unreachable without removing whole layers: pruning "
-                            f"every group to its limit keeps {floor:.3f} of the {name} ({fixed:.3f} in what no group "
-                            f"prunes: unprunable layers, blocks kept whole); ask for >= {floor:.2f}")
+            raise self._unreachable(target, floor, metric, fine)
         lo, hi = 0.0, 1.0
         for _ in range(40):
             mid = (lo + hi) / 2
@@ -267,37 +265,98 @@ class PruningSpace:
                 hi = mid
         keep = self.keep_counts(ratio_fn(hi), fine)
         want = [g.channels * (1 - float(np.clip(r, 0, MAX_RATIO))) for r, g in zip(ratio_fn(hi), self.groups)]
-        keep = self._greedy_fix(keep, want, cost, target, tol, fine)
+        keep = self._greedy_fix(keep, want, cost, target, tol, fine, polish=grid_only)
         if abs(cost(keep) - target) > tol * target and not grid_only:
             # the rounding step is too coarse for this budget: refine with single units
-            keep = self._greedy_fix(keep, want, cost, target, tol, fine=True)
+            keep = self._greedy_fix(keep, want, cost, target, tol, fine=True, polish=True)
         return keep
 
-    def _greedy_fix(self, keep, want, cost, target, tol, fine: bool = False) -> list[int]:
-        """Step single groups towards the target (aiming within tol/2, never overshooting tol)."""
+    def _unreachable(self, target: float, floor: float, metric: Metric, fine: bool) -> UserError:
+        """The error for a target below the floor, naming what holds the floor up: layers in no
+        group, and the groups that cannot shrink at all (the largest first), with the reason."""
+        name = metric if isinstance(metric, str) else metric.name
+        fixed = self.kept_fraction([0] * len(self.groups), metric)
+        whole = [i for i, g in enumerate(self.groups) if self.min_keep(g, fine) >= g.channels]
+        share = {i: self.kept_fraction(_with([0] * len(self.groups), (i, self.groups[i].channels)), metric) - fixed
+                 for i in whole}
+        named = [f"'{self.groups[i].name}' ({_why_whole(self.groups[i])}, {share[i]:.3f})"
+                 for i in sorted(whole, key=share.get, reverse=True)[:3]]
+        kept_whole = f"; groups that cannot shrink: {', '.join(named)}{', ...' if len(whole) > 3 else ''}" if whole else ""
+        return UserError(f"target {name} {target:g} is unreachable without removing whole layers: pruning every group "
+                         f"to its limit keeps {floor:.3f} of the {name} ({fixed:.3f} in layers no group prunes"
+                         f"{kept_whole}); ask for >= {floor:.2f}")
+
+    def _greedy_fix(self, keep, want, cost, target, tol, fine: bool = False, polish: bool = False) -> list[int]:
+        """Step single groups towards the target (aiming within tol/2, never overshooting tol),
+        where the allocation was rounded hardest; then, if that ends outside tol and ``polish``
+        (the last resort: it departs from the allocation's shape), ``_polish``. Returns the
+        allocation nearest the target met on the way: the steps can cycle between two
+        allocations on either side of it, and the last one is not the better."""
         keep = list(keep)
+        err = lambda k: abs(cost(k) - target)  # noqa: E731
+        best, seen = list(keep), {tuple(keep)}
         for _ in range(10 * len(keep) + 100):
-            c = cost(keep)
-            if abs(c - target) <= tol / 2 * target:
+            if err(keep) <= tol / 2 * target:
                 break
-            grow = c < target
-            best, best_gap = None, None
-            for i, g in enumerate(self.groups):
-                step = self.unit_step(g, fine)
-                new = keep[i] + (step if grow else -step)
-                new = min(g.channels, new) if grow else max(self.min_keep(g, fine), new)
-                if new == keep[i]:
-                    continue
-                trial = keep[:i] + [new] + keep[i + 1:]
-                if grow and cost(trial) > target * (1 + tol):
-                    continue
-                gap = (want[i] - keep[i]) if grow else (keep[i] - want[i])
-                if best_gap is None or gap > best_gap:
-                    best, best_gap = (i, new), gap
-            if best is None:
+            move = self._step_towards_want(keep, want, cost, target, tol, fine)
+            if move is None:
                 break
-            keep[best[0]] = best[1]
+            keep[move[0]] = move[1]
+            if tuple(keep) in seen:
+                break
+            seen.add(tuple(keep))
+            if err(keep) < err(best):
+                best = list(keep)
+        return self._polish(best, cost, target, fine) if polish and err(best) > tol * target else best
+
+    def _step_towards_want(self, keep, want, cost, target, tol, fine: bool) -> tuple[int, int] | None:
+        """(group, new width): one rounding step towards the target in the group whose width is
+        furthest from the continuous allocation ``want`` on that side."""
+        grow = cost(keep) < target
+        best, best_gap = None, None
+        for i, g in enumerate(self.groups):
+            step = self.unit_step(g, fine)
+            new = min(g.channels, keep[i] + step) if grow else max(self.min_keep(g, fine), keep[i] - step)
+            if new == keep[i] or (grow and cost(keep[:i] + [new] + keep[i + 1:]) > target * (1 + tol)):
+                continue
+            gap = (want[i] - keep[i]) if grow else (keep[i] - want[i])
+            if best_gap is None or gap > best_gap:
+                best, best_gap = (i, new), gap
+        return best
+
+    def _polish(self, keep, cost, target, fine: bool, rounds: int = 5) -> list[int]:
+        """Local search on the distance to the target alone, for budgets that steps along the
+        allocation cannot meet: one group set to any of its widths, or one group a rounding step
+        up or down while another takes any of its widths (a trade between two groups: a narrow
+        model's widths come in few, coarse sizes). At most POLISH_CANDIDATES allocations a round."""
+        keep = list(keep)
+        err = abs(cost(keep) - target)
+        for _ in range(rounds):
+            widths = [(i, w) for i, g in enumerate(self.groups) for w in self._widths(g, fine) if w != keep[i]]
+            candidates = [_with(keep, a) for a in widths]
+            pairs = [(a, b) for a in self._moves(keep, fine) for b in widths if a[0] != b[0]]
+            if len(candidates) + len(pairs) <= POLISH_CANDIDATES:
+                candidates += [_with(keep, a, b) for a, b in pairs]
+            if not candidates:
+                break
+            trial = min(candidates, key=lambda k: abs(cost(k) - target))
+            trial_err = abs(cost(trial) - target)
+            if trial_err >= err:
+                break
+            keep, err = trial, trial_err
         return keep
+
+    def _widths(self, g: Group, fine: bool) -> range:
+        step = self.unit_step(g, fine)
+        return range(self.min_keep(g, fine), g.channels + 1, step)
+
+    def _moves(self, keep, fine: bool) -> list[tuple[int, int]]:
+        """(group, width) for every single rounding step up or down that stays within bounds."""
+        out = []
+        for i, g in enumerate(self.groups):
+            step = self.unit_step(g, fine)
+            out += [(i, w) for w in (keep[i] + step, keep[i] - step) if self.min_keep(g, fine) <= w <= g.channels]
+        return out
 
     # ----- execution --------------------------------------------------------------------
     def apply(self, model: nn.Module, keep: Sequence[int], importance: str = "magnitude",
@@ -346,7 +405,8 @@ def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
     except Exception as exc:
         msg = first_line(exc)
         raise UserError(f"pruning gave a model that cannot run ({msg}): torch-pruning does not follow how some layers "
-                        "of this model share channels (e.g. a concatenation flattened into a linear layer)") from None
+                        "of this model share channels (e.g. a per-channel buffer or constant, a width read from a tensor's "
+                        "shape in forward, a concatenation flattened into a linear layer)") from None
     finally:
         model.train(was_training)
 
@@ -388,3 +448,22 @@ def _prune_head_dims(qkv: nn.Linear, proj: nn.Linear, heads: int, drop: list[int
     cols = [h * head_dim + j for h in range(heads) for j in drop]
     tp.prune_linear_out_channels(qkv, sorted(rows))
     tp.prune_linear_in_channels(proj, sorted(cols))
+
+
+def _with(keep: list[int], *changes: tuple[int, int]) -> list[int]:
+    """``keep`` with (group, width) changes."""
+    out = list(keep)
+    for i, w in changes:
+        out[i] = w
+    return out
+
+
+def _why_whole(g: Group) -> str:
+    """Why group ``g`` is never pruned, in a few words."""
+    if g.mismapped:
+        return f"torch-pruning maps its units past the width of '{g.mismapped}'"
+    if g.channels == 1:
+        return "1 unit"
+    if g.quantum >= g.channels:
+        return "its units are coupled to each other"
+    return f"{g.channels} units, too few to prune"

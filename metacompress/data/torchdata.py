@@ -9,6 +9,7 @@ built-in sets, so choices made on it never see the test split.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, Union
 
@@ -118,7 +119,10 @@ def from_torch(train: DataLike, val: DataLike | None = None, test: DataLike | No
     x_tr, y_tr = _pairs(train, "train")
     if val is None:
         _, counts = torch.unique(y_tr, return_counts=True)
-        stratify: Any = y_tr.numpy() if int(counts.min()) >= 2 else None
+        n_val = math.ceil(VAL_FRACTION * len(y_tr))  # as train_test_split rounds it
+        # stratified where every class can have a sample on both sides, else a plain random split
+        stratifiable = int(counts.min()) >= 2 and min(n_val, len(y_tr) - n_val) >= len(counts)
+        stratify: Any = y_tr.numpy() if stratifiable else None
         from sklearn.model_selection import train_test_split
 
         idx_tr, idx_va = train_test_split(np.arange(len(y_tr)), test_size=VAL_FRACTION, random_state=seed,

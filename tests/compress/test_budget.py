@@ -164,3 +164,41 @@ def test_cost_model_is_exact_where_a_group_reaches_part_of_a_layer():
         assert count_macs(pruned, x[:1]) == pytest.approx(space.estimate(keep)[0], rel=1e-6), keep
         assert count_params(pruned) == pytest.approx(space.estimate(keep)[1], rel=1e-6), keep
         assert pruned(x).shape == (4, 10)
+
+
+class _GroupedPair(nn.Module):
+    """A conv, then two grouped convs (4 conv groups): every width comes in steps of 4, on a
+    16-wide grid only 16 or 32, so the allocation's own steps cannot meet most budgets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.g = nn.Conv2d(32, 32, 1, groups=4)
+        self.c2 = nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c2(torch.relu(self.g(torch.relu(self.c1(x)))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_projection_trades_units_between_groups_when_single_steps_cannot_meet_the_target(target):
+    """Uniform steps overshoot or undershoot by more than the tolerance (0.481 for 0.5 and 0.277
+    for 0.3 before): the projection trades units between two groups and lands within 2 %."""
+    torch.manual_seed(0)
+    model = _GroupedPair().eval()
+    space = PruningSpace(model, torch.randn(1, 3, 16, 16), 5, round_to=16)
+    keep = space.project(lambda s: [s * 0.9] * len(space.groups), target)
+    assert abs(space.kept_fraction(keep) - target) <= 0.02 * target
+    assert all(k % g.quantum == 0 for k, g in zip(keep, space.groups))
+
+
+def test_projection_returns_the_nearest_allocation_it_met_not_the_last():
+    """A 16-unit layer keeps k/16 of the MACs. For 0.308, 5 units (0.3125, 1.5 % over) are within
+    the tolerance but not within the half it aims for, 4 units (0.25) are not: the steps cycle
+    between them, and the projection keeps 5."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    space = PruningSpace(model, torch.randn(1, 1, 8, 8), 10, round_to=1)
+    for start in (0.2, 0.9):  # the allocation's first guess below and above the target
+        keep = space.project(lambda s, start=start: [min(0.9, s * start * 2)], 0.308)
+        assert keep == [5], start

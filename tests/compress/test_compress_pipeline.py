@@ -74,6 +74,7 @@ def test_run_compress_writes_report_and_reloadable_model(tmp_path):
         assert set(report[key]["latency_ms"]) == {"b1", "b32"}
     assert abs(report["achieved_macs_ratio"] - 0.5) <= 0.01
     assert report["onnx"]["max_abs_diff"] <= 1e-4 and report["onnx"]["top1_agreement"] >= 0.995
+    assert report["onnx"]["dense_max_abs_diff"] <= 1e-4  # against the measure stage's logits of the dense model
     assert set(report["timings_s"]) >= {"load", "allocate", "prune", "repair", "export", "verify"}
     assert report["compressed"]["onnx_bytes"] < report["dense"]["onnx_bytes"]
     model, ckpt = load_compressed(out / "model.pt")
@@ -152,8 +153,8 @@ def test_students_soup_and_int8_in_the_report(tmp_path):
 
 @pytest.mark.integration
 def test_report_warns_when_whole_units_cannot_meet_the_budget(tmp_path):
-    """A 16-unit hidden layer cannot keep 0.3 of the MACs (4 units keep 0.25, 5 keep 0.31): the
-    nearest allocation is used, off the round_to grid, and the report and stderr say both."""
+    """A 16-unit hidden layer cannot keep 0.3 of the MACs (4 units keep 0.25, 5 keep 0.3125): the
+    nearest allocation (5) is used, off the round_to grid, and the report and stderr say both."""
     (tmp_path / "tiny.py").write_text(
         "from torch import nn\n"
         "def factory(input_shape, num_classes):\n"
@@ -161,11 +162,11 @@ def test_report_warns_when_whole_units_cannot_meet_the_budget(tmp_path):
     report = run_compress(CompressConfig(model=f"{tmp_path / 'tiny.py'}:factory", data="digits", target_macs=0.3,
                                          allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "o"),
                                          round_to=8))
-    assert report["achieved_macs_ratio"] == 0.25
-    assert [g["kept"] for g in report["groups"]] == [4] and not report["groups"][0]["on_grid"]
+    assert report["achieved_macs_ratio"] == 0.3125
+    assert [g["kept"] for g in report["groups"]] == [5] and not report["groups"][0]["on_grid"]
     budget_warnings = _budget_warnings(report)  # a model this small may also time no faster than dense
     assert len(budget_warnings) == 2
-    assert "not reachable in whole units within 2%: the nearest allocation keeps 0.250" in budget_warnings[0]
+    assert "not reachable in whole units within 2%: the nearest allocation keeps 0.312" in budget_warnings[0]
     assert "off the round_to=8 grid" in budget_warnings[1]
     ok = run_compress(CompressConfig(model=f"{tmp_path / 'tiny.py'}:factory", data="digits", target_macs=0.5,
                                      allocation="uniform", repair=RepairConfig(steps=0), out=str(tmp_path / "ok"),

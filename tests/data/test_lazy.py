@@ -177,3 +177,14 @@ def test_an_iterable_dataset_too_big_to_hold_is_refused_with_the_way_out(monkeyp
         from_torch(DataLoader(Stream(), batch_size=8))
     monkeypatch.setattr("metacompress.data.torchdata.MAX_DATA_BYTES", 64 * 64 * 4)
     assert len(from_torch(DataLoader(Stream(), batch_size=8)).x_train) + 7 == 64  # 10 % held out for validation
+
+
+@pytest.mark.parametrize("n,classes", [(64, 10), (30, 10), (200, 10)])
+def test_a_validation_split_too_small_for_every_class_is_random_not_an_error(n, classes):
+    """64 samples of 10 classes hold out 7: too few to stratify (sklearn raises). The split is then
+    plain random; where every class fits, it stays stratified."""
+    y = torch.arange(n) % classes
+    data = from_torch((torch.randn(n, 1, 4, 4), y))
+    assert len(data.x_train) + len(data.x_val) == n and len(data.x_val) == -(-n // 10)
+    if n >= 10 * classes:
+        assert len(torch.unique(data.y_val)) == classes
