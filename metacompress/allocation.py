@@ -57,6 +57,7 @@ def robustify_stage(cfg: CompressConfig, prep: Prepared, rc: RobustConfig) -> li
     alloc = budget_allocation(cfg.allocation, prep, cfg.seed, cfg.policy)
     result = robustify(prep.dense, prep.data, prep.space, [alloc], rc, prep.budget.cost, seed=cfg.seed)
     prep.dense_accuracy = accuracy(prep.dense, prep.data.x_test, prep.data.y_test)
+    prep.dense_logits = None  # those of the model before robustify: the ONNX check runs the new one
     prep.robust = result.to_dict() | {"dense_test_accuracy": prep.dense_accuracy}
     status(f"robustify: dense validation accuracy {result.dense_val_before:.4f} -> {result.dense_val_after:.4f} "
            f"({result.seconds:.1f} s)")

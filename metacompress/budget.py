@@ -170,6 +170,16 @@ def next_goal(rounds: Sequence[Round], target: float) -> float:
     return last.goal * target / last.measured
 
 
+def miss_warning(measured: float, target: float, rounds: int) -> str:
+    """What a user should know when the correction loop ended off the target: which way (a model
+    faster than asked is not a failure, but it gave up accuracy for speed nobody asked for) and by
+    how much."""
+    way = "faster" if measured < target else "slower"
+    return (f"measured latency {measured:.3f} is {abs(measured / target - 1):.1%} {way} than the target {target:.3f} "
+            f"(tolerance {LATENCY_TOL:.0%}) after {rounds} rounds: the channel grid is too coarse here or the machine "
+            f"too noisy")
+
+
 @dataclass
 class LatencyTarget:
     """Projection onto a latency target, checked by measuring the exported architecture."""
@@ -218,9 +228,7 @@ class LatencyTarget:
         best = min(rounds, key=lambda r: (abs(r.measured / target - 1), r.measured))
         self.misses.pop(tuple(best.keep), None)  # an earlier projection to the same widths may have missed
         if abs(best.measured / target - 1) > LATENCY_TOL:
-            self.misses[tuple(best.keep)] = (f"measured latency {best.measured:.3f} misses the target {target:.3f} by "
-                                             f"more than {LATENCY_TOL:.0%} after {len(rounds)} rounds: the channel grid "
-                                             f"is too coarse here or the machine too noisy")
+            self.misses[tuple(best.keep)] = miss_warning(best.measured, target, len(rounds))
         return best.keep
 
     def miss(self, keep: Sequence[int]) -> str | None:

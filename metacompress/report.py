@@ -87,8 +87,9 @@ def final_latency_warnings(warnings: list[str], section: dict[str, Any], batch: 
     if warnings:
         return warnings
     final, target = section["measured_fraction"][f"b{batch}"], section["target_fraction"]
+    way = "faster" if final < target else "slower"
     return [f"the exported model measures {final:.3f} of the dense latency at batch {batch}, "
-            f"{abs(final / target - 1):.1%} off the target {target:.3f} that the correction loop met within "
+            f"{abs(final / target - 1):.1%} {way} than the target {target:.3f} that the correction loop met within "
             f"{section['tolerance']:.0%}: timings on this machine vary that much between sessions "
             f"(`metacompress bench` re-times it)"]
 

@@ -150,7 +150,7 @@ def _reference_logits(reference: nn.Module, x: Any, batch_size: int) -> np.ndarr
 
 def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: Samples,
                 y: torch.Tensor | None, batch_size: int | None = None, threads: int | None = None,
-                parity_samples: int | None = None) -> dict[str, Any]:
+                parity_samples: int | None = None, reference_logits: torch.Tensor | None = None) -> dict[str, Any]:
     """Run ``path`` on ``x`` (a tensor, an array or lazy samples, read batch by batch) in
     onnxruntime and compare it with ``reference`` (a PyTorch module).
 
@@ -162,6 +162,8 @@ def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: Samples
     samples per call, by default at most 256 and fewer for big samples. ``parity_samples``: compare
     with the reference on the first this many samples only (the accuracy still counts all): a
     wrong export differs on every input, and the reference's passes are what costs on big models.
+    ``reference_logits``: ``reference``'s logits of the first samples of ``x``, computed already;
+    where they cover the compared samples, ``reference`` is not run again.
     """
     from metacompress.training import eval_batch_size
 
@@ -185,7 +187,11 @@ def verify_onnx(path: str | os.PathLike, reference: nn.Module | None, x: Samples
         result["accuracy"] = float((pred == torch.as_tensor(y).numpy()).mean())
     if reference is not None:
         n = len(x) if parity_samples is None else min(parity_samples, len(x))
-        ref, logits, pred = _reference_logits(reference, x[:n], batch_size), logits[:n], pred[:n]
+        if reference_logits is not None and len(reference_logits) >= n:
+            ref = reference_logits[:n].detach().float().numpy()
+        else:
+            ref = _reference_logits(reference, x[:n], batch_size)
+        logits, pred = logits[:n], pred[:n]
         result["parity_samples"] = n
         if ref.shape != logits.shape:
             raise UserError(f"the reference gives outputs of shape {ref.shape}, the ONNX model {logits.shape}")

@@ -159,6 +159,7 @@ def test_compress_runs_robustify_as_a_stage():
     c = compress_stages(cfg, timer)
     assert "robustify" in timer.timings and list(timer.timings).index("robustify") < list(timer.timings).index("prune")
     assert c.prep.robust["steps"] == 3 and c.prep.robust["dense_test_accuracy"] == c.prep.dense_accuracy
+    assert c.prep.dense_logits is None  # the logits of the model before robustify are no reference for its ONNX file
 
 
 @pytest.mark.parametrize("overridden", [False, True])

@@ -446,6 +446,29 @@ def test_verify_parity_on_a_prefix_and_accuracy_on_all(tmp_path):
         verify_onnx(path, model, x, y, parity_samples=0)
 
 
+class _Unrunnable(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the reference ran although its logits were given")
+
+
+def test_verify_compares_with_given_reference_logits_without_running_the_reference(tmp_path):
+    """The dense model's logits from the measure stage are the reference: no second PyTorch pass,
+    and a difference from them is found as from a run reference."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, torch.randn(2, 6), path, dynamo=False)
+    x = torch.randn(8, 6)
+    with torch.no_grad():
+        logits = model(x)
+    same = verify_onnx(path, _Unrunnable(), x, None, reference_logits=logits)
+    assert same["parity_samples"] == 8 and same["max_abs_diff"] < 1e-5 and same["top1_agreement"] == 1.0
+    off = verify_onnx(path, _Unrunnable(), x[:4], None, reference_logits=logits + 2.0)  # more logits than samples
+    assert off["parity_samples"] == 4 and off["max_abs_diff"] == pytest.approx(2.0, abs=1e-4)
+    short = verify_onnx(path, model, x, None, reference_logits=logits[:3] + 2.0)  # too few: the reference runs
+    assert short["max_abs_diff"] < 1e-5
+
+
 def test_check_samples_are_bounded_by_the_reference_cost():
     from metacompress.pipeline import CHECK_MACS, MIN_CHECK_SAMPLES, check_samples
 

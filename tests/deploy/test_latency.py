@@ -189,7 +189,16 @@ def test_correction_loop_terminates_and_warns_when_it_cannot_converge(cnn):
     lt = _target(cnn, 0.5, lambda p: float(rng.uniform(0.1, 1.0)))
     keep = lt.project(lambda s: [s * 0.9] * len(lt.space.groups))
     assert len(lt.history[-1]) <= MAX_ROUNDS
-    assert len(lt.warnings_for(keep)) == 1 and "misses the target" in lt.warnings_for(keep)[0]
+    (warning,) = lt.warnings_for(keep)
+    assert ("faster than the target" in warning or "slower than the target" in warning), warning
+
+
+def test_a_miss_says_which_way_it_missed():
+    """Faster than asked is said as such (it is no failure, but it cost accuracy), and so is slower."""
+    from metacompress.budget import miss_warning
+
+    assert "0.344 is 6.0% faster than the target 0.366" in miss_warning(0.344, 0.366, 2)
+    assert "0.400 is 14.3% slower than the target 0.350" in miss_warning(0.4, 0.35, 4)
 
 
 def test_a_miss_is_warned_about_only_for_the_allocation_that_missed(cnn):
@@ -200,7 +209,7 @@ def test_a_miss_is_warned_about_only_for_the_allocation_that_missed(cnn):
     n = len(lt.space.groups)
     met = lt.project(lambda s: [s * (i + 1) / n for i in range(n)])  # another shape: another allocation
     assert missed != met
-    assert "misses the target" in lt.warnings_for(missed)[0]
+    assert "0.900 is 80.0% slower than the target 0.500" in lt.warnings_for(missed)[0]
     assert lt.warnings_for(met) == []
 
 
@@ -323,8 +332,8 @@ def test_the_final_measurement_decides_the_latency_warnings():
     section = {"within_tolerance": False, "measured_fraction": {"b1": 0.58, "b32": 0.5}, "target_fraction": 0.5,
                "tolerance": LATENCY_TOL, "correction_rounds": [[{"goal": 0.5, "predicted": 0.5, "measured": 0.51}]]}
     (warning,) = final_latency_warnings([], section, 1, loop_miss=None)
-    assert "0.580" in warning and "16.0%" in warning and "0.500" in warning
-    miss, floor = "measured latency 0.470 misses the target 0.500", "below what width pruning reaches"
+    assert "0.580" in warning and "16.0% slower than the target 0.500" in warning
+    miss, floor = "measured latency 0.470 is 6.0% faster than the target 0.500", "below what width pruning reaches"
     assert final_latency_warnings([floor, miss], section, 1, miss) == [floor, miss]  # the loop already warned
     assert final_latency_warnings([floor, miss], section | {"within_tolerance": True}, 1, miss) == [floor]
     assert final_latency_warnings([], section | {"within_tolerance": True}, 1, None) == []
