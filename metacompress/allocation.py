@@ -108,12 +108,16 @@ def _adapt(policy, cfg: CompressConfig, prep: Prepared, target: float, inputs: t
 
 
 def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], budget: Budget) -> list[str]:
-    """What an allocation hides that a user deploying it should know: a budget that whole units
-    cannot meet within the tolerance, the groups ``off`` the rounding grid (which cost speed;
-    ``space.off_grid(keep)``), and a latency target missed as measured or below the floor."""
+    """What an allocation hides that a user deploying it should know: groups kept whole because
+    torch-pruning cannot map them, a budget that whole units cannot meet within the tolerance,
+    the groups ``off`` the rounding grid (which cost speed; ``space.off_grid(keep)``), and a
+    latency target missed as measured or below the floor."""
+    mismapped = [f"'{g.name}' (past '{g.mismapped}')" for g in space.groups if g.mismapped]
+    out = [f"{len(mismapped)} group(s) kept whole, since torch-pruning maps their units past a layer's width: "
+           f"{', '.join(mismapped[:3])}{', ...' if len(mismapped) > 3 else ''}; the other groups meet the budget"
+           ] if mismapped else []
     if budget.latency is not None:
-        return budget.latency.warnings_for(keep)
-    out = []
+        return out + budget.latency.warnings_for(keep)
     kept = space.kept_fraction(keep, budget.cost)
     if abs(kept - budget.target) > BUDGET_TOL * budget.target:
         out.append(f"target {budget.metric} {budget.target:g} is not reachable in whole units within {BUDGET_TOL:.0%}: "

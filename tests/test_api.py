@@ -285,6 +285,74 @@ def test_channel_shuffle_in_any_form_is_refused(trained, form):
     assert "\n" not in str(info.value)
 
 
+class PixelShuffleNet(nn.Module):
+    """Upsampling by pixel shuffle: torch-pruning maps the 4 x 16 channels before it onto the 16 after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.expand = nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+        self.shuffle, self.mix, self.head = nn.PixelShuffle(2), nn.Conv2d(16, 48, 3, padding=1), nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.shuffle(self.expand(torch.relu(self.down(x))))
+        return self.head(torch.relu(self.mix(torch.relu(h))).mean((2, 3)))
+
+
+def test_a_group_torch_pruning_maps_past_a_layer_is_kept_whole_and_the_rest_pruned(trained, tmp_path):
+    """The group of the conv before the pixel shuffle used to end in "cannot rank the units": it
+    is kept whole, the warning names it, the other groups meet the budget and the ONNX file matches."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = PixelShuffleNet().eval()
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.6), train=(x, y), allocation="uniform",
+                                repair=mc.RepairConfig(steps=0), guard=False)
+    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.6) <= 0.02 * 0.6
+    assert small.expand.out_channels == 64 and small.down.out_channels < 32
+    assert any("kept whole" in w and "'expand' (past 'mix')" in w for w in report.warnings)
+    mc.export_onnx(small, x[:1], tmp_path / "shuffle.onnx")
+    assert mc.verify(tmp_path / "shuffle.onnx", small, (x[:64], y[:64]))["max_rel_diff"] <= 1e-4
+
+
+class HandWrittenAttention(nn.Module):
+    """A patch embedding and one pre-norm attention block written by hand (timm style), declaring
+    through ``pruning_hints`` what the dependency graph cannot infer."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.patch, self.norm = nn.Conv2d(1, dim, 2, 2), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = torch.einsum("bhnd,bhmd->bhnm", q, k) * self.scale
+        x = x + self.proj(torch.einsum("bhnm,bhmd->bhnd", attn.softmax(-1), v).transpose(1, 2).reshape(b, n, -1))
+        return self.head((x + self.mlp(x)).mean(1))
+
+    def pruning_hints(self) -> dict:
+        return {"attention": [(self.qkv, self.proj, self.heads)], "frozen": [self.patch]}
+
+
+def test_hand_written_attention_compresses_with_pruning_hints(trained, tmp_path):
+    """Without hints torch-pruning maps the qkv rows past proj's width; with them (docs/library.md)
+    head dims and the MLP are pruned to the budget, and the ONNX file matches."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = HandWrittenAttention().eval()
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.6), train=(x, y), allocation="uniform",
+                                repair=mc.RepairConfig(steps=0), guard=False)
+    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.6) <= 0.02 * 0.6
+    assert small.qkv.out_features < 96 and small.qkv.out_features % 12 == 0 and small.patch.out_channels == 32
+    mc.export_onnx(small, x[:1], tmp_path / "attn.onnx")
+    assert mc.verify(tmp_path / "attn.onnx", small, (x[:64], y[:64]))["max_rel_diff"] <= 1e-4
+
+
 def test_recurrent_layers_are_refused_with_the_reason(trained):
     class Recurrent(nn.Module):
         def __init__(self) -> None:

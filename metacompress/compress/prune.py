@@ -123,8 +123,8 @@ class PruningSpace:
         # attention score/value matmuls scale with the head dims kept
         for qkv, _, _ in attention_blocks(model):
             name = next(n for n, m in modules.items() if m is qkv)
-            parent = name.rsplit(".", 1)[0]
-            own = per_module.get(parent, 0) - sum(per_module.get(f"{parent}.{c}", 0) for c, _ in
+            parent = name.rsplit(".", 1)[0] if "." in name else ""  # "": qkv is an attribute of the model itself
+            own = per_module.get(parent, 0) - sum(per_module.get(f"{parent}.{c}".lstrip("."), 0) for c, _ in
                                                   modules[parent].named_children())
             gi = out_of.get(name, -1)
             terms.append((own, 0, gi, -1))
@@ -244,7 +244,8 @@ class PruningSpace:
         rounded hardest, until the estimate is within half the tolerance. Off-grid widths (single
         units) are a fallback when the grid cannot meet the budget, unless ``grid_only``: a
         runtime that pads them gains nothing from them (a latency budget), so the nearest grid
-        allocation is returned instead.
+        allocation is returned instead. Where single units cannot meet it either, units are
+        traded between groups (``_polish``), away from the allocation's shape.
         """
         if not 0.0 < target <= 1.0:
             raise UserError(f"target must be in (0, 1], got {target}")
@@ -265,7 +266,7 @@ class PruningSpace:
                 hi = mid
         keep = self.keep_counts(ratio_fn(hi), fine)
         want = [g.channels * (1 - float(np.clip(r, 0, MAX_RATIO))) for r, g in zip(ratio_fn(hi), self.groups)]
-        keep = self._greedy_fix(keep, want, cost, target, tol, fine, polish=grid_only)
+        keep = self._greedy_fix(keep, want, cost, target, tol, fine)
         if abs(cost(keep) - target) > tol * target and not grid_only:
             # the rounding step is too coarse for this budget: refine with single units
             keep = self._greedy_fix(keep, want, cost, target, tol, fine=True, polish=True)
@@ -333,6 +334,8 @@ class PruningSpace:
         err = abs(cost(keep) - target)
         for _ in range(rounds):
             widths = [(i, w) for i, g in enumerate(self.groups) for w in self._widths(g, fine) if w != keep[i]]
+            if len(widths) > POLISH_CANDIDATES:  # wide models: single steps only
+                widths = self._moves(keep, fine)
             candidates = [_with(keep, a) for a in widths]
             pairs = [(a, b) for a in self._moves(keep, fine) for b in widths if a[0] != b[0]]
             if len(candidates) + len(pairs) <= POLISH_CANDIDATES:
@@ -347,6 +350,7 @@ class PruningSpace:
         return keep
 
     def _widths(self, g: Group, fine: bool) -> range:
+        """Every width group ``g`` may keep (its rounding steps, from its smallest to all)."""
         step = self.unit_step(g, fine)
         return range(self.min_keep(g, fine), g.channels + 1, step)
 
