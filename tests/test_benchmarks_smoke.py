@@ -75,6 +75,18 @@ def test_robustify_smoke(tmp_path):
     assert "| condition |" in out and "| plain+extra |" in out and "| robust, rate on validation |" in out
 
 
+def test_robustify_latency_smoke(tmp_path):
+    out = run_bench(tmp_path, "robustify_latency.py", "--model", "mlp", "--data", "digits", "--targets", "0.6",
+                    "--steps", "0", "--epochs", "2", "--robustify-steps", "2", "--workdir", str(tmp_path / "work"))
+    assert "(c) plain + extra training" in out and "| 0.6 | BN only |" in out
+
+
+def test_repair_rescue_smoke(tmp_path):
+    out = run_bench(tmp_path, "repair_rescue.py", "--models", "mlp", "--data", "digits", "--targets", "0.5",
+                    "--steps", "5")
+    assert "| mlp |" in out
+
+
 def test_distributed_smoke(tmp_path):
     out = run_bench(tmp_path, "distributed.py", "--quick")
     assert "policy ES, reward jobs/s" in out and "data-parallel repair" in out and "estimated ES efficiency" in out
