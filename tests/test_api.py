@@ -223,6 +223,20 @@ class NormNet(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
+def _uniform_to(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: float):
+    """``model`` compressed by the uniform rule to ``target`` kept MACs with BN recalibration only,
+    after checking that the pruned model's counted MACs meet the target within 2 %."""
+    small, report = mc.compress(model, x[:1], target=mc.MACs(target), train=(x, y), allocation="uniform",
+                                repair=mc.RepairConfig(steps=0), guard=False)
+    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - target) <= 0.02 * target
+    return small, report
+
+
+def _onnx_rel_diff(small: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path) -> float:
+    mc.export_onnx(small, x[:1], path)
+    return mc.verify(path, small, (x[:64], y[:64]))["max_rel_diff"]
+
+
 @pytest.mark.parametrize("norm", ["group", "instance"])
 def test_group_and_instance_norm_models_compress_and_round_trip(trained, tmp_path, norm):
     """A GroupNorm keeps its number of groups, so its width stays a multiple of it and every norm
@@ -234,9 +248,7 @@ def test_group_and_instance_norm_models_compress_and_round_trip(trained, tmp_pat
     torch.manual_seed(0)
     model = NormNet(layer).eval()
     dense_w = model.features[0].weight.detach().clone()
-    small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
-                                repair=mc.RepairConfig(steps=0), guard=False)
-    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
+    small, report = _uniform_to(model, x, y, 0.5)
     assert sum(report.kept.values()) < sum(report.channels.values())
     if norm == "group":
         norms = [m for m in small.modules() if isinstance(m, nn.GroupNorm)]
@@ -244,8 +256,7 @@ def test_group_and_instance_norm_models_compress_and_round_trip(trained, tmp_pat
         assert any(m.num_channels < 32 for m in norms[:1]) and all(len(m.weight) == m.num_channels for m in norms)
         kept = [i for i in range(32) if any(torch.equal(dense_w[i], w) for w in small.features[0].weight)]
         assert [sum(1 for i in kept if i // 8 == b) for b in range(4)] == [len(kept) // 4] * 4  # alike in each norm group
-    mc.export_onnx(small, x[:1], tmp_path / "norm.onnx")
-    assert mc.verify(tmp_path / "norm.onnx", small, (x[:64], y[:64]))["max_abs_diff"] <= 1e-4
+    assert _onnx_rel_diff(small, x, y, tmp_path / "norm.onnx") <= 1e-4
     mc.save(small, tmp_path / "norm.pt", x[:1])
     back, _ = mc.load_compressed(tmp_path / "norm.pt", NormNet(layer))
     assert torch.equal(back.eval()(x[:8]), small.eval()(x[:8]))
@@ -304,14 +315,10 @@ def test_a_group_torch_pruning_maps_past_a_layer_is_kept_whole_and_the_rest_prun
     _, train, _ = trained
     x, y = train.tensors
     torch.manual_seed(0)
-    model = PixelShuffleNet().eval()
-    small, report = mc.compress(model, x[:1], target=mc.MACs(0.6), train=(x, y), allocation="uniform",
-                                repair=mc.RepairConfig(steps=0), guard=False)
-    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.6) <= 0.02 * 0.6
+    small, report = _uniform_to(PixelShuffleNet().eval(), x, y, 0.6)
     assert small.expand.out_channels == 64 and small.down.out_channels < 32
     assert any("kept whole" in w and "'expand' (past 'mix')" in w for w in report.warnings)
-    mc.export_onnx(small, x[:1], tmp_path / "shuffle.onnx")
-    assert mc.verify(tmp_path / "shuffle.onnx", small, (x[:64], y[:64]))["max_rel_diff"] <= 1e-4
+    assert _onnx_rel_diff(small, x, y, tmp_path / "shuffle.onnx") <= 1e-4
 
 
 class HandWrittenAttention(nn.Module):
@@ -344,13 +351,9 @@ def test_hand_written_attention_compresses_with_pruning_hints(trained, tmp_path)
     _, train, _ = trained
     x, y = train.tensors
     torch.manual_seed(0)
-    model = HandWrittenAttention().eval()
-    small, report = mc.compress(model, x[:1], target=mc.MACs(0.6), train=(x, y), allocation="uniform",
-                                repair=mc.RepairConfig(steps=0), guard=False)
-    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.6) <= 0.02 * 0.6
+    small, _ = _uniform_to(HandWrittenAttention().eval(), x, y, 0.6)
     assert small.qkv.out_features < 96 and small.qkv.out_features % 12 == 0 and small.patch.out_channels == 32
-    mc.export_onnx(small, x[:1], tmp_path / "attn.onnx")
-    assert mc.verify(tmp_path / "attn.onnx", small, (x[:64], y[:64]))["max_rel_diff"] <= 1e-4
+    assert _onnx_rel_diff(small, x, y, tmp_path / "attn.onnx") <= 1e-4
 
 
 def test_recurrent_layers_are_refused_with_the_reason(trained):
