@@ -294,26 +294,27 @@ class PruningSpace:
         allocation nearest the target met on the way: the steps can cycle between two
         allocations on either side of it, and the last one is not the better."""
         keep = list(keep)
-        err = lambda k: abs(cost(k) - target)  # noqa: E731
-        best, seen = list(keep), {tuple(keep)}
+        err = abs(cost(keep) - target)
+        best, best_err, seen = list(keep), err, {tuple(keep)}
         for _ in range(10 * len(keep) + 100):
-            if err(keep) <= tol / 2 * target:
+            if err <= tol / 2 * target:
                 break
-            move = self._step_towards_want(keep, want, cost, target, tol, fine)
+            move = self._step_towards_want(keep, want, cost, target, tol, fine, grow=cost(keep) < target)
             if move is None:
                 break
             keep[move[0]] = move[1]
             if tuple(keep) in seen:
                 break
             seen.add(tuple(keep))
-            if err(keep) < err(best):
-                best = list(keep)
-        return self._polish(best, cost, target, fine) if polish and err(best) > tol * target else best
+            err = abs(cost(keep) - target)
+            if err < best_err:
+                best, best_err = list(keep), err
+        return self._polish(best, cost, target, fine) if polish and best_err > tol * target else best
 
-    def _step_towards_want(self, keep, want, cost, target, tol, fine: bool) -> tuple[int, int] | None:
-        """(group, new width): one rounding step towards the target in the group whose width is
-        furthest from the continuous allocation ``want`` on that side."""
-        grow = cost(keep) < target
+    def _step_towards_want(self, keep, want, cost, target, tol, fine: bool, grow: bool) -> tuple[int, int] | None:
+        """(group, new width): one rounding step up (``grow``) or down in the group whose width is
+        furthest from the continuous allocation ``want`` on that side; a step up may not overshoot
+        the target by more than ``tol``."""
         best, best_gap = None, None
         for i, g in enumerate(self.groups):
             step = self.unit_step(g, fine)
