@@ -24,10 +24,14 @@ Choices, in the spirit of slimmable / once-for-all training:
   re-scored every outer step), so the channels trained to be dropped are the ones that will be.
 
 Dense accuracy floor: the dense model is re-checked on the validation split (after BatchNorm
-recalibration, since masked passes disturb the running statistics) ``checks`` times along the run;
-the result is the last checked state that is at most ``max_drop`` below the given model. If none
-is, the given weights come back unchanged with a warning: robustify never returns a worse dense
-model.
+recalibration, since masked passes disturb the running statistics) ``checks`` times along the run.
+If the last check is more than ``max_drop`` below the given model, the final weights are first
+pulled back towards the given model's function (``restore_steps`` SGD steps of the dense task
+alone, checked ``restore_checks`` times): the sub-network tasks drift the dense model by a few
+validation images, and throwing the later outer steps away for that costs far more robustness
+than a few dense steps do. If no restore check passes either, the result is the last checked state
+within the floor, and if there is none, the given weights come back unchanged with a warning:
+robustify never returns a worse dense model.
 
 ``compress`` knows nothing of the policy: allocations are callables ``budget -> units kept per
 group`` passed in (the pipeline wires the meta-learned policy and the fixed rules).
@@ -78,6 +82,8 @@ class RobustConfig:
     perturb: float = 0.5        # std of the log-normal noise on the allocation's per-group ratios
     max_drop: float = 0.005     # the dense validation accuracy may fall at most this much
     checks: int = 10            # dense-accuracy checks along the run (the last safe state is kept)
+    restore_steps: int = 30     # dense-only SGD steps (at ``inner_lr``) that may bring a final state back over the floor
+    restore_checks: int = 3     # dense-accuracy checks along those steps
     bn_samples: int = 2048
 
     def validate(self) -> "RobustConfig":
@@ -98,6 +104,8 @@ class RobustConfig:
             raise UserError(f"dense weight must be in [0, 1), got {self.dense_weight:g}")
         if self.batch_size < 2 or self.checks < 1 or self.perturb < 0 or self.max_drop < 0:
             raise UserError("batch size must be >= 2, checks >= 1, perturb and max_drop >= 0")
+        if self.restore_steps < 0 or self.restore_checks < 1:
+            raise UserError("restore steps must be >= 0 and restore checks >= 1")
         return self
 
 
@@ -128,6 +136,7 @@ class RobustResult:
     seconds: float
     checks: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    restored_by: int = 0        # dense-only steps that brought the final state back over the floor (0: none needed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,6 +223,7 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
         return data.x_train[idx], data.y_train[idx], teacher_logits[idx]
 
     check_at = {round(cfg.steps * (i + 1) / cfg.checks) for i in range(cfg.checks)}
+    floor = before - cfg.max_drop - 1e-9
     kept, checks = (0, given, before), []
     for step in track(range(1, cfg.steps + 1), "robustifying", total=cfg.steps) if progress else range(1, cfg.steps + 1):
         scores = unit_scores(model, space.groups, "magnitude", dg=dg)
@@ -224,22 +234,62 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
         reptile_step(opt, theta, {n: sum(wi * d[n] for wi, d in zip(w, deltas)) for n in theta})
         sched.step()
         if step in check_at:
-            recalibrate_bn(model, data.x_train, cfg.bn_samples, seed=seed)
-            acc = accuracy(model, data.x_val, data.y_val)
+            acc = _dense_accuracy(model, data, cfg, seed)
             checks.append({"step": step, "dense_val_accuracy": acc})
-            if acc >= before - cfg.max_drop - 1e-9:
+            if acc >= floor:
                 kept = (step, copy.deepcopy(model.state_dict()), acc)
+    spent, restored = 0, 0
+    if kept[0] != cfg.steps and cfg.restore_steps > 0:
+        spent, acc = _restore(model, batches, cfg, data, floor, seed, checks)
+        if acc is not None:
+            kept, restored = (cfg.steps, model.state_dict(), acc), spent
     load_state(model, kept[1])
     model.eval()
-    warnings = []
-    if kept[0] == 0:
-        seen = ", ".join(f"{c['dense_val_accuracy']:.4f}" for c in checks)
-        warnings.append(f"robustify lowered the dense validation accuracy by more than {cfg.max_drop:.3f} at every "
-                        f"check ({seen} vs {before:.4f}): "
-                        "the given weights are returned unchanged; try fewer steps, a narrower budget range or smaller "
-                        "learning rates")
-    elif kept[0] != cfg.steps:
-        warnings.append(f"the dense accuracy floor failed after step {kept[0]}: the state at step {kept[0]} is returned")
     return RobustResult(before, kept[2], kept[0], cfg.steps, cfg.tasks + 1,
-                        cfg.steps * (cfg.tasks + 1) * cfg.inner_steps, round(time.perf_counter() - t0, 2),
-                        checks, warnings)
+                        cfg.steps * (cfg.tasks + 1) * cfg.inner_steps + spent, round(time.perf_counter() - t0, 2),
+                        checks, _floor_warnings(kept[0], checks, before, cfg), restored)
+
+
+def _dense_accuracy(model: nn.Module, data: Dataset, cfg: RobustConfig, seed: int) -> float:
+    """Dense validation accuracy after BatchNorm recalibration (masked passes disturb the running
+    statistics)."""
+    recalibrate_bn(model, data.x_train, cfg.bn_samples, seed=seed)
+    return accuracy(model, data.x_val, data.y_val)
+
+
+def _restore(model: nn.Module, batches: Callable, cfg: RobustConfig, data: Dataset, floor: float, seed: int,
+             checks: list[dict]) -> tuple[int, float | None]:
+    """Dense-only distillation steps from the final weights, checked ``restore_checks`` times, until
+    the dense validation accuracy is back over ``floor``: (steps taken, that accuracy), or
+    (steps taken, None) with the model left wherever the steps took it if no check passed."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.inner_lr)
+    check_at = {round(cfg.restore_steps * (i + 1) / cfg.restore_checks) for i in range(cfg.restore_checks)}
+    for step in range(1, cfg.restore_steps + 1):
+        model.train()
+        x, y, t = batches()
+        loss = distill_loss(model(x), t, y, cfg.temperature, cfg.alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in check_at:
+            acc = _dense_accuracy(model, data, cfg, seed)
+            checks.append({"step": cfg.steps, "restore_step": step, "dense_val_accuracy": acc})
+            if acc >= floor:
+                return step, acc
+    return cfg.restore_steps, None
+
+
+def _floor_warnings(kept_step: int, checks: list[dict], before: float, cfg: RobustConfig) -> list[str]:
+    """What the dense accuracy floor did, if anything a user should know."""
+    if kept_step == 0:
+        seen = ", ".join(f"{c['dense_val_accuracy']:.4f}" for c in checks)
+        return [f"robustify lowered the dense validation accuracy by more than {cfg.max_drop:.3f} at every "
+                f"check ({seen} vs {before:.4f}): "
+                "the given weights are returned unchanged; try fewer steps, a narrower budget range or smaller "
+                "learning rates"]
+    if kept_step != cfg.steps:
+        restore = f", and {cfg.restore_steps} dense-only steps did not bring the last state back over it" \
+            if cfg.restore_steps else ""
+        return [f"the dense accuracy floor failed after step {kept_step}{restore}: the state at step {kept_step} "
+                "is returned"]
+    return []

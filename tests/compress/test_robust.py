@@ -151,6 +151,26 @@ def test_robustify_gives_back_the_given_weights_when_the_floor_fails(trained, di
         assert torch.equal(a, b), n
 
 
+def test_a_final_state_under_the_floor_is_restored_by_dense_steps_not_thrown_away(trained, digits):
+    dense = trained("mlp")
+    space = PruningSpace(dense, digits.x_train[:1], digits.num_classes, 8)
+    uniform = rule_allocation("uniform", space, dense, None)
+    allocations = [lambda b: space.project(uniform, b)]
+    cfg = dict(steps=6, outer_lr=4.0, checks=2)  # large outer steps: both checks fall under the floor
+    without = robustify(copy.deepcopy(dense), digits, space, allocations, RobustConfig(**cfg, restore_steps=0),
+                        progress=False)
+    assert without.kept_step == 0
+    model = copy.deepcopy(dense)
+    result = robustify(model, digits, space, allocations, RobustConfig(**cfg, restore_steps=60), progress=False)
+    outer = [c for c in result.checks if "restore_step" not in c]
+    assert all(c["dense_val_accuracy"] < result.dense_val_before - 0.005 for c in outer)
+    assert result.kept_step == 6 and 0 < result.restored_by <= 60 and not result.warnings
+    assert result.dense_val_after >= result.dense_val_before - 0.005
+    assert accuracy(model, digits.x_val, digits.y_val) == pytest.approx(result.dense_val_after)
+    assert result.forward_backward == without.forward_backward + result.restored_by
+    assert any(not torch.equal(a, b) for a, b in zip(dense.state_dict().values(), model.state_dict().values()))
+
+
 def test_compress_runs_robustify_as_a_stage():
     timer = Timer()
     cfg = CompressConfig(model="mlp", data="digits", weights="none", target_macs=0.3, allocation="uniform",
@@ -212,7 +232,8 @@ def test_bad_budget_ranges_are_refused(text, fragment):
 
 
 def test_bad_robust_settings_are_refused():
-    for bad in (dict(steps=0), dict(tasks=1), dict(dense_weight=1.0), dict(inner_lr=0.0)):
+    for bad in (dict(steps=0), dict(tasks=1), dict(dense_weight=1.0), dict(inner_lr=0.0), dict(restore_steps=-1),
+                dict(restore_checks=0)):
         with pytest.raises(UserError):
             RobustConfig(**bad).validate()
     assert parse_budgets("0.3") == (0.3, 0.3)
