@@ -25,7 +25,11 @@ Choices, in the spirit of slimmable / once-for-all training:
 
 Dense accuracy floor: the dense model is re-checked on the validation split (after BatchNorm
 recalibration, since masked passes disturb the running statistics) ``checks`` times along the run.
-If the last check is more than ``max_drop`` below the given model, the final weights are first
+The floor is a constraint, and a failed check answers it as a multiplier would: the dense task's
+share of the update rises halfway to 1 (at most ``dense_weight_max``) for the rest of the run, so
+the dense model is pulled back while the sub-networks keep training, where a fixed share lets it
+drift on and leaves only an early state to return.
+If the last check is more than ``max_drop`` below the given model, the final weights are then
 pulled back towards the given model's function (``restore_steps`` SGD steps of the dense task
 alone, checked ``restore_checks`` times): the sub-network tasks drift the dense model by a few
 validation images, and throwing the later outer steps away for that costs far more robustness
@@ -74,6 +78,7 @@ class RobustConfig:
     inner_steps: int = 3        # k repair steps per task
     tasks: int = 3              # sub-network tasks per outer step, smallest and largest budget included
     dense_weight: float = 0.5   # share of the dense model's own task in the outer update
+    dense_weight_max: float = 0.9  # each failed floor check raises that share halfway to 1, up to this
     inner_lr: float = 0.02      # SGD, the inner repair
     outer_lr: float = 1.0       # Reptile's epsilon (SGD on theta - phi), cosine decay over ``steps``
     temperature: float = 4.0
@@ -100,8 +105,9 @@ class RobustConfig:
             raise UserError(f"tasks per step must be >= 2 (the smallest and the largest budget), got {self.tasks}")
         if not (self.inner_lr > 0 and self.outer_lr > 0):
             raise UserError("learning rates must be > 0")
-        if not 0.0 <= self.dense_weight < 1.0:
-            raise UserError(f"dense weight must be in [0, 1), got {self.dense_weight:g}")
+        if not 0.0 <= self.dense_weight <= self.dense_weight_max < 1.0:
+            raise UserError(f"dense weights must satisfy 0 <= dense_weight <= dense_weight_max < 1, got "
+                            f"{self.dense_weight:g} and {self.dense_weight_max:g}")
         if self.batch_size < 2 or self.checks < 1 or self.perturb < 0 or self.max_drop < 0:
             raise UserError("batch size must be >= 2, checks >= 1, perturb and max_drop >= 0")
         if self.restore_steps < 0 or self.restore_checks < 1:
@@ -224,13 +230,13 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
 
     check_at = {round(cfg.steps * (i + 1) / cfg.checks) for i in range(cfg.checks)}
     floor = before - cfg.max_drop - 1e-9
-    kept, checks = (0, given, before), []
+    kept, checks, dense_w = (0, given, before), [], cfg.dense_weight
     for step in track(range(1, cfg.steps + 1), "robustifying", total=cfg.steps) if progress else range(1, cfg.steps + 1):
         scores = unit_scores(model, space.groups, "magnitude", dg=dg)
         tasks = [masks.param_masks(masks.unit_masks(keep, scores)) for _, keep in sampler.draw()]
         model.train()
         deltas = [_inner(model, theta, m, batches, cfg) for m in [{}] + tasks]  # the dense model is a task too
-        w = [cfg.dense_weight] + [(1 - cfg.dense_weight) / len(tasks)] * len(tasks)
+        w = [dense_w] + [(1 - dense_w) / len(tasks)] * len(tasks)
         reptile_step(opt, theta, {n: sum(wi * d[n] for wi, d in zip(w, deltas)) for n in theta})
         sched.step()
         if step in check_at:
@@ -238,6 +244,8 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
             checks.append({"step": step, "dense_val_accuracy": acc})
             if acc >= floor:
                 kept = (step, copy.deepcopy(model.state_dict()), acc)
+            else:
+                dense_w = min(cfg.dense_weight_max, dense_w + (1 - dense_w) / 2)
     spent, restored = 0, 0
     if kept[0] != cfg.steps and cfg.restore_steps > 0:
         spent, acc = _restore(model, batches, cfg, data, floor, seed, checks)
