@@ -25,17 +25,15 @@ Choices, in the spirit of slimmable / once-for-all training:
 
 Dense accuracy floor: the dense model is re-checked on the validation split (after BatchNorm
 recalibration, since masked passes disturb the running statistics) ``checks`` times along the run.
-The floor is a constraint, and a failed check answers it as a multiplier would: the dense task's
-share of the update rises halfway to 1 (at most ``dense_weight_max``) for the rest of the run, so
-the dense model is pulled back while the sub-networks keep training, where a fixed share lets it
-drift on and leaves only an early state to return.
-If the last check is more than ``max_drop`` below the given model, the final weights are then
-pulled back towards the given model's function (``restore_steps`` SGD steps of the dense task
-alone, checked ``restore_checks`` times): the sub-network tasks drift the dense model by a few
-validation images, and throwing the later outer steps away for that costs far more robustness
-than a few dense steps do. If no restore check passes either, the result is the last checked state
-within the floor, and if there is none, the given weights come back unchanged with a warning:
-robustify never returns a worse dense model.
+A check more than ``max_drop`` below the given model is answered at once with dense-only
+distillation steps from the given model (up to ``restore_steps``, checked ``restore_checks``
+times) until the accuracy is back over the floor, and the run continues from there: the
+sub-network tasks drift the dense model by a few validation images, and a few dense steps bring
+it back at little cost to what the outer steps gave the sub-networks. Without them the run would
+drift on and the floor could only return an early state; raising the dense task's share of the
+update after a failed check instead cost the sub-networks more (BENCHMARKS.md). The result is
+the last checked state within the floor; if there is none, the given weights come back unchanged
+with a warning: robustify never returns a worse dense model.
 
 ``compress`` knows nothing of the policy: allocations are callables ``budget -> units kept per
 group`` passed in (the pipeline wires the meta-learned policy and the fixed rules).
@@ -78,7 +76,6 @@ class RobustConfig:
     inner_steps: int = 3        # k repair steps per task
     tasks: int = 3              # sub-network tasks per outer step, smallest and largest budget included
     dense_weight: float = 0.5   # share of the dense model's own task in the outer update
-    dense_weight_max: float = 0.9  # each failed floor check raises that share halfway to 1, up to this
     inner_lr: float = 0.02      # SGD, the inner repair
     outer_lr: float = 1.0       # Reptile's epsilon (SGD on theta - phi), cosine decay over ``steps``
     temperature: float = 4.0
@@ -87,7 +84,7 @@ class RobustConfig:
     perturb: float = 0.5        # std of the log-normal noise on the allocation's per-group ratios
     max_drop: float = 0.005     # the dense validation accuracy may fall at most this much
     checks: int = 10            # dense-accuracy checks along the run (the last safe state is kept)
-    restore_steps: int = 30     # dense-only SGD steps (at ``inner_lr``) that may bring a final state back over the floor
+    restore_steps: int = 30     # at most this many dense-only SGD steps (``inner_lr``) after a failed check
     restore_checks: int = 3     # dense-accuracy checks along those steps
     bn_samples: int = 2048
 
@@ -105,9 +102,8 @@ class RobustConfig:
             raise UserError(f"tasks per step must be >= 2 (the smallest and the largest budget), got {self.tasks}")
         if not (self.inner_lr > 0 and self.outer_lr > 0):
             raise UserError("learning rates must be > 0")
-        if not 0.0 <= self.dense_weight <= self.dense_weight_max < 1.0:
-            raise UserError(f"dense weights must satisfy 0 <= dense_weight <= dense_weight_max < 1, got "
-                            f"{self.dense_weight:g} and {self.dense_weight_max:g}")
+        if not 0.0 <= self.dense_weight < 1.0:
+            raise UserError(f"dense weight must be in [0, 1), got {self.dense_weight:g}")
         if self.batch_size < 2 or self.checks < 1 or self.perturb < 0 or self.max_drop < 0:
             raise UserError("batch size must be >= 2, checks >= 1, perturb and max_drop >= 0")
         if self.restore_steps < 0 or self.restore_checks < 1:
@@ -142,7 +138,7 @@ class RobustResult:
     seconds: float
     checks: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    restored_by: int = 0        # dense-only steps that brought the final state back over the floor (0: none needed)
+    restored_by: int = 0        # dense-only steps that brought failed checks back over the floor (0: none needed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,27 +226,24 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
 
     check_at = {round(cfg.steps * (i + 1) / cfg.checks) for i in range(cfg.checks)}
     floor = before - cfg.max_drop - 1e-9
-    kept, checks, dense_w = (0, given, before), [], cfg.dense_weight
+    kept, checks, spent, restored = (0, given, before), [], 0, 0
     for step in track(range(1, cfg.steps + 1), "robustifying", total=cfg.steps) if progress else range(1, cfg.steps + 1):
         scores = unit_scores(model, space.groups, "magnitude", dg=dg)
         tasks = [masks.param_masks(masks.unit_masks(keep, scores)) for _, keep in sampler.draw()]
         model.train()
         deltas = [_inner(model, theta, m, batches, cfg) for m in [{}] + tasks]  # the dense model is a task too
-        w = [dense_w] + [(1 - dense_w) / len(tasks)] * len(tasks)
+        w = [cfg.dense_weight] + [(1 - cfg.dense_weight) / len(tasks)] * len(tasks)
         reptile_step(opt, theta, {n: sum(wi * d[n] for wi, d in zip(w, deltas)) for n in theta})
         sched.step()
         if step in check_at:
             acc = _dense_accuracy(model, data, cfg, seed)
             checks.append({"step": step, "dense_val_accuracy": acc})
+            if acc < floor and cfg.restore_steps > 0:
+                taken, back = _restore(model, batches, cfg, data, floor, seed, checks, step)
+                spent, restored = spent + taken, restored + (taken if back is not None else 0)
+                acc = back if back is not None else acc
             if acc >= floor:
                 kept = (step, copy.deepcopy(model.state_dict()), acc)
-            else:
-                dense_w = min(cfg.dense_weight_max, dense_w + (1 - dense_w) / 2)
-    spent, restored = 0, 0
-    if kept[0] != cfg.steps and cfg.restore_steps > 0:
-        spent, acc = _restore(model, batches, cfg, data, floor, seed, checks)
-        if acc is not None:
-            kept, restored = (cfg.steps, model.state_dict(), acc), spent
     load_state(model, kept[1])
     model.eval()
     return RobustResult(before, kept[2], kept[0], cfg.steps, cfg.tasks + 1,
@@ -266,10 +259,10 @@ def _dense_accuracy(model: nn.Module, data: Dataset, cfg: RobustConfig, seed: in
 
 
 def _restore(model: nn.Module, batches: Callable, cfg: RobustConfig, data: Dataset, floor: float, seed: int,
-             checks: list[dict]) -> tuple[int, float | None]:
-    """Dense-only distillation steps from the final weights, checked ``restore_checks`` times, until
-    the dense validation accuracy is back over ``floor``: (steps taken, that accuracy), or
-    (steps taken, None) with the model left wherever the steps took it if no check passed."""
+             checks: list[dict], at_step: int) -> tuple[int, float | None]:
+    """Dense-only distillation steps after the failed check at outer step ``at_step``, checked
+    ``restore_checks`` times, until the dense validation accuracy is back over ``floor``: (steps
+    taken, that accuracy), or (steps taken, None) with the model left where the steps took it."""
     opt = torch.optim.SGD(model.parameters(), lr=cfg.inner_lr)
     check_at = {round(cfg.restore_steps * (i + 1) / cfg.restore_checks) for i in range(cfg.restore_checks)}
     for step in range(1, cfg.restore_steps + 1):
@@ -281,7 +274,7 @@ def _restore(model: nn.Module, batches: Callable, cfg: RobustConfig, data: Datas
         opt.step()
         if step in check_at:
             acc = _dense_accuracy(model, data, cfg, seed)
-            checks.append({"step": cfg.steps, "restore_step": step, "dense_val_accuracy": acc})
+            checks.append({"step": at_step, "restore_step": step, "dense_val_accuracy": acc})
             if acc >= floor:
                 return step, acc
     return cfg.restore_steps, None
@@ -296,8 +289,7 @@ def _floor_warnings(kept_step: int, checks: list[dict], before: float, cfg: Robu
                 "the given weights are returned unchanged; try fewer steps, a narrower budget range or smaller "
                 "learning rates"]
     if kept_step != cfg.steps:
-        restore = f", and {cfg.restore_steps} dense-only steps did not bring the last state back over it" \
-            if cfg.restore_steps else ""
+        restore = f" ({cfg.restore_steps} dense-only steps did not bring it back)" if cfg.restore_steps else ""
         return [f"the dense accuracy floor failed after step {kept_step}{restore}: the state at step {kept_step} "
                 "is returned"]
     return []
