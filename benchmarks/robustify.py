@@ -44,6 +44,15 @@ REGIMES = {"bn": RepairConfig(steps=0), "20 steps": RepairConfig(steps=20),
            "50 steps, 10/class": RepairConfig(steps=50, samples_per_class=10)}
 
 
+def train_extra(model, data, batches: int, seed: int) -> tuple[int, int]:
+    """Condition (c): ``model`` trained further in place with plain cross-entropy (Adam 1e-3,
+    batches of 64) for about ``batches`` batches, in whole epochs; returns (epochs, batches)."""
+    per_epoch = math.ceil(len(data.x_train) / 64)
+    epochs = max(1, round(batches / per_epoch))
+    train_dense(model, data, epochs=epochs, lr=1e-3, seed=seed, progress=False)
+    return epochs, epochs * per_epoch
+
+
 def pruned_accuracies(model, space, ratio_fn, data, seed: int, regimes: dict, choose_rate: bool = False) -> dict:
     """Test accuracy after pruning to each budget and repairing in each regime (``choose_rate``:
     step regimes as ``compress --robustify`` repairs, at two rates with the better kept on validation)."""
@@ -92,10 +101,8 @@ def main() -> None:
     robust_s = time.perf_counter() - t0
 
     extra = copy.deepcopy(plain)  # (c): the same number of batches of plain training
-    batches_per_epoch = math.ceil(len(data.x_train) / 64)
-    extra_epochs = max(1, round(info.forward_backward / batches_per_epoch))
     t0 = time.perf_counter()
-    train_dense(extra, data, epochs=extra_epochs, lr=1e-3, seed=args.seed + 1, progress=False)
+    extra_epochs, extra_batches = train_extra(extra, data, info.forward_backward, seed=args.seed + 1)
     extra_s = time.perf_counter() - t0
 
     regimes = REGIMES | ({"150 steps": RepairConfig()} if args.full_repair else {})
@@ -110,13 +117,13 @@ def main() -> None:
             robust, space, uniform, data, args.seed, {k: v for k, v in regimes.items() if " lr " not in k}, True)}
     result = {"model": args.model, "data": args.data, "seed": args.seed, "dense_epochs": epochs, "overrides": overrides,
               "robustify": info.to_dict() | {"wall_s": round(robust_s, 1)},
-              "extra_training": {"epochs": extra_epochs, "batches": extra_epochs * batches_per_epoch,
+              "extra_training": {"epochs": extra_epochs, "batches": extra_batches,
                                  "wall_s": round(extra_s, 1)},
               "test_accuracy": rows}
     print(json.dumps(result))
     keys = list(rows["plain"])
     print(f"\n{args.model} on {args.data}: robustify {steps} steps, {info.forward_backward} batches, {robust_s:.0f} s; "
-          f"extra plain training {extra_epochs * batches_per_epoch} batches")
+          f"extra plain training {extra_batches} batches")
     print("| condition | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for name, r in rows.items():

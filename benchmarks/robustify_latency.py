@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -28,9 +27,11 @@ import torch
 
 os.environ.setdefault("METACOMPRESS_PROGRESS", "0")
 
+from robustify import train_extra  # noqa: E402  (benchmarks/robustify.py: condition (c) as the MACs benchmark trains it)
+
 from metacompress.data import load_dataset  # noqa: E402
 from metacompress.pipeline import load_dense  # noqa: E402
-from metacompress.training import accuracy, train_dense  # noqa: E402
+from metacompress.training import accuracy  # noqa: E402
 
 CLI = [sys.executable, "-m", "metacompress"]
 
@@ -59,8 +60,7 @@ def extra_trained(model: str, data_spec: str, dense: Path, batches: int, out: Pa
     torch.set_num_threads(os.cpu_count() or 1)
     data = load_dataset(data_spec)
     net = load_dense(model, data, str(dense), seed=0)
-    epochs = max(1, round(batches / math.ceil(len(data.x_train) / 64)))
-    train_dense(net, data, epochs=epochs, lr=1e-3, seed=1, progress=False)
+    epochs, _ = train_extra(net, data, batches, seed=1)
     torch.save(net.state_dict(), out)
     print(f"(c): {epochs} extra epochs; dense test accuracy {accuracy(net, data.x_test, data.y_test):.4f}", flush=True)
     return out

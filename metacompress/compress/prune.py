@@ -294,19 +294,21 @@ class PruningSpace:
         allocation nearest the target met on the way: the steps can cycle between two
         allocations on either side of it, and the last one is not the better."""
         keep = list(keep)
-        err = abs(cost(keep) - target)
+        now = cost(keep)
+        err = abs(now - target)
         best, best_err, seen = list(keep), err, {tuple(keep)}
         for _ in range(10 * len(keep) + 100):
             if err <= tol / 2 * target:
                 break
-            move = self._step_towards_want(keep, want, cost, target, tol, fine, grow=cost(keep) < target)
+            move = self._step_towards_want(keep, want, cost, target, tol, fine, grow=now < target)
             if move is None:
                 break
             keep[move[0]] = move[1]
             if tuple(keep) in seen:
                 break
             seen.add(tuple(keep))
-            err = abs(cost(keep) - target)
+            now = cost(keep)
+            err = abs(now - target)
             if err < best_err:
                 best, best_err = list(keep), err
         return self._polish(best, cost, target, fine) if polish and best_err > tol * target else best
