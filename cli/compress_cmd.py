@@ -178,6 +178,9 @@ def _render_inspect(r: dict) -> None:
         g.add_row(str(i), grp["name"], grp["kind"], str(grp["channels"]), str(grp["step"]),
                   str(len(grp["out_layers"]) + len(grp["in_layers"])))
     console.print(g)
+    for grp in r["groups"]:
+        if grp["kept_whole"]:
+            console.print(f"kept whole: '{grp['name']}' ({grp['kept_whole']})")
     t = table(title="layers")
     for col in ("layer", "type", "MACs", "params"):
         t.add_column(col)

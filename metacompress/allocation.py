@@ -112,10 +112,10 @@ def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], bu
     torch-pruning cannot map them, a budget that whole units cannot meet within the tolerance,
     the groups ``off`` the rounding grid (which cost speed; ``space.off_grid(keep)``), and a
     latency target missed as measured or below the floor."""
-    mismapped = [f"'{g.name}' (past '{g.mismapped}')" for g in space.groups if g.mismapped]
-    out = [f"{len(mismapped)} group(s) kept whole, since torch-pruning maps their units past a layer's width: "
-           f"{', '.join(mismapped[:3])}{', ...' if len(mismapped) > 3 else ''}; the other groups meet the budget"
-           ] if mismapped else []
+    unsafe = [f"'{g.name}' ({g.unsafe})" for g in space.groups if g.unsafe]
+    out = [f"{len(unsafe)} group(s) kept whole, since pruning them cannot be trusted: "
+           f"{', '.join(unsafe[:3])}{', ...' if len(unsafe) > 3 else ''}; the other groups meet the budget"
+           ] if unsafe else []
     if budget.latency is not None:
         return out + budget.latency.warnings_for(keep)
     kept = space.kept_fraction(keep, budget.cost)

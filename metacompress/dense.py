@@ -75,7 +75,8 @@ def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round
         "model": spec, "data": data_spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
         "macs": macs.get("", 0), "params": count_params(model), "round_to": round_to,
         "groups": [{"name": g.name, "kind": g.kind, "channels": g.channels, "step": g.step, "heads": g.heads,
-                    "residual": g.residual, "out_layers": g.out_layers, "in_layers": g.in_layers} for g in groups],
+                    "residual": g.residual, "out_layers": g.out_layers, "in_layers": g.in_layers,
+                    "kept_whole": g.unsafe} for g in groups],
         "layers": layers,
     }
     if latency:

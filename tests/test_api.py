@@ -262,6 +262,28 @@ def test_group_and_instance_norm_models_compress_and_round_trip(trained, tmp_pat
     assert torch.equal(back.eval()(x[:8]), small.eval()(x[:8]))
 
 
+def test_a_per_channel_group_norm_loses_any_channel_and_normalises_the_rest_as_before(trained, tmp_path):
+    """``GroupNorm(C, C)`` (an affine instance norm) used to keep every channel: its units were
+    coupled to each other. Now its ``num_groups`` shrinks with its channels, so the kept channels
+    see exactly the statistics they saw in the dense model; the width survives ``mc.save``."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = NormNet(lambda c: nn.GroupNorm(c, c)).eval()
+    dense_w = model.features[0].weight.detach()
+    small, _ = _uniform_to(model, x, y, 0.5)
+    norms = [m for m in small.modules() if isinstance(m, nn.GroupNorm)]
+    assert all(m.num_groups == m.num_channels == len(m.weight) for m in norms) and norms[0].num_channels < 32
+    kept = [i for i in range(32) if any(torch.equal(dense_w[i], w) for w in small.features[0].weight)]
+    assert len(kept) == norms[0].num_channels
+    with torch.no_grad():
+        assert torch.allclose(small.features[:2](x[:16]), model.features[:2](x[:16])[:, kept], atol=1e-5)
+    assert _onnx_rel_diff(small, x, y, tmp_path / "gn.onnx") <= 1e-4
+    mc.save(small, tmp_path / "gn.pt", x[:1])
+    back, _ = mc.load_compressed(tmp_path / "gn.pt", NormNet(lambda c: nn.GroupNorm(c, c)))
+    assert torch.equal(back.eval()(x[:8]), small.eval()(x[:8]))
+
+
 class ShuffleNet(nn.Module):
     """Grouped convs with a channel shuffle between them, written in one of the ways users write it."""
 
@@ -317,8 +339,61 @@ def test_a_group_torch_pruning_maps_past_a_layer_is_kept_whole_and_the_rest_prun
     torch.manual_seed(0)
     small, report = _uniform_to(PixelShuffleNet().eval(), x, y, 0.6)
     assert small.expand.out_channels == 64 and small.down.out_channels < 32
-    assert any("kept whole" in w and "'expand' (past 'mix')" in w for w in report.warnings)
+    why = "'expand' (torch-pruning maps its units past the width of 'mix')"
+    assert any("kept whole" in w and why in w for w in report.warnings)
     assert _onnx_rel_diff(small, x, y, tmp_path / "shuffle.onnx") <= 1e-4
+
+
+class ScaledChannels(nn.Module):
+    """Fixed per-channel scales kept as buffers: the dependency graph does not see that they share
+    a conv's output width, so removing one of its channels breaks the forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(32, 48, 3, padding=1), nn.Conv2d(48, 48, 3, padding=1)
+        self.head = nn.Linear(48, 10)
+        self.register_buffer("s1", torch.linspace(0.5, 1.5, 32))
+        self.register_buffer("s3", torch.linspace(1.5, 0.5, 48))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x)) * self.s1[:, None, None]))
+        h = torch.relu(self.c3(h)) * self.s3[:, None, None]
+        return self.head(torch.relu(self.c4(h)).mean((2, 3)))
+
+
+def test_groups_whose_removal_breaks_the_forward_pass_are_kept_whole_and_the_rest_pruned(trained, tmp_path):
+    """Such models stopped with "pruning gave a model that cannot run". A copy with one unit of
+    every group removed is run first; the groups that break it (two of four here, found by
+    halving) are kept whole with the reason, and the other two meet the budget."""
+    from metacompress.compress.groups import discover_groups
+
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = ScaledChannels().eval()
+    unsafe = {g.name: g.unsafe for g in discover_groups(model, x[:1], 10) if g.unsafe}
+    assert sorted(unsafe) == ["c1", "c3"]
+    assert all(why.startswith("removing its units breaks the forward pass: The size of tensor a") for why in unsafe.values())
+    small, report = _uniform_to(model, x, y, 0.6)
+    assert small.c1.out_channels == 32 and small.c3.out_channels == 48
+    assert small.c2.out_channels < 32 and small.c4.out_channels < 48
+    assert any("2 group(s) kept whole" in w and "'c1' (removing its units breaks" in w for w in report.warnings)
+    assert _onnx_rel_diff(small, x, y, tmp_path / "scaled.onnx") <= 1e-4
+
+
+def test_a_layer_torch_pruning_cannot_resize_is_kept_whole(trained):
+    """A weight-normalised conv (a parametrized weight) made torch-pruning raise mid-pruning; its
+    group is now kept whole with that reason, and the rest of the model meets the budget."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 32, 3, padding=1)), nn.ReLU(),
+                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    small, report = _uniform_to(model, x, y, 0.5)
+    assert small[0].out_channels == 32 and small[2].out_channels < 64
+    assert any("'0' (torch-pruning cannot remove its units" in w for w in report.warnings)
 
 
 class HandWrittenAttention(nn.Module):
@@ -425,7 +500,7 @@ class ConcatFlattened(nn.Module):
 
 
 @pytest.mark.parametrize("model,reason", [(PaddedShortcutOnly, "'down' .torch-pruning maps its units past the width of 'stem'"),
-                                          (ConcatFlattened, "pruning gave a model that cannot run")])
+                                          (ConcatFlattened, "'b' .removing its units breaks the forward pass: mat1 and mat2")])
 def test_constructs_torch_pruning_maps_wrongly_are_one_line_errors(trained, model, reason):
     _, train, _ = trained
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ _SHAPE_ATTRS = {
     nn.Linear: ("in_features", "out_features"),
     nn.modules.batchnorm._NormBase: ("num_features",),  # BatchNorm and InstanceNorm
     nn.LayerNorm: ("normalized_shape",),
-    nn.GroupNorm: ("num_channels",),
+    nn.GroupNorm: ("num_groups", "num_channels"),
 }
 
 

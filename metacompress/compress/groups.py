@@ -19,11 +19,19 @@ kept indices of conv group 0 (``ConvPruner.prune_in_channels``), which is only r
 conv group loses the same in-group offsets. A group that touches such a conv therefore carries
 ``conv_groups`` G and a ``quantum`` (kept units are always a multiple of it): ``apply`` drops
 the same offsets in each of the G conv groups, so ``groups`` stays valid and the slicing exact.
-A GroupNorm is handled alike: its norm groups are G blocks of equal width.
+A GroupNorm is handled alike: its norm groups are G blocks of equal width (one with a single
+channel per norm group, ``GroupNorm(C, C)``, shrinks its ``num_groups`` with its channels instead).
+
+torch-pruning does not see everything a forward pass does with a width: a per-channel buffer, a
+head count or width written as a constant in a hand-written attention. ``discover_groups``
+therefore removes one unit of every group from a copy of the model and runs it; a group whose
+removal breaks the forward pass (found by halving) is kept whole, with the reason, and the
+others are pruned.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import warnings
@@ -35,7 +43,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning.pruner.function import BasePruningFunc
 
-from metacompress.errors import UserError
+from metacompress.errors import UserError, first_line
 
 KINDS = ("conv", "depthwise", "linear", "attention")
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # pruned by channel, whatever the spatial rank
@@ -104,7 +112,7 @@ class Group:
     conv_groups: int = 1      # G: units form G equal conv groups, pruned at the same offsets in each
     quantum: int = 1          # kept units are always a multiple of this (even when rounding falls back)
     partial: dict[str, float] = field(default_factory=dict)  # "out:/in:/norm:" + layer -> share of its width
-    mismapped: str = ""       # a layer torch-pruning maps the group's units past the end of: the group is kept whole
+    unsafe: str = ""          # why removing its units cannot be trusted (kept whole; see ``discover_groups``)
     extra: dict = field(default_factory=dict)
 
 
@@ -252,20 +260,41 @@ def refuse_unsupported(model: nn.Module, example: torch.Tensor) -> None:
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     model.eval()
     refuse_unsupported(model, example)
     try:
-        with warnings.catch_warnings():
-            # plain parameters (class tokens, layer scales) follow their last non-singleton axis,
-            # which is the channel axis in the models it occurs in; the warning would only alarm
-            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters"),
-                customized_pruners={t: _KeptWhole() for t in _opaque_types()},
-            )
+        return _trace(model, example)
     except Exception as exc:
         raise pruning_error("cannot trace the model for pruning", exc) from None
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model`` (in eval mode), with our handlers of opaque
+    blocks and per-channel GroupNorms."""
+    hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
+    with warnings.catch_warnings():
+        # plain parameters (class tokens, layer scales) follow their last non-singleton axis,
+        # which is the channel axis in the models it occurs in; the warning would only alarm
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters"),
+            customized_pruners={nn.GroupNorm: _GroupNormPruner(), **{t: _KeptWhole() for t in _opaque_types()}},
+        )
+
+
+class _GroupNormPruner(tp.pruner.function.GroupNormPruner):
+    """torch-pruning's GroupNorm handler keeps ``num_groups``; a GroupNorm with one channel per
+    norm group (``GroupNorm(C, C)``, an affine instance norm) keeps one group per channel instead,
+    so any channel can go and the remaining ones are normalised exactly as before."""
+
+    def prune_out_channels(self, layer: nn.GroupNorm, idxs) -> nn.Module:
+        per_channel = layer.num_groups == layer.num_channels
+        super().prune_out_channels(layer, idxs)
+        if per_channel:
+            layer.num_groups = layer.num_channels
+        return layer
+
+    prune_in_channels = prune_out_channels
 
 
 def fixed_width_layers(model: nn.Module) -> list[nn.Module]:
@@ -310,7 +339,8 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
                 _note_partial(partial, f"norm:{names[mod]}", idxs, norm_width(mod))
         conv_groups, quantum = _conv_grouping(g, root, dg)
         mismapped = "" if root in attn else _mismapped(g, dg, names)
-        if root not in attn and (mismapped or _self_coupled(dg, root)):
+        unsafe = f"torch-pruning maps its units past the width of '{mismapped}'" if mismapped else ""
+        if root not in attn and (unsafe or _self_coupled(dg, root)):
             quantum = _width(root, out=True)
         if root in attn:
             proj, heads = attn[root]
@@ -328,10 +358,94 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
             kind, kernel, stride, channels = "linear", 1, 1, root.out_features
         groups.append(Group(names[root], channels, kind, outs, ins, norms, step=_step(channels, round_to, quantum),
                             kernel=kernel, stride=stride, residual=len(outs) > 1, conv_groups=conv_groups,
-                            quantum=quantum, partial=partial, mismapped=mismapped))
+                            quantum=quantum, partial=partial, unsafe=unsafe))
     if not groups:
         raise UserError("the model has no prunable groups (no conv or linear layer besides the classifier)")
+    for g, why in _breaking(model, example, [g for g in groups if g.kind != "attention" and g.quantum < g.channels]):
+        g.unsafe, g.quantum, g.step = why, g.channels, g.channels
     return groups
+
+
+def _breaking(model: nn.Module, example: torch.Tensor, groups: list[Group]) -> list[tuple[Group, str]]:
+    """The groups whose removal of one unit (one per conv group) from a copy of ``model`` makes the
+    copy fail, or change its output's shape, and why. One trial when all pass; otherwise halving
+    finds the culprits, and a group that fails only together with others is found one by one."""
+    if not groups:
+        return []
+    expected = _shapes(_run(model, example))
+    cache: dict[tuple[str, ...], str] = {}
+
+    def trial(subset: list[Group]) -> str:
+        key = tuple(g.name for g in subset)
+        if key not in cache:
+            cache[key] = _trial(model, example, subset, expected)
+        return cache[key]
+
+    if not trial(groups):
+        return []
+    found = _halve(trial, groups)
+    bad = {g.name for g, _ in found}
+    kept = [g for g in groups if g.name not in bad]
+    if kept and trial(kept):
+        accepted: list[Group] = []
+        for g in kept:
+            why = trial(accepted + [g])
+            if why:
+                found.append((g, why))
+            else:
+                accepted.append(g)
+    return found
+
+
+def _halve(trial, groups: list[Group]) -> list[tuple[Group, str]]:
+    why = trial(groups)
+    if not why:
+        return []
+    if len(groups) == 1:
+        return [(groups[0], why)]
+    mid = len(groups) // 2
+    return _halve(trial, groups[:mid]) + _halve(trial, groups[mid:])
+
+
+def _trial(model: nn.Module, example: torch.Tensor, groups: list[Group], expected) -> str:
+    """Why a copy of ``model`` with one unit of each of ``groups`` removed fails to run as before ("" if it runs)."""
+    copied = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch-pruning's and the model's own warnings on a throwaway copy
+        try:
+            dg = _trace(copied, example)
+            modules = dict(copied.named_modules())
+            for g in groups:
+                root, width = modules[g.name], g.channels // g.conv_groups
+                idxs = [b * width for b in range(g.conv_groups)]
+                dg.get_pruning_group(root, out_channel_pruner(root), idxs=idxs).prune()
+        except Exception as exc:  # a layer torch-pruning cannot resize (a parametrized weight, ...)
+            return f"torch-pruning cannot remove its units: {first_line(exc)}"
+        try:
+            shapes = _shapes(_run(copied, example))
+        except Exception as exc:  # whatever the pruned copy raises is the reason
+            return f"removing its units breaks the forward pass: {first_line(exc)}"
+    return "" if shapes == expected else f"removing its units changes the output's shape to {shapes}"
+
+
+@torch.no_grad()
+def _run(model: nn.Module, example: torch.Tensor):
+    was_training = model.training
+    try:
+        return model.eval()(example[:1])
+    finally:
+        model.train(was_training)
+
+
+def _shapes(out) -> object:
+    """The shapes of a forward pass's tensors (outputs may be tuples, lists or dicts)."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, dict):
+        return {k: _shapes(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [_shapes(v) for v in out]
+    return None
 
 
 def _step(channels: int, round_to: int, quantum: int = 1) -> int:
@@ -387,13 +501,14 @@ def _self_coupled(dg: tp.DependencyGraph, root: nn.Module) -> bool:
 
 def _channel_blocks(mod: nn.Module, out: bool) -> tuple[int, int]:
     """(G, width) of a layer whose channels form G equal blocks that pruning must keep equal: a
-    grouped, non-depthwise conv, or a GroupNorm (torch-pruning keeps its ``num_groups``, so its
-    width must stay a multiple of it, and each norm group should lose alike); else (1, width).
+    grouped, non-depthwise conv, or a GroupNorm of several channels per norm group (its
+    ``num_groups`` is kept, so its width must stay a multiple of it, and each norm group should
+    lose alike); else (1, width).
     Depthwise convs (groups == out_channels) are coupled input-to-output by torch-pruning and
     shrink ``groups`` with their channels instead."""
     if is_conv(mod) and mod.groups > 1 and mod.groups != mod.out_channels:
         return mod.groups, mod.out_channels if out else mod.in_channels
-    if isinstance(mod, nn.GroupNorm) and mod.num_groups > 1:
+    if isinstance(mod, nn.GroupNorm) and 1 < mod.num_groups < mod.num_channels:
         return mod.num_groups, mod.num_channels
     return 1, 0
 

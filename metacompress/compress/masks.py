@@ -55,7 +55,7 @@ class ChannelMasks:
         self.sites: list[list[MaskSite]] = []
         for g in space.groups:
             root = modules[g.name]
-            if g.mismapped:  # kept whole: never masked
+            if g.unsafe:  # kept whole: never masked
                 self.sites.append([])
             elif g.kind == "attention":
                 proj, heads = attn[id(root)]

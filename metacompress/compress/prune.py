@@ -467,8 +467,8 @@ def _with(keep: list[int], *changes: tuple[int, int]) -> list[int]:
 
 def _why_whole(g: Group) -> str:
     """Why group ``g`` is never pruned, in a few words."""
-    if g.mismapped:
-        return f"torch-pruning maps its units past the width of '{g.mismapped}'"
+    if g.unsafe:
+        return g.unsafe
     if g.channels == 1:
         return "1 unit"
     if g.quantum >= g.channels:

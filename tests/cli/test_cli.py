@@ -122,6 +122,29 @@ def test_inspect_lists_groups(tmp_path):
     assert sum(layer["macs"] for layer in info["layers"]) == info["macs"]
 
 
+def test_inspect_names_the_groups_kept_whole_and_why(tmp_path):
+    """A user model whose hidden width is also a buffer's length: removing a hidden unit breaks its
+    forward pass, so that group is kept whole, and ``inspect`` says so (JSON and table)."""
+    (tmp_path / "scaled.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "class Scaled(nn.Module):\n"
+        "    def __init__(self, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b, self.c = nn.Linear(64, 48), nn.Linear(48, 32), nn.Linear(32, num_classes)\n"
+        "        self.register_buffer('scale', torch.linspace(0.5, 1.5, 48))\n"
+        "    def forward(self, x):\n"
+        "        return self.c(torch.relu(self.b(torch.relu(self.a(x.flatten(1))) * self.scale)))\n"
+        "def build(num_classes):\n"
+        "    return Scaled(num_classes)\n")
+    spec = f"{tmp_path / 'scaled.py'}:build"
+    res = run("inspect", spec, "--data", "digits", "--json")
+    assert res.returncode == 0, res.stderr
+    whole = {g["name"]: g["kept_whole"] for g in json.loads(res.stdout)["groups"]}
+    assert whole["b"] == "" and whole["a"].startswith("removing its units breaks the forward pass: The size of tensor a")
+    res = run("inspect", spec, "--data", "digits")
+    assert res.returncode == 0 and "kept whole: 'a' (removing its units breaks the forward pass" in " ".join(res.stdout.split())
+
+
 def test_policy_commands_bad_input(tmp_path):
     assert_user_error(run("policy", "train", "--config", tmp_path / "none.yaml"), "recipe not found")
     (tmp_path / "r.yaml").write_text("teachers: []\nbogus: 1\n")
