@@ -13,7 +13,7 @@ from torch import nn
 
 from metacompress.data import Dataset
 from metacompress.meta import data_parallel
-from metacompress.progress import track
+from metacompress.progress import batched, track
 
 
 def seed_everything(seed: int) -> None:
@@ -63,7 +63,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) ->
     was = model.training
     model.eval()
     with convolution_layout(model, x.shape[1:]) as laid_out:
-        out = [model(laid_out(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
+        out = [model(laid_out(x[i:i + batch_size])) for i in batched(len(x), batch_size, "evaluating")]
     model.train(was)
     return torch.cat(out) if out else x[:0]
 

@@ -21,6 +21,7 @@ from torch import nn
 from metacompress.data.lazy import LazySamples, Samples
 from metacompress.errors import UserError
 from metacompress.io import require_file
+from metacompress.progress import batched
 
 MAX_ONNX_BYTES = 2**31  # protobuf's limit for one file; larger models keep their weights as external data
 
@@ -126,7 +127,8 @@ def run_batched(session: ort.InferenceSession, x: Any, batch_size: int = 256) ->
     """Logits of ``x`` (an array, a tensor or lazy samples) from ``session``, ``batch_size``
     samples per call (bounded memory)."""
     name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: _float32(x[i:i + batch_size])})[0] for i in range(0, len(x), batch_size)]
+    outs = [session.run(None, {name: _float32(x[i:i + batch_size])})[0]
+            for i in batched(len(x), batch_size, "evaluating in onnxruntime")]
     return np.concatenate(outs, axis=0)
 
 
