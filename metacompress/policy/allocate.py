@@ -60,7 +60,8 @@ def latency_decision(told: Callable[..., Decision], model: nn.Module, space: Pru
     first = told(target, budget.cost)
     first_keep = tuple(lat.predicted_keep(first.ratio_fn()))
     kept = space.kept_fraction(first_keep, "macs")
-    contexts = np.geomspace(max(0.02, kept / 2), max(target, kept), LATENCY_CONTEXTS)
+    lowest = max(0.02, kept / 2, space.floor("macs"))  # the experts allocate no lower than pruning reaches
+    contexts = np.geomspace(lowest, max(target, kept, lowest), LATENCY_CONTEXTS)
     candidates = {first_keep: first} | {tuple(lat.predicted_keep(d.ratio_fn())): d for d in map(told, contexts)}
     scores = unit_scores(model, space.groups, "magnitude", example=space.example)
     best = min(candidates, key=lambda keep: allocation_loss(model, space, keep, calib, scores))

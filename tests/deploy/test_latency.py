@@ -360,6 +360,49 @@ def test_policy_on_a_latency_budget_is_told_the_macs_fraction_it_keeps(cnn, monk
     assert kept_macs < 0.5 and told[-1] == pytest.approx(kept_macs, abs=0.03)
 
 
+class BufferScaled(nn.Module):
+    """Per-channel buffers on the first two convs' outputs: their groups are kept whole, so
+    pruning cannot go below about a third of the MACs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1)
+        self.c3, self.head = nn.Conv2d(64, 64, 3, padding=1), nn.Linear(64, 10)
+        self.register_buffer("s1", torch.linspace(0.5, 1.5, 32))
+        self.register_buffer("s2", torch.linspace(1.5, 0.5, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x)) * self.s1[:, None, None])) * self.s2[:, None, None]
+        return self.head(torch.relu(self.c3(h)).mean((2, 3)))
+
+
+def test_policy_on_a_latency_budget_is_never_asked_below_the_floor(digits):
+    """The policy is asked at MACs fractions down to half of what its first answer keeps; on a
+    model whose floor is above that, the experts it reads used to stop the run with "target macs
+    0.25 is unreachable". The fractions now start at the floor, and the budget is met."""
+    from metacompress.policy import allocate
+    from metacompress.policy.store import load_policy
+
+    torch.manual_seed(0)
+    model = BufferScaled().eval()
+    space = PruningSpace(model, torch.randn(1, 1, 16, 16), 10, round_to=16)
+    floor = space.floor("macs")
+    assert 0.25 < floor < 0.45
+    lt = _target((model, space), 0.5, lambda p: p)
+    told = []
+    real_decide = allocate.decide
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(allocate, "decide", lambda theta, f, b, *a: told.append(b) or real_decide(theta, f, b, *a))
+    try:
+        x = torch.nn.functional.interpolate(digits.x_train[:64], size=(16, 16))
+        keep, _ = allocate.policy_allocation(load_policy(None), model, space, (x, digits.y_train[:64]),
+                                             Budget("latency", 0.5, lt.model, lt), RepairConfig(steps=20))
+    finally:
+        monkeypatch.undo()
+    assert min(told) >= floor - 1e-9 and len(set(told)) > 2
+    assert abs(lt.measure(keep) / 0.5 - 1) <= LATENCY_TOL
+
+
 def test_a_compressed_model_that_is_not_faster_is_warned_about():
     from metacompress.report import not_faster_warnings
 
