@@ -17,7 +17,9 @@ def robustify(
     weights: Optional[str] = typer.Option(None, "--weights", help="Dense state dict (.pt). Omit to train first."),
     data: str = typer.Option("digits", "--data", help="Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, idx:DIR, ..."),
     budgets: str = typer.Option("0.15-0.7", "--budgets", help="Range of kept MACs fractions the sub-networks are trained for."),
-    steps: int = typer.Option(RobustConfig.steps, "--steps", help="Outer (Reptile) steps."),
+    steps: int = typer.Option(RobustConfig.steps, "--steps",
+                              help="Outer (Reptile) steps, each (tasks + 1) x inner-steps training batches; "
+                                   "small models keep gaining from more (BENCHMARKS.md)."),
     inner_steps: int = typer.Option(RobustConfig.inner_steps, "--inner-steps", help="Repair steps per task (k)."),
     tasks: int = typer.Option(RobustConfig.tasks, "--tasks",
                               help="Sub-networks per outer step (smallest and largest budget included)."),

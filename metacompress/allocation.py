@@ -109,7 +109,7 @@ def _adapt(policy, cfg: CompressConfig, prep: Prepared, target: float, inputs: t
 
 def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], budget: Budget) -> list[str]:
     """What an allocation hides that a user deploying it should know: groups kept whole because
-    torch-pruning cannot map them, a budget that whole units cannot meet within the tolerance,
+    pruning them cannot be trusted (``Group.unsafe``), a budget that whole units cannot meet within the tolerance,
     the groups ``off`` the rounding grid (which cost speed; ``space.off_grid(keep)``), and a
     latency target missed as measured or below the floor."""
     unsafe = [f"'{g.name}' ({g.unsafe})" for g in space.groups if g.unsafe]
