@@ -27,6 +27,9 @@ def robustify(
         ["meta", "uniform"], "--allocation",
         help="Allocations the tasks draw from (repeat): meta, uniform, global-magnitude, global-taylor, lamp."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Policy folder for --allocation meta (default: shipped)."),
+    max_drop: float = typer.Option(RobustConfig.max_drop, "--max-drop",
+                                   help="Largest fall of the dense validation accuracy allowed (0.005: half a point); "
+                                        "on a small validation split one image can weigh more than that."),
     round_to: str = typer.Option("auto", "--round-to",
                                  help="Keep channel counts multiples of this; auto: the runtime's channel block."),
     out: str = typer.Option(..., "--out", help="Where to write the robust state dict (.pt)."),
@@ -34,11 +37,12 @@ def robustify(
     seed: int = SEED_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Meta-train MODEL so that it prunes well at any budget in --budgets (dense accuracy kept within 0.5 point)."""
+    """Meta-train MODEL so that it prunes well at any budget in --budgets (dense accuracy kept within --max-drop)."""
     from metacompress.compress.robust import parse_budgets
     from metacompress.dense import robustify_and_save
 
-    rc = RobustConfig(budgets=parse_budgets(budgets), steps=steps, inner_steps=inner_steps, tasks=tasks)
+    rc = RobustConfig(budgets=parse_budgets(budgets), steps=steps, inner_steps=inner_steps, tasks=tasks,
+                      max_drop=max_drop)
     result = robustify_and_save(model, data, weights, out, rc, allocation, policy, round_to, seed, trust_pickle)
     emit(result, as_json, _render)
 

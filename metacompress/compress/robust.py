@@ -248,7 +248,7 @@ def robustify(model: nn.Module, data: Dataset, space: PruningSpace, allocations:
     model.eval()
     return RobustResult(before, kept[2], kept[0], cfg.steps, cfg.tasks + 1,
                         cfg.steps * (cfg.tasks + 1) * cfg.inner_steps + spent, round(time.perf_counter() - t0, 2),
-                        checks, _floor_warnings(kept[0], checks, before, cfg), restored)
+                        checks, _floor_warnings(kept[0], checks, before, cfg, len(data.y_val)), restored)
 
 
 def _dense_accuracy(model: nn.Module, data: Dataset, cfg: RobustConfig, seed: int) -> float:
@@ -280,14 +280,16 @@ def _restore(model: nn.Module, batches: Callable, cfg: RobustConfig, data: Datas
     return cfg.restore_steps, None
 
 
-def _floor_warnings(kept_step: int, checks: list[dict], before: float, cfg: RobustConfig) -> list[str]:
+def _floor_warnings(kept_step: int, checks: list[dict], before: float, cfg: RobustConfig, n_val: int) -> list[str]:
     """What the dense accuracy floor did, if anything a user should know."""
     if kept_step == 0:
         seen = ", ".join(f"{c['dense_val_accuracy']:.4f}" for c in checks)
+        image = (f"; one of the {n_val} validation images is {1 / n_val:.4f}, more than the floor allows "
+                 "(--max-drop sets it)") if n_val and 1 / n_val > cfg.max_drop else ""
         return [f"robustify lowered the dense validation accuracy by more than {cfg.max_drop:.3f} at every "
                 f"check ({seen} vs {before:.4f}): "
                 "the given weights are returned unchanged; try fewer steps, a narrower budget range or smaller "
-                "learning rates"]
+                f"learning rates{image}"]
     if kept_step != cfg.steps:
         restore = f" ({cfg.restore_steps} dense-only steps did not bring it back)" if cfg.restore_steps else ""
         return [f"the dense accuracy floor failed after step {kept_step}{restore}: the state at step {kept_step} "

@@ -146,6 +146,7 @@ def test_robustify_gives_back_the_given_weights_when_the_floor_fails(trained, di
     cfg = RobustConfig(steps=4, inner_lr=0.5, outer_lr=30.0, checks=2)  # steps this large wreck the dense model
     result = robustify(model, digits, space, [lambda b: space.project(uniform, b)], cfg, progress=False)
     assert result.kept_step == 0 and "unchanged" in result.warnings[0]
+    assert "one of the 144 validation images is 0.0069" in result.warnings[0]  # finer than one image: said so
     assert all(c["dense_val_accuracy"] < result.dense_val_before - 0.005 for c in result.checks)
     for (n, a), b in zip(dense.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), n
@@ -249,6 +250,7 @@ def test_bad_robust_settings_are_refused():
     (("--budgets", "0-0.5"), "(0, 1]"),
     (("--budgets", "0.2-1.5"), "(0, 1]"),
     (("--inner-steps", "0"), "inner steps must be >= 1"),
+    (("--max-drop", "-0.1"), "max_drop >= 0"),
 ])
 def test_robustify_cli_bad_input_exits_2(tmp_path, args, fragment):
     out = tmp_path / "robust.pt"
