@@ -73,6 +73,9 @@ def compress(
     quantize: str = typer.Option("none", "--quantize", help="Also write int8 model.int8.onnx: auto, static, dynamic, none."),
     out: str = typer.Option(..., "--out", help="Output folder for model.onnx, model.pt and report.json."),
     epochs: int = typer.Option(30, "--train-epochs", min=1, help="Epochs when the dense model is trained first."),
+    test_samples: Optional[int] = typer.Option(
+        None, "--test-samples", help="Report test accuracies on N test samples spread evenly over the test split "
+                                     "(default: all; on a big split of large images evaluation is most of a run)."),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help=TRUST_PICKLE_HELP),
     robustify: bool = typer.Option(False, "--robustify", help="First make the dense model prune-robust (see "
                                    "robustify); its repair then also runs at a tenth of the learning rate and the "
@@ -93,6 +96,7 @@ def compress(
         repair=RepairConfig(steps=repair_steps, samples_per_class=samples_per_class, **overrides),
         repair_overrides=tuple(overrides),
         students=students, quantize=quantize, train_epochs=epochs, trust_pickle=trust_pickle, seed=seed, out=out,
+        test_samples=test_samples,
         robustify=RobustConfig(steps=robustify_steps) if robustify else None,
     )
     _join_ranks()

@@ -110,6 +110,7 @@ class CompressConfig:
     latency_seconds: float = 3.0        # at least this long timing each batch size (interleaved rounds)
     latency_max_seconds: float = 30.0   # at most about this long per batch size (fewer rounds on big models)
     trust_pickle: bool = False
+    test_samples: int | None = None     # report test accuracies on this many test samples, spread evenly (None: all)
     robustify: RobustConfig | None = None  # prune-robust meta-training of the dense model before allocating
 
     def budget(self) -> BudgetSpec:
@@ -191,8 +192,12 @@ def prepare(cfg: CompressConfig, timer: Timer | None = None) -> Prepared:
     timer = timer or Timer()
     spec = cfg.budget()
     round_to = resolve_round_to(cfg.round_to, cfg.provider)  # a bad --round-to or --provider fails before any work
+    if cfg.test_samples is not None and cfg.test_samples < 1:
+        raise UserError(f"--test-samples must be at least 1, got {cfg.test_samples}")
     with timer.stage("load"):
         data = load_data(cfg.data, cfg.model)
+        if cfg.test_samples is not None:
+            data = data.test_subset(cfg.test_samples)
         dense = load_dense(cfg.model, data, cfg.weights, cfg.seed, cfg.train_epochs, cfg.trust_pickle, for_pruning=True)
     return prepare_model(dense, data, spec, round_to, timer, cfg.dynamo)
 

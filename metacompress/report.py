@@ -44,6 +44,7 @@ def compress_report(cfg: "CompressConfig", c: "Compressed", r: dict[str, Any]) -
         "onnx": {"max_abs_diff": ver["max_abs_diff"], "max_rel_diff": ver["max_rel_diff"],
                  "parity_samples": ver["parity_samples"], "top1_agreement": ver["top1_agreement"], "opset": exp["opset"],
                  "exporter": exp["exporter"], "dense_max_abs_diff": r["dense_verify"]["max_abs_diff"]},
+        "test_samples": ver["samples"],
         "groups": [{"name": g.name, "kind": g.kind, "channels": g.channels, "kept": k, "on_grid": g.name not in off}
                    for g, k in zip(prep.space.groups, c.keep)],
         "repair": c.repair.to_dict(),

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from metacompress.data import load_dataset
 from metacompress.zoo import build_model
 from tests.helpers import assert_user_error, run
 
@@ -33,6 +34,22 @@ def test_compress_json_report_and_outputs(tmp_path, mlp_weights):
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.pt", "report.json"]
 
 
+def test_test_samples_bound_the_reported_accuracies(tmp_path, mlp_weights):
+    """--test-samples N: the accuracies and the ONNX check count N test samples, not the whole split."""
+    res = run("compress", "mlp", "--data", "digits", "--weights", mlp_weights, "--target-macs", "0.5",
+              "--allocation", "uniform", "--repair-steps", "0", "--test-samples", "90", "--out", tmp_path / "o", "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["test_samples"] == 90 and report["onnx"]["parity_samples"] == 90
+    assert report["compressed"]["accuracy_before_repair_samples"] == 90
+    from metacompress.pipeline import load_dense
+    from metacompress.training import accuracy
+
+    data = load_dataset("digits").test_subset(90)
+    dense = load_dense("mlp", data, str(mlp_weights))
+    assert report["dense"]["accuracy"] == pytest.approx(accuracy(dense, data.x_test, data.y_test))
+
+
 @pytest.mark.parametrize("args,fragments", [
     (["compress", "nosuch", "--target-macs", "0.5"], ["unknown model 'nosuch'"]),
     (["compress", "mlp", "--data", "nosuch", "--target-macs", "0.5"], ["unknown data spec"]),
@@ -45,6 +62,8 @@ def test_compress_json_report_and_outputs(tmp_path, mlp_weights):
      ["needs image input"]),
     (["compress", "mlp", "--weights", "none", "--target-macs", "0.5", "--allocation", "best"],
      ["unknown allocation 'best'"]),
+    (["compress", "mlp", "--weights", "none", "--target-macs", "0.5", "--test-samples", "0"],
+     ["--test-samples must be at least 1"]),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, args, fragments):
     out = tmp_path / "out"

@@ -189,3 +189,20 @@ def test_idx_refuses_forged_and_broken_files(tmp_path):
         load_dataset(f"idx:{tmp_path / 'missing'}")
     with pytest.raises(UserError, match="malformed idx spec"):
         load_dataset(f"idx:{root}:n=many")
+
+
+def test_test_subset_spreads_evenly_over_a_sorted_split():
+    """Test splits are often sorted by class: the subset takes every class in proportion."""
+    from dataclasses import replace
+
+    d = load_dataset("digits")
+    order = torch.argsort(d.y_test, stable=True)
+    d = replace(d, x_test=d.x_test[order], y_test=d.y_test[order])
+    sub = d.test_subset(50)
+    assert len(sub.y_test) == len(sub.x_test) == 50
+    counts = torch.bincount(sub.y_test, minlength=10)
+    assert counts.min() >= 4 and counts.max() <= 6
+    assert torch.equal(sub.x_train, d.x_train) and torch.equal(sub.y_val, d.y_val)
+    assert d.test_subset(len(d.y_test) + 5) is d
+    with pytest.raises(UserError, match="at least 1"):
+        d.test_subset(0)
