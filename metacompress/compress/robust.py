@@ -285,7 +285,7 @@ def _floor_warnings(kept_step: int, checks: list[dict], before: float, cfg: Robu
     if kept_step == 0:
         seen = ", ".join(f"{c['dense_val_accuracy']:.4f}" for c in checks)
         image = (f"; one of the {n_val} validation images is {1 / n_val:.4f}, more than the floor allows "
-                 "(--max-drop sets it)") if n_val and 1 / n_val > cfg.max_drop else ""
+                 "(metacompress robustify --max-drop sets it)") if n_val and 1 / n_val > cfg.max_drop else ""
         return [f"robustify lowered the dense validation accuracy by more than {cfg.max_drop:.3f} at every "
                 f"check ({seen} vs {before:.4f}): "
                 "the given weights are returned unchanged; try fewer steps, a narrower budget range or smaller "
