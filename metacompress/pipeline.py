@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,7 +34,6 @@ from metacompress.compress.prune import PruningSpace
 from metacompress.compress.robust import RobustConfig
 from metacompress.compress.rules import RULES
 from metacompress.data import Dataset, data_paths, load_dataset
-from metacompress.data.lazy import take
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, state_dict_from, write_json
 from metacompress.meta import data_parallel, distributed
@@ -73,10 +71,9 @@ def check_samples(macs_per_sample: float, available: int, most: int | None = Non
 def accuracy_before_repair(student: nn.Module, data: Dataset) -> tuple[float, int]:
     """Test accuracy right after pruning, on an evenly spread subset where all of the test split
     would cost over CHECK_MACS (test splits may be sorted by class); and the samples it counts."""
-    n = len(data.y_test)
-    k = check_samples(count_macs(student, data.x_test[:1]), n)
-    index = np.linspace(0, n - 1, k).round().astype(np.int64)
-    return accuracy(student, take(data.x_test, index), data.y_test[index]), k
+    k = check_samples(count_macs(student, data.x_test[:1]), len(data.y_test))
+    spread = data.test_subset(k)
+    return accuracy(student, spread.x_test, spread.y_test), k
 
 
 @dataclass

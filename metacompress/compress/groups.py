@@ -372,7 +372,7 @@ def _breaking(model: nn.Module, example: torch.Tensor, groups: list[Group]) -> l
     finds the culprits, and a group that fails only together with others is found one by one."""
     if not groups:
         return []
-    expected = _shapes(_run(model, example))
+    expected = _shapes(run_one(model, example))
     cache: dict[tuple[str, ...], str] = {}
 
     def trial(subset: list[Group]) -> str:
@@ -422,14 +422,15 @@ def _trial(model: nn.Module, example: torch.Tensor, groups: list[Group], expecte
         except Exception as exc:  # a layer torch-pruning cannot resize (a parametrized weight, ...)
             return f"torch-pruning cannot remove its units: {first_line(exc)}"
         try:
-            shapes = _shapes(_run(copied, example))
+            shapes = _shapes(run_one(copied, example))
         except Exception as exc:  # whatever the pruned copy raises is the reason
             return f"removing its units breaks the forward pass: {first_line(exc)}"
     return "" if shapes == expected else f"removing its units changes the output's shape to {shapes}"
 
 
 @torch.no_grad()
-def _run(model: nn.Module, example: torch.Tensor):
+def run_one(model: nn.Module, example: torch.Tensor):
+    """One sample of ``example`` through ``model`` in eval mode, without gradients; its train/eval mode is restored."""
     was_training = model.training
     try:
         return model.eval()(example[:1])

@@ -33,6 +33,7 @@ from metacompress.compress.groups import (
     norm_width,
     out_channel_pruner,
     pruning_error,
+    run_one,
 )
 from metacompress.compress.importance import unit_scores
 from metacompress.compress.measure import count_macs, count_params, module_macs
@@ -405,17 +406,13 @@ class PruningSpace:
 def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
     """One sample through the pruned model: a width torch-pruning cut wrongly (through a construct
     whose channel mapping it does not follow) shows here as a one-line error, not later."""
-    was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(example[:1])
+        run_one(model, example)
     except Exception as exc:
         msg = first_line(exc)
         raise UserError(f"pruning gave a model that cannot run ({msg}): torch-pruning does not follow how some layers "
                         "of this model share channels (e.g. a per-channel buffer or constant, a width read from a tensor's "
                         "shape in forward, a concatenation flattened into a linear layer)") from None
-    finally:
-        model.train(was_training)
 
 
 def _layer_term(name: str, mod: nn.Module, macs: int, out_group: int, source) -> LayerTerm:
