@@ -344,6 +344,31 @@ def test_a_group_torch_pruning_maps_past_a_layer_is_kept_whole_and_the_rest_prun
     assert _onnx_rel_diff(small, x, y, tmp_path / "shuffle.onnx") <= 1e-4
 
 
+class ChannelMultiplier(nn.Module):
+    """A depthwise conv with a channel multiplier (16 groups, 2 outputs each), as in MobileNet v1
+    ports: torch-pruning cannot map its input channels onto its outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.dw = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1, groups=16)
+        self.pw, self.head = nn.Conv2d(32, 48, 1), nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.c1(x)))))).mean((2, 3)))
+
+
+def test_a_depthwise_conv_with_a_channel_multiplier_keeps_its_input_and_the_rest_is_pruned(trained, tmp_path):
+    """It stopped with "cannot rank the units of group 'c1'": that group has one unit (all its
+    channels), so it is not ranked; the multiplier conv loses whole channels of each conv group."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    small, report = _uniform_to(ChannelMultiplier().eval(), x, y, 0.6)
+    assert small.c1.out_channels == 16 and small.dw.groups == 16
+    assert small.dw.out_channels % 16 == 0 and small.pw.out_channels < 48
+    assert _onnx_rel_diff(small, x, y, tmp_path / "multiplier.onnx") <= 1e-4
+
+
 class ScaledChannels(nn.Module):
     """Fixed per-channel scales kept as buffers: the dependency graph does not see that they share
     a conv's output width, so removing one of its channels breaks the forward pass."""
