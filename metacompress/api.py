@@ -28,6 +28,7 @@ from metacompress.compress.measure import count_macs, count_params
 from metacompress.compress.robust import RobustConfig
 from metacompress.data.torchdata import DataLike, _pairs, from_torch
 from metacompress.errors import UserError, first_line
+from metacompress.logits import Key, as_classifier, forward_scores, logits_key, pick, restore_forward
 from metacompress.pipeline import CompressConfig, Compressed, Timer, compress_prepared, prepare_model
 
 _BUDGET_FIELDS = {"macs": "target_macs", "params": "target_params", "latency": "target_latency", "ms": "target_ms"}
@@ -64,7 +65,8 @@ def _example(example_inputs: torch.Tensor | tuple) -> torch.Tensor:
     return x.float()
 
 
-def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
+def _num_outputs(model: nn.Module, example: torch.Tensor) -> tuple[int, Key]:
+    """The number of classes ``model`` scores, and where its forward's output holds the scores."""
     try:
         with torch.no_grad():
             out = model(example[:1])
@@ -72,10 +74,12 @@ def _num_outputs(model: nn.Module, example: torch.Tensor) -> int:
         msg = first_line(exc)
         raise UserError(f"the model cannot run on float32 inputs of shape {tuple(example.shape[1:])} (the data's "
                         f"samples are fed as float32; integer inputs such as token ids are not supported): {msg}") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+    key = logits_key(out)
+    scores = pick(out, key)
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise UserError(f"the model must return (N, classes) class scores; got "
-                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    return int(out.shape[1])
+                        f"{tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__}")
+    return int(scores.shape[1]), key
 
 
 def _config(model: nn.Module, spec: BudgetSpec, repair: RepairConfig | None, **options: Any) -> CompressConfig:
@@ -98,6 +102,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, *, target: BudgetSp
              round_to: int | str = "auto", policy: str | None = None, robustify: RobustConfig | None = None,
              seed: int = 0) -> tuple[nn.Module, CompressionReport]:
     """Prune ``model`` (left untouched) to ``target`` and repair it by distillation from itself.
+    Its forward returns the class scores, or a tuple, dict or output object holding them
+    (``metacompress.logits``); the returned model's forward returns the same form.
 
     ``target``: ``MACs(f)``, ``Params(f)``, ``Latency(f, batch=...)``, ``Milliseconds(ms)`` or a
     bare MACs fraction. ``train``/``val``/``test``: torch Datasets or DataLoaders of (input,
@@ -120,7 +126,9 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, *, target: BudgetSp
                   policy=policy, seed=seed, robustify=robustify)
     torch.manual_seed(seed)
     dense = copy.deepcopy(model).eval()
-    data = from_torch(train, val, test, num_classes=_num_outputs(dense, example), seed=seed)
+    classes, key = _num_outputs(dense, example)
+    forward_scores(dense, key)  # a dict, output object or tuple: compression sees the scores only
+    data = from_torch(train, val, test, num_classes=classes, seed=seed)
     if tuple(example.shape[1:]) != data.input_shape:
         raise UserError(f"example_inputs samples {tuple(example.shape[1:])} differ from the data's {data.input_shape}")
     refuse_unsupported(dense, example[:1])
@@ -131,7 +139,8 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, *, target: BudgetSp
     finally:
         if prep.budget.latency is not None:
             prep.budget.latency.close()
-    return c.student, _report(c, spec, timer)
+    report = _report(c, spec, timer)
+    return (c.student if key is None else restore_forward(c.student)), report
 
 
 def _report(c: Compressed, spec: BudgetSpec, timer: Timer) -> CompressionReport:
@@ -165,7 +174,8 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     from metacompress.deploy.export import export_onnx as export
     from metacompress.deploy.simplify import simplify_onnx
 
-    info = export(model, _example(example_inputs), path, dynamo=dynamo)
+    example = _example(example_inputs)
+    info = export(as_classifier(model, example), example, path, dynamo=dynamo)
     if simplify:
         info.update(simplify_onnx(path, path))
     return info
@@ -181,7 +191,7 @@ def verify(path: str | os.PathLike, model: nn.Module | None, data: DataLike) -> 
     from metacompress.deploy.verify import verify_onnx
 
     x, y = _pairs(data, "data")
-    return verify_onnx(path, model, x, y)
+    return verify_onnx(path, None if model is None else as_classifier(model, x[:1].float()), x, y)
 
 
 def save(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor) -> None:
@@ -193,7 +203,7 @@ def save(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor
     """
     example = _example(example_inputs)
     save_compressed(path, model, USER_MODULE + type(model).__name__, tuple(example.shape[1:]),
-                    _num_outputs(model.eval(), example))
+                    _num_outputs(model.eval(), example)[0])
 
 
 __all__ = ["CompressionReport", "compress", "export_onnx", "load_compressed", "save", "verify"]

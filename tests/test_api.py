@@ -106,6 +106,57 @@ def test_bad_arguments_are_user_errors(trained):
                     train=(tokens, torch.randint(0, 10, (64,))))
 
 
+class ScoresAndFeatures(nn.Module):
+    """A user's model whose forward returns more than the class scores, in one of three forms."""
+
+    class Output(dict):  # a dict whose fields read as attributes, as Hugging Face's ModelOutput
+        __getattr__ = dict.__getitem__
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                      nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor):
+        f = self.features(x).mean((2, 3))
+        if self.form == "tuple":
+            return self.head(f), f
+        return {"logits": self.head(f), "features": f} if self.form == "dict" else self.Output(logits=self.head(f))
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict", "output object"])
+def test_a_model_that_returns_more_than_its_scores_compresses_and_keeps_its_forward(trained, tmp_path, form):
+    """Scores in a tuple's first place, under a dict's 'logits' or in an output object's ``logits``
+    field: the budget is met on them, the compressed model returns the user's form, and the ONNX
+    file (scores only) and a reloaded checkpoint match it."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    small, report = _uniform_to(ScoresAndFeatures(form).eval(), x, y, 0.5)
+    out = small(x[:4])
+    scores = out[0] if form == "tuple" else out["logits"]
+    assert isinstance(out, type(ScoresAndFeatures(form)(x[:4]))) and scores.shape == (4, 10)
+    assert report.kept["features.0"] < 32
+    assert _onnx_rel_diff(small, x, y, tmp_path / "scores.onnx") <= 1e-4
+    mc.save(small, tmp_path / "scores.pt", x[:1])
+    back, _ = mc.load_compressed(tmp_path / "scores.pt", ScoresAndFeatures(form))
+    again = back.eval()(x[:4])
+    assert torch.equal(again[0] if form == "tuple" else again["logits"], scores)
+
+
+def test_an_output_without_class_scores_is_a_user_error(trained):
+    _, train, _ = trained
+
+    class Features(ScoresAndFeatures):
+        def forward(self, x: torch.Tensor):
+            return {"features": self.features(x).mean((2, 3))}
+
+    with pytest.raises(mc.UserError, match="a dict or output object with 'logits'.*got dict"):
+        mc.compress(Features("dict"), train.tensors[0][:1], target=0.5, train=train)
+
+
 @pytest.mark.integration
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     """README's "Use from Python" block, run as written (small images keep it quick)."""
