@@ -60,6 +60,21 @@ def forward_scores(model: nn.Module, key: Key) -> nn.Module:
     return model
 
 
+def scores_only(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """``model`` made to return its scores (``forward_scores``) when its forward returns more; a
+    model that cannot run on ``input_shape`` samples is returned as it is, for the caller's
+    check to report."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *input_shape))
+        return forward_scores(model, logits_key(out))
+    except Exception:  # noqa: BLE001 - the forward check that follows names the problem
+        return model
+    finally:
+        model.train(training)
+
+
 def restore_forward(model: nn.Module) -> nn.Module:
     """Give ``model`` (a copy made from one that ``forward_scores`` changed) its class's forward back."""
     model.__dict__.pop("forward", None)

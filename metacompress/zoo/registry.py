@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from metacompress.errors import UserError, first_line
+from metacompress.logits import logits_key, pick, scores_only
 from metacompress.zoo import models as m
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {
@@ -122,7 +123,7 @@ def build_model(spec: str, input_shape, num_classes: int, mean: float = 0.0, std
         model = factory(**arguments)
         if not isinstance(model, nn.Module):
             raise UserError(f"factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
-        return model
+        return scores_only(model, input_shape)  # a tuple, dict or output object: its class scores
     known = ", ".join(BUILTIN)
     raise UserError(f"unknown model '{spec}': use one of {known}, torchvision:NAME, file.py:factory or module:factory")
 
@@ -136,6 +137,7 @@ def check_forward(model: nn.Module, sample: torch.Tensor, num_classes: int, spec
     except Exception as exc:
         msg = first_line(exc)
         raise UserError(f"{spec} cannot run on inputs of shape {tuple(sample.shape[1:])}: {msg}") from None
+    out = pick(out, logits_key(out))
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise UserError(f"{spec} gives outputs of shape {tuple(out.shape)}; expected (N, {num_classes}) class scores")
     if not torch.isfinite(out).all():

@@ -115,6 +115,37 @@ def test_user_model_factory_compresses(tmp_path):
     assert abs(json.loads(res.stdout)["achieved_params_ratio"] - 0.5) <= 0.01
 
 
+def test_user_factory_whose_model_returns_a_dict_compresses_and_round_trips(tmp_path):
+    """A forward returning {"logits": ..., "features": ...} stopped with an internal error; the
+    scores are read under 'logits', and model.pt rebuilds a model that matches model.onnx."""
+    (tmp_path / "dictnet.py").write_text(
+        "import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, num_classes):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.ReLU())\n"
+        "        self.head = nn.Linear(96, num_classes)\n"
+        "    def forward(self, x):\n"
+        "        f = self.body(x)\n"
+        "        return {'logits': self.head(f), 'features': f}\n"
+        "def build(num_classes):\n"
+        "    return Net(num_classes)\n")
+    out = tmp_path / "o"
+    res = run("compress", f"{tmp_path / 'dictnet.py'}:build", "--weights", "none", "--target-params", "0.5",
+              "--allocation", "uniform", "--repair-steps", "0", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    assert abs(json.loads(res.stdout)["achieved_params_ratio"] - 0.5) <= 0.01
+    res = run("verify", out / "model.onnx", "--reference", out / "model.pt", "--data", "digits", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["max_rel_diff"] <= 1e-5
+
+
+def test_user_factory_whose_model_returns_no_scores_is_refused(tmp_path):
+    spec = factory_spec(tmp_path, "num_classes", "nn.Flatten(), nn.Linear(64, num_classes), nn.Softmax(1), nn.Flatten(0)")
+    res = run("compress", spec, "--weights", "none", "--target-macs", "0.5", "--out", tmp_path / "o")
+    assert_user_error(res, "gives outputs of shape (20,); expected (N, 10) class scores")
+
+
 def test_user_factory_gets_the_data_normalisation_only_when_it_names_it(tmp_path):
     """The built-in models normalise their input with the data's mean and std; a factory that
     names them gets them too, and a ``**kwargs`` factory, which may pass them on, does not."""
