@@ -122,7 +122,7 @@ def check_labels(what: str, y: np.ndarray) -> np.ndarray:
     return y.astype(np.int64).ravel()
 
 
-def _split(x, y: np.ndarray, fraction: float, seed: int):
+def stratified_split(x, y: np.ndarray, fraction: float, seed: int):
     """Stratified split of arrays or lazy samples: the same seed always gives the same split."""
     from sklearn.model_selection import train_test_split
 
@@ -139,7 +139,7 @@ def make_dataset(name: str, x_tr, y_tr, x_te, y_te, num_classes: int | None = No
     stratified validation split is carved from train here, the same for every loader."""
     if len(x_tr) == 0 or len(x_te) == 0:
         raise UserError(f"{name}: needs training and test samples, got {len(x_tr)} and {len(x_te)}")
-    x_tr, x_va, y_tr, y_va = _split(x_tr, y_tr, VAL_FRACTION, seed=0)
+    x_tr, x_va, y_tr, y_va = stratified_split(x_tr, y_tr, VAL_FRACTION, seed=0)
 
     def t(a, dtype=torch.float32):
         return a if isinstance(a, LazySamples) else torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)
@@ -169,7 +169,7 @@ def _digits(size: int) -> Dataset:
     x = d.images.astype(np.float32)[:, None]  # N x 1 x 8 x 8, values 0..16
     if size != 8:
         x = _resize(x, size)
-    x_tr, x_te, y_tr, y_te = _split(x, d.target, TEST_FRACTION, seed=0)
+    x_tr, x_te, y_tr, y_te = stratified_split(x, d.target, TEST_FRACTION, seed=0)
     return make_dataset("digits" if size == 8 else f"digits@{size}", x_tr, y_tr, x_te, y_te, 10)
 
 
@@ -207,7 +207,7 @@ def _synthetic(arg: str) -> Dataset:
     if len(shape) == 3:
         x = F.avg_pool2d(x, 3, stride=1, padding=1) * 2.0
     x_np, y_np = x.numpy().astype(np.float32), y.numpy()
-    x_tr, x_te, y_tr, y_te = _split(x_np, y_np, TEST_FRACTION, seed=0)
+    x_tr, x_te, y_tr, y_te = stratified_split(x_np, y_np, TEST_FRACTION, seed=0)
     return make_dataset(f"synthetic:{arg}", x_tr, y_tr, x_te, y_te, classes)
 
 
@@ -240,7 +240,7 @@ def _idx(arg: str) -> Dataset:
     if n and n < len(x_tr):
         if n < 2 * classes:
             raise UserError(f"idx:{arg}: n={n} is too small for {classes} classes (at least {2 * classes})")
-        x_tr, _, y_tr, _ = _split(x_tr, y_tr, 1 - n / len(x_tr), seed=0)
+        x_tr, _, y_tr, _ = stratified_split(x_tr, y_tr, 1 - n / len(x_tr), seed=0)
     if size:
         check_size(f"idx:{arg}", len(x_tr) + len(x_te), (x_tr.shape[1], size, size))
         x_tr, x_te = _resize(x_tr, size), _resize(x_te, size)

@@ -8,13 +8,22 @@ from typing import Any
 
 import numpy as np
 
-from metacompress.data.datasets import MAX_IMAGE_SIZE, MAX_SAMPLE_ELEMENTS, Dataset, make_dataset
+from metacompress.data.datasets import (
+    MAX_IMAGE_SIZE,
+    MAX_SAMPLE_ELEMENTS,
+    TEST_FRACTION,
+    Dataset,
+    make_dataset,
+    stratified_split,
+)
 from metacompress.data.lazy import DECODE_THREADS, LazySamples, fits_in_memory
 from metacompress.errors import UserError
 
 
 def load_imagefolder(arg: str, default_size: int | None = None) -> Dataset:
-    """``imagefolder:DIR[:size=S]``: ``DIR/{train,test}/<class>/*`` images; with ``size``, each is
+    """``imagefolder:DIR[:size=S]``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (or
+    ``DIR/val/``) images, or ``DIR/<class>/*`` whose test split is carved here (``TEST_FRACTION``
+    of each class, seeded, as ``npz`` x and y are split); with ``size``, each is
     resized so that its shorter side is S and center-cropped to S x S (images of any size and
     aspect). Without it, images that all share one size are read as they are, and images of
     mixed sizes are resized and cropped to ``default_size`` (the size the model is made for), or
@@ -25,12 +34,7 @@ def load_imagefolder(arg: str, default_size: int | None = None) -> Dataset:
     except ImportError:
         raise UserError("imagefolder data needs torchvision: pip install 'metacompress[vision]'") from None
     root, size = _imagefolder_options(arg)
-    if not (Path(root) / "train").is_dir() or not (Path(root) / "test").is_dir():
-        raise UserError(f"imagefolder:{root} needs sub-folders train/ and test/, one folder per class in each")
-    splits = [_scan_split(datasets, root, split) for split in ("train", "test")]
-    if splits[0][2] != splits[1][2]:
-        raise UserError(f"imagefolder:{root}: test/ has classes {splits[1][2][:5]}..., train/ has "
-                        f"{splits[0][2][:5]}...; both need the same class folders")
+    splits = _train_and_test(datasets, root)
     paths = [path for split in splits for path in split[0]]
     sizes = [_image_size(path) for path in paths]  # every header checked before any pixel is read
     if size is None and len(set(sizes)) > 1:
@@ -46,13 +50,31 @@ def load_imagefolder(arg: str, default_size: int | None = None) -> Dataset:
     return make_dataset(f"imagefolder:{arg}", out[0], splits[0][1], out[1], splits[1][1], len(splits[0][2]))
 
 
+def _train_and_test(datasets: Any, root: str) -> list[tuple[list[str], np.ndarray, list[str]]]:
+    """The train and test splits' image paths, labels and class names (``_scan_split``)."""
+    base = Path(root)
+    if not (base / "train").is_dir():
+        paths, labels, classes = _scan_split(datasets, root, ".")
+        kept, held, y_kept, y_held = stratified_split(np.arange(len(paths)), labels, TEST_FRACTION, seed=0)
+        return [([paths[i] for i in kept], y_kept, classes), ([paths[i] for i in held], y_held, classes)]
+    test = next((name for name in ("test", "val") if (base / name).is_dir()), None)
+    if test is None:
+        raise UserError(f"imagefolder:{root} has train/ but no test/ or val/ beside it (one folder per class in each)")
+    splits = [_scan_split(datasets, root, split) for split in ("train", test)]
+    if splits[0][2] != splits[1][2]:
+        raise UserError(f"imagefolder:{root}: {test}/ has classes {splits[1][2][:5]}..., train/ has "
+                        f"{splits[0][2][:5]}...; both need the same class folders")
+    return splits
+
+
 def _scan_split(datasets: Any, root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
     """The image paths, labels and class names of ``root/split`` (nothing read yet);
     ``datasets``: torchvision's datasets module."""
     try:
         ds = datasets.ImageFolder(str(Path(root) / split), loader=lambda path: path)
     except (FileNotFoundError, OSError) as exc:  # no class folders, or a class without images
-        raise UserError(f"imagefolder:{root}: {split}/: {' '.join(str(exc).split())[:200]}") from None
+        where = "" if split == "." else f" {split}/:"
+        raise UserError(f"imagefolder:{root}:{where} {' '.join(str(exc).split())[:200]}") from None
     return [path for path, _ in ds.samples], np.array([label for _, label in ds.samples]), ds.classes
 
 

@@ -11,11 +11,30 @@ from typing import Any
 
 import numpy as np
 
-from metacompress.data.datasets import MAX_DATA_BYTES, Dataset, check_labels, check_size, make_dataset
+from metacompress.data.datasets import (
+    MAX_DATA_BYTES,
+    TEST_FRACTION,
+    Dataset,
+    check_labels,
+    check_size,
+    make_dataset,
+    stratified_split,
+)
 from metacompress.data.lazy import LazySamples, fits_in_memory
 from metacompress.errors import UserError
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_ONE_SET = ("x", "y")  # one set of samples and labels: the test split is carved from it here
+
+
+def _npz_keys(p: Path, names: set[str]) -> tuple[str, ...]:
+    """The arrays the archive is read by: the four splits, or one set ``x``, ``y``."""
+    for keys in (NPZ_KEYS, NPZ_ONE_SET):
+        if all(f"{k}.npy" in names for k in keys):
+            return keys
+    missing = [k for k in NPZ_KEYS if f"{k}.npy" not in names]
+    raise UserError(f"{p} lacks array(s) {', '.join(missing)}: an .npz holds x_train, y_train, x_test and y_test, "
+                    f"or x and y ({TEST_FRACTION:.0%} of them, stratified, then held out for test)")
 
 
 @dataclass(frozen=True)
@@ -36,11 +55,7 @@ def _npz_headers(p: Path) -> dict[str, _NpyMember]:
     out = {}
     try:
         with zipfile.ZipFile(p) as zf:
-            names = set(zf.namelist())
-            missing = [k for k in NPZ_KEYS if f"{k}.npy" not in names]
-            if missing:
-                raise UserError(f"{p} lacks array(s) {', '.join(missing)}")
-            for key in NPZ_KEYS:
+            for key in _npz_keys(p, set(zf.namelist())):
                 info = zf.getinfo(f"{key}.npy")
                 with zf.open(info) as f:
                     version = np.lib.format.read_magic(f)
@@ -82,29 +97,32 @@ def _member_start(p: Path, info) -> int:
 
 
 def load_npz(path: str) -> Dataset:
-    """``npz:PATH``: arrays x_train, y_train, x_test, y_test: flat N x F, sequences N x C x L,
-    images NCHW or NHWC, volumes N x C x D x H x W."""
+    """``npz:PATH``: arrays x_train, y_train, x_test, y_test, or x and y (split here, stratified
+    and seeded): flat N x F, sequences N x C x L, images NCHW or NHWC, volumes N x C x D x H x W."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data file not found: {p}")
     members = _npz_headers(p)
-    for key in ("x_train", "x_test"):
+    xkeys, ykeys = [k for k in members if k.startswith("x")], [k for k in members if k.startswith("y")]
+    for key in xkeys:
         shape = members[key].shape
         if not 2 <= len(shape) <= 5:
             raise UserError(f"{p}: {key} must be N x F (flat), sequences N x C x L, images N x C x H x W / "
                             f"N x H x W x C or volumes N x C x D x H x W, got shape {shape}")
         check_size(f"{p}: {key}", shape[0], shape[1:], whole=not _mapped(members[key]))
     with _reading(p) as z:
-        ys = {k: z[k] for k in ("y_train", "y_test")}
-        xs = [_npz_samples(p, z, key, members[key]) for key in ("x_train", "x_test")]
+        ys = [check_labels(f"{p}: {k}", z[k]) for k in ykeys]
+        xs = [_npz_samples(p, z, key, members[key]) for key in xkeys]
+    if any(len(y) != len(x) for x, y in zip(xs, ys)):
+        counts = ", ".join(f"{k} {len(a)}" for k, a in zip([*xkeys, *ykeys], [*xs, *ys]))
+        raise UserError(f"{p}: label and sample counts differ ({counts})")
+    if len(xs) == 1:
+        x_tr, x_te, y_tr, y_te = stratified_split(xs[0], ys[0], TEST_FRACTION, seed=0)
+        return make_dataset(f"npz:{p}", x_tr, y_tr, x_te, y_te)
     if xs[0].shape[1:] != xs[1].shape[1:]:
         raise UserError(f"{p}: x_train samples {tuple(xs[0].shape[1:])} and x_test samples {tuple(xs[1].shape[1:])} "
                         "differ")
-    y_tr, y_te = check_labels(f"{p}: y_train", ys["y_train"]), check_labels(f"{p}: y_test", ys["y_test"])
-    if len(y_tr) != len(xs[0]) or len(y_te) != len(xs[1]):
-        raise UserError(f"{p}: label and sample counts differ (x_train {len(xs[0])}, y_train {len(y_tr)}, "
-                        f"x_test {len(xs[1])}, y_test {len(y_te)})")
-    return make_dataset(f"npz:{p}", xs[0], y_tr, xs[1], y_te)
+    return make_dataset(f"npz:{p}", xs[0], ys[0], xs[1], ys[1])
 
 
 @contextmanager

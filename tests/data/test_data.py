@@ -53,6 +53,25 @@ def test_npz_shapes(tmp_path):
         load_dataset(f"npz:{tmp_path / 'none.npz'}")
 
 
+def test_npz_of_one_set_is_split_by_class_and_seed(tmp_path):
+    """x and y alone: a fifth of each class is held out for test, the same fifth on every load."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((250, 1, 6, 6)).astype(np.float32), np.r_[np.zeros(200, int), np.ones(50, int)]
+    np.savez(tmp_path / "one.npz", x=x, y=y)
+    a, b = load_dataset(f"npz:{tmp_path / 'one.npz'}"), load_dataset(f"npz:{tmp_path / 'one.npz'}")
+    assert a.input_shape == (1, 6, 6) and a.num_classes == 2
+    assert len(a.x_test) == 50 and int(a.y_test.sum()) == 10  # stratified: 40 of class 0, 10 of class 1
+    assert len(a.x_train) + len(a.x_val) == 200 and torch.equal(a.x_test, b.x_test)
+    rows = {tuple(r.flatten().tolist()) for r in torch.cat([a.x_train, a.x_val, a.x_test])}
+    assert len(rows) == 250  # every sample in exactly one split
+    np.savez(tmp_path / "short.npz", x=x, y=y[:100])
+    with pytest.raises(UserError, match=r"label and sample counts differ \(x 250, y 100\)"):
+        load_dataset(f"npz:{tmp_path / 'short.npz'}")
+    np.savez(tmp_path / "other.npz", images=x, labels=y)
+    with pytest.raises(UserError, match="lacks array.*x_train, y_train, x_test and y_test, or x and y"):
+        load_dataset(f"npz:{tmp_path / 'other.npz'}")
+
+
 def test_imagefolder(tmp_path):
     from PIL import Image
 
@@ -64,8 +83,15 @@ def test_imagefolder(tmp_path):
                 Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
     d = load_dataset(f"imagefolder:{tmp_path}")
     assert d.input_shape == (3, 10, 10) and d.num_classes == 2 and len(d.x_test) == 8
-    with pytest.raises(UserError, match="train/ and test/"):
-        load_dataset(f"imagefolder:{tmp_path / 'train'}")
+    classes_only = load_dataset(f"imagefolder:{tmp_path / 'train'}")  # class folders alone: a fifth held out
+    assert len(classes_only.x_test) == 6 and classes_only.y_test.tolist().count(0) == 3
+    (tmp_path / "test").rename(tmp_path / "val")  # the ImageNet layout
+    assert len(load_dataset(f"imagefolder:{tmp_path}").x_test) == 8
+    (tmp_path / "val").rename(tmp_path / "other")
+    with pytest.raises(UserError, match="has train/ but no test/ or val/"):
+        load_dataset(f"imagefolder:{tmp_path}")
+    with pytest.raises(UserError, match="Couldn't find any class folder"):
+        load_dataset(f"imagefolder:{tmp_path / 'train' / 'cat'}")
 
 
 def test_imagefolder_of_mixed_sizes_is_resized_and_center_cropped(tmp_path):
