@@ -107,9 +107,10 @@ def compress(model: nn.Module, example_inputs: torch.Tensor, *, target: BudgetSp
 
     ``target``: ``MACs(f)``, ``Params(f)``, ``Latency(f, batch=...)``, ``Milliseconds(ms)`` or a
     bare MACs fraction. ``train``/``val``/``test``: torch Datasets or DataLoaders of (input,
-    label) pairs, or (inputs, labels) tensors; ``val`` (choices) defaults to 10 % of ``train``,
-    ``test`` (reported accuracy) to ``val``. ``allocation``: ``meta`` (the learned policy, guarded
-    on validation) or a fixed rule (uniform, global-magnitude, lamp, global-taylor). ``repair``:
+    label) pairs or of dicts (``data.torchdata.INPUT_KEYS``, ``LABEL_KEYS``), or (inputs, labels)
+    tensors; ``val`` (choices) defaults to 10 % of ``train``, ``test`` (reported accuracy) to
+    ``val``. ``allocation``: ``meta`` (the learned policy, guarded on validation) or a fixed rule
+    (uniform, global-magnitude, lamp, global-taylor). ``repair``:
     settings that override the policy's (``RepairConfig(steps=0)``: BN recalibration only).
     ``robustify``: first meta-train the (copied) dense model so that its sub-networks recover
     quickly (``compress.robust``); it is then also the repair's teacher.

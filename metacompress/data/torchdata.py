@@ -10,7 +10,7 @@ built-in sets, so choices made on it never see the test split.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Union
 
 import numpy as np
@@ -25,6 +25,8 @@ from metacompress.errors import UserError
 DataLike = Union[TorchDataset, DataLoader, tuple]
 MAX_SAMPLES = 200_000  # gathered per split; beyond it, pass a subset (torch.utils.data.Subset)
 READ_BATCH = 256
+INPUT_KEYS = ("pixel_values", "input", "inputs", "image", "images", "x")  # where a dict sample holds its input
+LABEL_KEYS = ("labels", "label", "target", "targets", "y")               # and its class index
 
 
 def _pairs(data: DataLike, what: str) -> tuple[Samples, torch.Tensor]:
@@ -65,8 +67,17 @@ def _map_style(dataset: Any) -> bool:
 
 
 def _pair(item: Any, what: str) -> tuple[Any, Any]:
+    """(input, label) of a sample or batch: a pair, or a dict under common names (as Hugging Face
+    datasets yield them)."""
+    if isinstance(item, Mapping):
+        x = next((item[k] for k in INPUT_KEYS if k in item), None)
+        y = next((item[k] for k in LABEL_KEYS if k in item), None)
+        if x is None or y is None:
+            raise UserError(f"{what} yields dicts with keys {', '.join(map(str, list(item)[:8]))}: the input is read "
+                            f"under one of {', '.join(INPUT_KEYS)} and the label under one of {', '.join(LABEL_KEYS)}")
+        return x, y
     if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise UserError(f"{what} must yield (input, label) pairs; got {type(item).__name__}")
+        raise UserError(f"{what} must yield (input, label) pairs or dicts of them; got {type(item).__name__}")
     return item[0], item[1]
 
 

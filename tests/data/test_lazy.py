@@ -188,3 +188,26 @@ def test_a_validation_split_too_small_for_every_class_is_random_not_an_error(n, 
     assert len(data.x_train) + len(data.x_val) == n and len(data.x_val) == -(-n // 10)
     if n >= 10 * classes:
         assert len(torch.unique(data.y_val)) == classes
+
+
+class DictSamples(Generated):
+    """Samples as dicts, as Hugging Face datasets yield them."""
+
+    def __init__(self, n: int, seed: int, keys: tuple[str, str] = ("pixel_values", "labels")) -> None:
+        super().__init__(n, seed)
+        self.keys = keys
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return {self.keys[0]: x, self.keys[1]: y, "id": i}
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_dict_samples_read_as_the_same_pairs(monkeypatch, in_memory):
+    if not in_memory:
+        monkeypatch.setattr("metacompress.data.lazy.IN_MEMORY_BYTES", 0)
+    pairs, dicts = from_torch(Generated(60, seed=3)), from_torch(DataLoader(DictSamples(60, seed=3), batch_size=16))
+    assert torch.equal(dicts.x_train[:], pairs.x_train[:]) and torch.equal(dicts.y_val, pairs.y_val)
+    assert torch.equal(from_torch(DictSamples(60, seed=3, keys=("image", "label"))).x_val[:], pairs.x_val[:])
+    with pytest.raises(UserError, match="yields dicts with keys img, cls, id: the input is read under one of pixel_values"):
+        from_torch(DictSamples(60, seed=3, keys=("img", "cls")))
