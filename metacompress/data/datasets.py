@@ -134,6 +134,19 @@ def stratified_split(x, y: np.ndarray, fraction: float, seed: int):
     return take(x, kept), take(x, held), y[kept], y[held]
 
 
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``a`` as a tensor with the strides of a freshly allocated one. numpy may give a size-1 axis
+    any stride, and PyTorch reads an (N, 1, H, W) tensor whose channel stride is 1 as channels-last:
+    its convolutions then return channels-last outputs, on which a model's own ``.view()`` fails
+    ("view size is not compatible with input tensor's size and stride")."""
+    x = torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.insert(0, step)
+        step *= size
+    return x.as_strided(x.shape, strides)
+
+
 def make_dataset(name: str, x_tr, y_tr, x_te, y_te, num_classes: int | None = None) -> Dataset:
     """A Dataset from train and test samples (arrays or lazy samples) and labels: the fixed,
     stratified validation split is carved from train here, the same for every loader."""
@@ -142,7 +155,7 @@ def make_dataset(name: str, x_tr, y_tr, x_te, y_te, num_classes: int | None = No
     x_tr, x_va, y_tr, y_va = stratified_split(x_tr, y_tr, VAL_FRACTION, seed=0)
 
     def t(a, dtype=torch.float32):
-        return a if isinstance(a, LazySamples) else torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)
+        return a if isinstance(a, LazySamples) else _tensor(a, dtype)
 
     ys = [y_tr, y_va, y_te]
     if num_classes is None:

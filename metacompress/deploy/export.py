@@ -88,12 +88,18 @@ def _export_legacy(model: nn.Module, example: torch.Tensor, tmp: Path, opset: in
 
 
 def _self_contained(tmp: Path) -> int:
-    """Check the file is one valid ONNX model with all weights inside; return its opset."""
+    """Check the file is one valid ONNX model with all weights inside and a batch axis of any
+    size; return its opset."""
     model = onnx.load(str(tmp), load_external_data=False)
     external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise RuntimeError(f"the exporter wrote {len(external)} tensor(s) to external data")
     onnx.checker.check_model(model)
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    if batch.HasField("dim_value"):
+        raise UserError(f"the exported model only runs at batch size {batch.dim_value}: the model's forward turns "
+                        "the batch size into a constant (len(x) in a view or reshape, say); write x.size(0), "
+                        "x.shape[0] or x.flatten(1) instead")
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
@@ -115,6 +121,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
                 _export_dynamo(model, batch, tmp, opset)
                 opset_used = _self_contained(tmp)
                 exporter = "dynamo"
+            except UserError:  # a fixed batch size: the legacy exporter would bake it in without a trace
+                raise
             except Exception as exc:  # any exporter failure: fall back rather than lose the run
                 reason = " ".join(str(exc).split())[:200] or type(exc).__name__
                 warnings.warn(f"dynamo ONNX export failed ({type(exc).__name__}: {reason}); "

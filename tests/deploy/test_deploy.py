@@ -151,6 +151,38 @@ def test_failed_export_leaves_no_file(tmp_path, digits8):
     assert list(tmp_path.iterdir()) == []
 
 
+class ViewsAfterAConv(nn.Module):
+    """A user's CNN that flattens with ``.view``: by the batch size it reads (``len`` fixes it in an
+    export) or by ``x.size(0)``."""
+
+    def __init__(self, fixed: bool) -> None:
+        super().__init__()
+        self.fixed, self.conv, self.fc = fixed, nn.Conv2d(1, 8, 3, padding=1), nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(len(h) if self.fixed else h.size(0), -1))
+
+
+def test_a_batch_size_the_forward_fixes_is_a_one_line_error_and_no_file(tmp_path, digits8):
+    """The exporters turn ``len(x)`` into the example's batch size: the file declared a batch axis and
+    failed in onnxruntime on any other batch (an internal error after the whole run)."""
+    with pytest.raises(UserError, match="only runs at batch size 2: .* write x.size\\(0\\)"):
+        export_onnx(ViewsAfterAConv(fixed=True).eval(), digits8.x_train[:4], tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    model = ViewsAfterAConv(fixed=False).eval()
+    export_onnx(model, digits8.x_train[:4], tmp_path / "m.onnx")
+    assert verify_onnx(tmp_path / "m.onnx", model, digits8.x_test, digits8.y_test)["max_abs_diff"] < 1e-4
+
+
+def test_one_channel_images_have_the_strides_of_a_fresh_tensor(digits8):
+    """Digits came with a channel stride of 1, which PyTorch reads as channels-last: a conv then
+    returned channels-last outputs and a model's own ``.view`` raised on them."""
+    for x in (digits8.x_train, digits8.x_val, digits8.x_test):
+        assert x.stride() == torch.empty(x.shape).stride()
+    assert ViewsAfterAConv(fixed=False).eval()(digits8.x_test).shape == (len(digits8.x_test), 10)
+
+
 # ---------------------------------------------------------------- verify / simplify
 
 
