@@ -107,15 +107,25 @@ def _adapt(policy, cfg: CompressConfig, prep: Prepared, target: float, inputs: t
                  seed=cfg.seed)
 
 
+def _kept_whole(space: PruningSpace) -> list[str]:
+    """The warning that names the groups kept whole, a few per reason (a ShuffleNet has 21 for one reason)."""
+    why: dict[str, list[str]] = {}
+    for g in space.groups:
+        if g.unsafe:
+            why.setdefault(g.unsafe, []).append(f"'{g.name}'")
+    if not why:
+        return []
+    reasons = [f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} ({reason})" for reason, names in why.items()]
+    return [f"{sum(map(len, why.values()))} group(s) kept whole, since pruning them cannot be trusted: "
+            f"{'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''}; the other groups meet the budget"]
+
+
 def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], budget: Budget) -> list[str]:
     """What an allocation hides that a user deploying it should know: groups kept whole because
     pruning them cannot be trusted (``Group.unsafe``), a budget that whole units cannot meet within the tolerance,
     the groups ``off`` the rounding grid (which cost speed; ``space.off_grid(keep)``), and a
     latency target missed as measured or below the floor."""
-    unsafe = [f"'{g.name}' ({g.unsafe})" for g in space.groups if g.unsafe]
-    out = [f"{len(unsafe)} group(s) kept whole, since pruning them cannot be trusted: "
-           f"{', '.join(unsafe[:3])}{', ...' if len(unsafe) > 3 else ''}; the other groups meet the budget"
-           ] if unsafe else []
+    out = _kept_whole(space)
     if budget.latency is not None:
         return out + budget.latency.warnings_for(keep)
     kept = space.kept_fraction(keep, budget.cost)

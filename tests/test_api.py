@@ -353,20 +353,23 @@ class ShuffleNet(nn.Module):
         elif self.form == "unflatten":
             x = x.unflatten(1, (4, -1)).transpose(1, 2).flatten(1, 2)
         else:
-            x = x.view(len(x), 4, 8, *x.shape[2:]).permute(0, 2, 1, 3, 4).reshape(x.shape)
+            x = x.view(x.size(0), 4, 8, *x.shape[2:]).permute(0, 2, 1, 3, 4).reshape(x.shape)
         return self.fc(torch.relu(self.c2(x)).mean((2, 3)))
 
 
 @pytest.mark.parametrize("form", ["module", "functional", "unflatten", "view"])
-def test_channel_shuffle_in_any_form_is_refused(trained, form):
-    """torch-pruning follows a channel shuffle as if it kept channels in place: pruned, the model
-    computes something else. Every way of writing one is refused before any work."""
+def test_channels_through_a_channel_shuffle_are_kept_whole_and_the_rest_pruned(trained, tmp_path, form):
+    """torch-pruning follows a channel shuffle as if it kept channels in place (and divided by
+    zero on ShuffleNet's): pruned through it, the model computed something else, so it was refused.
+    In every way of writing one, the group that feeds the shuffle is now kept whole with the
+    reason, the others meet the budget, and the ONNX file matches the pruned model."""
     _, train, _ = trained
     x, y = train.tensors
-    with pytest.raises(mc.UserError, match="cannot prune channel shuffle") as info:
-        mc.compress(ShuffleNet(form).eval(), x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
-                    repair=mc.RepairConfig(steps=0), guard=False)
-    assert "\n" not in str(info.value)
+    torch.manual_seed(0)
+    small, report = _uniform_to(ShuffleNet(form).eval(), x, y, 0.6)
+    assert small.g.out_channels == 32 and small.c2.out_channels < 32 and small.c1.out_channels % 4 == 0
+    assert any("'g' (its channels pass through a channel shuffle" in w for w in report.warnings)
+    assert _onnx_rel_diff(small, x, y, tmp_path / "shuffle.onnx") <= 1e-4
 
 
 class PixelShuffleNet(nn.Module):

@@ -41,6 +41,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.pruner.function import BasePruningFunc
 
 from metacompress.errors import UserError, first_line
@@ -168,11 +169,18 @@ class _KeptWhole(BasePruningFunc):
         return self.get_out_channels(layer)
 
 
-class _ChannelShuffleProbe(TorchFunctionMode):
-    """Records where a forward pass shuffles channels: a view of (N, C, H, W) as (N, G, C/G, H, W)
-    (``view``, ``reshape`` or ``unflatten``) followed by a transpose or permute that swaps the two
-    channel factors (ShuffleNet), or a call of the shuffle itself (``nn.ChannelShuffle``,
-    ``F.channel_shuffle``), which torch-pruning follows as if it kept channels in place."""
+class _ChannelShuffles(TorchFunctionMode):
+    """Records the autograd nodes of every channel shuffle in a forward pass with gradients: a
+    view of (N, C, H, W) as (N, G, C/G, H, W) (``view``, ``reshape`` or ``unflatten``), a
+    transpose or permute that swaps the two channel factors and the op back to 4-D (ShuffleNet),
+    or a call of the shuffle itself (``nn.ChannelShuffle``, ``F.channel_shuffle``).
+
+    torch-pruning maps a reshape's indices only as a flatten (and divides by zero on a shuffle's)
+    and follows a transpose as if it kept channels in place, so the permutation is lost: pruning
+    through it would give a wrong model (upstream: ShuffleNet is open as VainF/Torch-Pruning#14).
+    The dependency graph built from the same pass leaves these nodes unmapped, and the groups
+    whose channels pass through them are kept whole; layers between shuffles (a ShuffleNet
+    branch's inner width) are still pruned."""
 
     VIEWS = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.unflatten, torch.unflatten}
     SWAPS = {torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute}
@@ -180,26 +188,32 @@ class _ChannelShuffleProbe(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stack: list[str] = []
-        self.split: set[str] = set()
-        self.sites: list[str] = []
+        self.open: dict[object, tuple[object, bool]] = {}  # a split's 5-D node -> (node before the split, swapped yet)
+        self.nodes: set[object] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         x = args[0] if args else None
-        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)):
+        if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)) or out.grad_fn is None:
             return out
-        where = self.stack[-1] if self.stack else "<model>"
         if getattr(func, "__name__", "") in self.SHUFFLES:
-            if where not in self.sites:
-                self.sites.append(where)
-        elif func in self.VIEWS and x.dim() == 4 and out.dim() == 5 and out.shape[0] == x.shape[0] \
-                and out.shape[3:] == x.shape[2:] and out.shape[1] > 1 and out.shape[1] * out.shape[2] == x.shape[1]:
-            self.split.add(where)
-        elif func in self.SWAPS and x.dim() == 5 and where in self.split and _swaps_1_2(func, args, kwargs, x.dim()):
-            if where not in self.sites:
-                self.sites.append(where)
+            self.nodes |= _nodes_between(out.grad_fn, x.grad_fn)
+        elif x.grad_fn is not None and x.grad_fn in self.open:
+            before, swapped = self.open[x.grad_fn]
+            swapped = swapped or (func in self.SWAPS and _swaps_1_2(func, args, kwargs, x.dim()))
+            if out.dim() == 5:
+                self.open[out.grad_fn] = (before, swapped)
+            elif swapped:
+                self.nodes |= _nodes_between(out.grad_fn, before)
+        elif func in self.VIEWS and _splits_channels(x, out):
+            self.open[out.grad_fn] = (x.grad_fn, False)
         return out
+
+
+def _splits_channels(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether ``out`` is (N, C, H, W) ``x`` viewed as (N, G, C/G, H, W), G > 1."""
+    return x.dim() == 4 and out.dim() == 5 and out.shape[0] == x.shape[0] and out.shape[3:] == x.shape[2:] \
+        and out.shape[1] > 1 and out.shape[1] * out.shape[2] == x.shape[1]
 
 
 def _swaps_1_2(func, args, kwargs, ndim: int) -> bool:
@@ -212,27 +226,38 @@ def _swaps_1_2(func, args, kwargs, ndim: int) -> bool:
     return len(rest) >= 2 and {rest[0] % ndim, rest[1] % ndim} == {1, 2}
 
 
-def channel_shuffle_sites(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Module paths whose forward shuffles channels (one batch-1 forward pass, hooks removed after)."""
-    probe = _ChannelShuffleProbe()
+def _nodes_between(end: object, start: object, most: int = 64) -> set[object]:
+    """The autograd nodes from ``end`` back to (not including) ``start``: the ops of one shuffle."""
+    seen: set[object] = set()
+    todo = [end]
+    while todo and len(seen) < most:
+        fn = todo.pop()
+        if fn is None or fn is start or fn in seen:
+            continue
+        seen.add(fn)
+        todo.extend(f for f, _ in fn.next_functions)
+    return seen
 
-    def enter(name: str):
-        return lambda module, args: probe.stack.append(name or "<model>")  # returns None: args unchanged
 
-    def leave(module, args, output) -> None:  # returns None: the output is kept
-        probe.stack.pop()
+_tp_reshape_mapping = tp_index_mapping.update_reshape_index_mapping
 
-    handles = []
-    for name, mod in model.named_modules():
-        handles.append(mod.register_forward_pre_hook(enter(name)))
-        handles.append(mod.register_forward_hook(leave))
-    try:
-        with torch.no_grad(), probe:
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return probe.sites
+
+def _reshape_mapping(graph: tp.DependencyGraph, node) -> None:
+    """torch-pruning's reshape index mapping, except for the reshapes of a channel shuffle, which
+    it cannot express (it divides by zero on them): they are left unmapped and their groups kept
+    whole. torch-pruning calls it by its module's name on every group it builds, so it is
+    replaced there once, for graphs ``_trace`` builds (the others have no shuffle nodes)."""
+    if node.grad_fn not in getattr(graph, "channel_shuffle_nodes", ()):
+        _tp_reshape_mapping(graph, node)
+
+
+tp_index_mapping.update_reshape_index_mapping = _reshape_mapping
+
+
+def through_shuffle(group, dg: tp.DependencyGraph) -> bool:
+    """Whether a torch-pruning group's channels pass through a channel shuffle of ``dg``'s model."""
+    nodes = getattr(dg, "channel_shuffle_nodes", set())
+    return bool(nodes) and any(dep.source.grad_fn in nodes or dep.target.grad_fn in nodes for dep, _ in group)
 
 
 def refuse_unsupported(model: nn.Module, example: torch.Tensor) -> None:
@@ -240,23 +265,12 @@ def refuse_unsupported(model: nn.Module, example: torch.Tensor) -> None:
 
     Recurrent layers (RNN, LSTM, GRU): torch-pruning 1.6 traces a GRU into an index error and an
     RNN into its raw parameters, and the flop counter gives an LSTM no MACs.
-
-    Channel shuffle (ShuffleNet) permutes channels through view + transpose + view: torch-pruning
-    1.6 maps a reshape's indices only as a flatten (and divides by zero on this one), and a
-    shuffled concat couples every block's outputs through a permutation that it cannot express;
-    pruning would give a wrong model, so we stop with the reason instead (upstream: ShuffleNet is
-    open as VainF/Torch-Pruning#14).
     """
     recurrent = [(n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
     if recurrent:
         name, kind = recurrent[0]
         raise UserError(f"cannot prune a model with recurrent layers ({kind} '{name}'): their gates tie input and "
                         "hidden widths that the dependency graph and the MACs count do not model")
-    sites = channel_shuffle_sites(model, example)
-    if sites:
-        raise UserError(f"cannot prune channel shuffle (N x G x C/G x H x W + transpose, or channel_shuffle) in '{sites[0]}'"
-                        f"{f' and {len(sites) - 1} more modules' if len(sites) > 1 else ''}: torch-pruning cannot map "
-                        "channel indices through the permutation, so pruning would give a wrong model")
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
@@ -276,10 +290,17 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         # plain parameters (class tokens, layer scales) follow their last non-singleton axis,
         # which is the channel axis in the models it occurs in; the warning would only alarm
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters"),
-            customized_pruners={nn.GroupNorm: _GroupNormPruner(), **{t: _KeptWhole() for t in _opaque_types()}},
-        )
+        shuffles, dg = _ChannelShuffles(), tp.DependencyGraph()
+        dg.channel_shuffle_nodes = shuffles.nodes  # filled by the traced pass, before indices are mapped
+        with shuffles:
+            dg.build_dependency(
+                model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters"),
+                customized_pruners={nn.GroupNorm: _GroupNormPruner(), **{t: _KeptWhole() for t in _opaque_types()}},
+            )
+    for node in dg.module2node.values():
+        if node.grad_fn in shuffles.nodes:  # a group stops at a shuffle (and is kept whole, ``through_shuffle``)
+            node.dependencies = []
+    return dg
 
 
 class _GroupNormPruner(tp.pruner.function.GroupNormPruner):
@@ -340,6 +361,8 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
         conv_groups, quantum = _conv_grouping(g, root, dg)
         mismapped = "" if root in attn else _mismapped(g, dg, names)
         unsafe = f"torch-pruning maps its units past the width of '{mismapped}'" if mismapped else ""
+        if through_shuffle(g, dg):
+            unsafe = "its channels pass through a channel shuffle, whose permutation torch-pruning cannot map"
         if root not in attn and (unsafe or _self_coupled(dg, root)):
             quantum = _width(root, out=True)
         if root in attn:
