@@ -538,20 +538,74 @@ class GatedNet(nn.Module):
         return self.head(torch.relu(self.mix(a * torch.sigmoid(b))).mean((2, 3)))
 
 
-def test_a_group_whose_units_are_coupled_to_each_other_is_kept_whole(trained, tmp_path):
+def test_units_coupled_in_pairs_across_halves_are_pruned_pair_by_pair(trained, tmp_path):
     """Removing one of the gate's channels removes its partner in the other half too: counted per
-    channel, an allocation would remove twice what it asked for (it stopped with 'would remove a
-    whole layer'). The gate is kept whole and the rest meets the budget."""
+    channel, an allocation removed twice what it asked for (it stopped with 'would remove a whole
+    layer'), and then the gate was kept whole. Pairs at the same offset in each half are now one
+    unit: the gate loses whole pairs, both halves keep the same offsets, the budget holds, and the
+    pruned model computes what the dense one does with the removed pairs zeroed."""
     _, train, _ = trained
     x = train.tensors[0]
     torch.manual_seed(0)
     model = GatedNet().eval()
     small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=train, allocation="uniform",
                                 repair=mc.RepairConfig(steps=0))
-    assert report.kept["gate"] == 64 and report.kept["mix"] < 48
+    assert report.kept["gate"] < 64 and report.kept["gate"] % 2 == 0
     assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
+    kept = [i for i in range(64) if any(torch.equal(model.gate.weight[i], w) for w in small.gate.weight)]
+    half = len(kept) // 2
+    assert [i + 32 for i in kept[:half]] == kept[half:]  # the same offsets in both halves
+    kept_mix = [i for i in range(48) if any(torch.equal(model.mix.weight[i, kept[:half]], w) for w in small.mix.weight)]
+    reference = copy.deepcopy(model)
+    for layer, width, on in ((reference.gate, 64, kept), (reference.mix, 48, kept_mix)):
+        mask = torch.zeros(width)
+        mask[on] = 1
+        layer.register_forward_hook(lambda mod, args, out, m=mask: out * m.view(1, -1, 1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x[:32]), reference(x[:32]), atol=1e-5, rtol=1e-4)
     mc.export_onnx(small, x[:1], tmp_path / "gated.onnx")
     assert mc.verify(tmp_path / "gated.onnx", small, (x[:64], train.tensors[1][:64]))["max_abs_diff"] <= 1e-4
+
+
+class GhostModule(nn.Module):
+    """GhostNet's block: a conv and a cheap depthwise conv of its output, concatenated and added
+    to a projected shortcut, whose channel j and j + 24 then depend on the same primary channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.primary, self.cheap = nn.Conv2d(1, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.shortcut = nn.Conv2d(1, 48, 1)
+        self.mix, self.head = nn.Conv2d(48, 32, 3, padding=1), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.relu(self.primary(x))
+        h = torch.cat([p, self.cheap(p)], 1) + self.shortcut(x)
+        return self.head(torch.relu(self.mix(torch.relu(h))).mean((2, 3)))
+
+
+def test_a_ghost_module_loses_a_channel_and_its_cheap_copy_together(trained, tmp_path):
+    """Each primary channel and its depthwise copy sit at the same offset of the two halves of the
+    concatenation: they go together, and the budget and ONNX parity hold (GhostNet was refused
+    at 0.5 with 'its units are coupled to each other')."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = GhostModule().eval()
+    small, report = _uniform_to(model, x, y, 0.5)
+    assert small.primary.out_channels == small.cheap.out_channels < 24 and small.shortcut.out_channels < 48
+    kept = [i for i in range(24) if any(torch.equal(model.primary.weight[i], w) for w in small.primary.weight)]
+    assert kept == [i for i in range(24) if any(torch.equal(model.cheap.weight[i], w) for w in small.cheap.weight)]
+    cols = kept + [24 + i for i in kept]
+    rows = [i for i in range(32) if any(torch.equal(model.mix.weight[i, cols], w) for w in small.mix.weight)]
+    reference = copy.deepcopy(model)  # the dense model with the removed channels zeroed computes the same
+    for layer, width, on in ((reference.primary, 24, kept), (reference.cheap, 24, kept), (reference.shortcut, 48, cols),
+                             (reference.mix, 32, rows)):
+        mask = torch.zeros(width)
+        mask[on] = 1
+        layer.register_forward_hook(lambda mod, args, out, m=mask: out * m.view(1, -1, 1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x[:32]), reference(x[:32]), atol=1e-5, rtol=1e-4)
+    assert _onnx_rel_diff(small, x, y, tmp_path / "ghost.onnx") <= 1e-4
 
 
 class PaddedShortcutOnly(nn.Module):

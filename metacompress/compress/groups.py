@@ -363,8 +363,8 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
         unsafe = f"torch-pruning maps its units past the width of '{mismapped}'" if mismapped else ""
         if through_shuffle(g, dg):
             unsafe = "its channels pass through a channel shuffle, whose permutation torch-pruning cannot map"
-        if root not in attn and (unsafe or _self_coupled(dg, root)):
-            quantum = _width(root, out=True)
+        if root not in attn:
+            conv_groups, quantum = _with_coupled_blocks(dg, root, conv_groups, quantum, bool(unsafe))
         if root in attn:
             proj, heads = attn[root]
             head_dim = root.out_features // 3 // heads
@@ -514,13 +514,41 @@ def _mismapped(group, dg: tp.DependencyGraph, names: dict[nn.Module, str]) -> st
     return ""
 
 
-def _self_coupled(dg: tp.DependencyGraph, root: nn.Module) -> bool:
-    """Whether removing one of ``root``'s output units removes others of its own: its output is
-    split and the parts meet again unit by unit (a GLU's ``a * sigmoid(b)`` over two halves), so
-    its units are not independent. Such a group is kept whole (its quantum is all its units):
-    counted per unit, an allocation would remove twice what it asks for."""
-    group = dg.get_pruning_group(root, out_channel_pruner(root), idxs=[0])
-    return len(set(group[0].idxs)) > 1
+def _coupled_blocks(dg: tp.DependencyGraph, root: nn.Module) -> int:
+    """How removing one of ``root``'s output units removes others of its own, where its output is
+    split and the parts meet again unit by unit (a GLU's ``a * sigmoid(b)`` over two halves,
+    GhostNet's concatenation of a conv and a depthwise conv of it): 1 when it removes only
+    itself; G when it removes the same offset in each of G equal blocks, which pruning at the same
+    offsets in every block respects; 0 in any other pattern."""
+    def coupled(unit: int) -> list[int]:
+        return sorted(set(dg.get_pruning_group(root, out_channel_pruner(root), idxs=[unit])[0].idxs))
+
+    channels, first = _width(root, out=True), coupled(0)
+    blocks = len(first)
+    if blocks == 1:
+        return 1
+    if channels % blocks:
+        return 0
+    width = channels // blocks
+    pattern = all(found == [unit + b * width for b in range(blocks)]
+                  for unit, found in ((0, first), (width - 1, coupled(width - 1))))
+    return blocks if pattern else 0
+
+
+def _with_coupled_blocks(dg: tp.DependencyGraph, root: nn.Module, conv_groups: int, quantum: int,
+                         unsafe: bool) -> tuple[int, int]:
+    """(G, quantum) of a group once its units coupled to each other are counted (``_coupled_blocks``):
+    blocks of coupled units prune like conv groups, at the same offsets in each; units coupled in
+    another pattern, or a group kept whole already, keep all their channels (counted per channel,
+    an allocation would remove more than it asked for)."""
+    width = _width(root, out=True)
+    if unsafe or quantum >= width:
+        return conv_groups, width
+    blocks = _coupled_blocks(dg, root)
+    joint = conv_groups * blocks // _gcd(conv_groups, blocks) if blocks else 0
+    if not joint or width % joint or joint >= width:
+        return conv_groups, width
+    return joint, joint
 
 
 def _channel_blocks(mod: nn.Module, out: bool) -> tuple[int, int]:
