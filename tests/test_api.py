@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import metacompress as mc
 from metacompress.compress.measure import count_macs
+from metacompress.compress.prune import PruningSpace
+from metacompress.compress.rules import rule_allocation
 from metacompress.data import load_dataset
 
 
@@ -606,6 +608,64 @@ def test_a_ghost_module_loses_a_channel_and_its_cheap_copy_together(trained, tmp
     with torch.no_grad():
         torch.testing.assert_close(small(x[:32]), reference(x[:32]), atol=1e-5, rtol=1e-4)
     assert _onnx_rel_diff(small, x, y, tmp_path / "ghost.onnx") <= 1e-4
+
+
+class PartialResidualBlock(nn.Module):
+    """ReXNet's block: an inverted bottleneck that widens, whose first ``cin`` output channels get
+    the block's input added (a slice added back and concatenated)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        mid, self.cin = 6 * cin, cin
+        self.exp = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, padding=1, groups=mid, bias=False), nn.BatchNorm2d(mid))
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(mid, mid // 12, 1), nn.ReLU(),
+                                nn.Conv2d(mid // 12, mid, 1), nn.Sigmoid())
+        self.pwl = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dw(self.exp(x))
+        y = self.pwl(nn.functional.relu6(h * self.se(h)))
+        return torch.cat([y[:, :self.cin] + x, y[:, self.cin:]], 1)
+
+
+class PartialResiduals(nn.Module):
+    def __init__(self, widths: tuple[int, ...] = (16, 27, 38, 50, 61, 72)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.SiLU())
+        self.blocks = nn.Sequential(*[PartialResidualBlock(a, b) for a, b in zip(widths, widths[1:])])
+        self.head = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_a_coupling_search_that_does_not_end_keeps_its_group_whole_and_the_rest_is_pruned(trained, tmp_path):
+    """On ReXNet's partial residuals torch-pruning's search for a group's coupled layers cycles
+    without end (timm's rexnet_100 hung in allocation): each search is bounded, such a group is
+    kept whole with the reason, and the blocks' inner widths are pruned and compute what the
+    dense model computes with the removed channels zeroed."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = PartialResiduals().eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # distinct scales tell the kept channels
+        bn.weight.data = 0.5 + torch.rand(bn.num_features)
+    small, reference = copy.deepcopy(model), copy.deepcopy(model)
+    space = PruningSpace(small, x[:1], 10, round_to=8)
+    space.apply(small, space.project(rule_allocation("uniform", space, small, calib=None), 0.6, "macs"))
+    assert abs(count_macs(small, x[:1]) / space.dense_macs - 0.6) <= 0.02 * 0.6
+    assert any("search for the layers coupled to it does not end" in g.unsafe for g in space.groups)
+    for block, pruned in zip(reference.blocks, small.blocks):
+        bn, kept_bn = block.dw[1], pruned.dw[1]
+        kept = [i for i, w in enumerate(bn.weight) if bool((kept_bn.weight == w).any())]
+        assert len(kept) == kept_bn.num_features < bn.num_features
+        mask = torch.zeros(bn.num_features)
+        mask[kept] = 1
+        block.dw.register_forward_hook(lambda mod, args, out, m=mask: out * m.view(1, -1, 1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x[:32]), reference(x[:32]), atol=1e-4, rtol=1e-3)
+    assert _onnx_rel_diff(small, x, y, tmp_path / "rexnet.onnx") <= 1e-4
 
 
 class PaddedShortcutOnly(nn.Module):

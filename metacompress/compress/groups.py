@@ -31,11 +31,14 @@ others are pruned.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -331,6 +334,65 @@ def fixed_width_layers(model: nn.Module) -> list[nn.Module]:
             and isinstance(getattr(m, "class_token", None), nn.Parameter)]
 
 
+RUNAWAY_PER_NODE = 20  # a group's dependencies beyond this many per graph node: the search cycles (torchvision's peak: 1.4)
+
+
+class _Runaway(Exception):
+    """torch-pruning's search for a group's coupled layers went on past RUNAWAY_PER_NODE."""
+
+
+@contextlib.contextmanager
+def _bounded_search(limit: int) -> Iterator[None]:
+    """torch-pruning's group search, stopped with ``_Runaway`` once a group holds ``limit``
+    dependencies. On a slice of a conv's output added back and concatenated (ReXNet's partial
+    residual) its index mappings shift the indices on every turn of a cycle, and the search
+    never ends (torch-pruning 1.6)."""
+    original = tp.dependency.group.Group.add_dep
+
+    def add_dep(group, dep, idxs) -> None:
+        if len(group._group) >= limit:
+            raise _Runaway
+        original(group, dep, idxs)
+
+    tp.dependency.group.Group.add_dep = add_dep
+    try:
+        yield
+    finally:
+        tp.dependency.group.Group.add_dep = original
+
+
+def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any]]:
+    """torch-pruning's ``get_all_groups`` (root layers of PRUNABLE_LAYERS, their output channels),
+    each search bounded: (root, group), or (root, None) where the search did not end."""
+    ignored = [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]
+    limit, visited = RUNAWAY_PER_NODE * len(dg.module2node), set()
+    for m in list(dg.module2node):
+        pruner = dg.get_pruner_of_module(m) if isinstance(m, PRUNABLE_LAYERS) and not any(m is i for i in ignored) \
+            else None
+        if pruner is None or pruner.get_out_channels(m) is None or m in visited:
+            continue
+        try:
+            with _bounded_search(limit):
+                group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+        except _Runaway:
+            yield m, None
+            continue
+        outs = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
+        visited.update(outs)
+        if not any(o is i for o in outs for i in ignored):
+            yield m, group
+
+
+def _unconverged(root: nn.Module, name: str) -> Group:
+    """A group kept whole because torch-pruning could not find its coupled layers (``_bounded_search``)."""
+    conv = is_conv(root)
+    channels = root.out_channels if conv else root.out_features
+    return Group(name, channels, "conv" if conv else "linear", [name], [], step=channels, quantum=channels,
+                 kernel=kernel_area(root) if conv else 1, stride=root.stride[0] if conv else 1,
+                 unsafe="torch-pruning's search for the layers coupled to it does not end (a slice of its output "
+                        "added back and concatenated, as in ReXNet)")
+
+
 def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, round_to: int = 8,
                     dg: tp.DependencyGraph | None = None) -> list[Group]:
     """All prunable groups of ``model``, in the order the dependency graph gives them."""
@@ -343,11 +405,13 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
     ignored += opaque_blocks(model)
     groups: list[Group] = []
     try:
-        found = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=list(PRUNABLE_LAYERS)))
+        found = list(_all_groups(dg, ignored))
     except Exception as exc:  # torch-pruning's index mapping of a construct it does not know
         raise pruning_error("cannot trace the model for pruning", exc) from None
-    for g in found:
-        root = g[0].dep.target.module
+    for root, g in found:
+        if g is None:
+            groups.append(_unconverged(root, names[root]))
+            continue
         outs, ins, norms, partial = [], [], [], {}
         for dep, idxs in g:
             mod = dep.target.module
