@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from metacompress.allocation import budget_allocation
-from metacompress.compress.groups import discover_groups
 from metacompress.compress.measure import count_params, module_macs
 from metacompress.compress.prune import PruningSpace
 from metacompress.compress.robust import RobustConfig, robustify
@@ -70,7 +69,8 @@ def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round
         for name, m in model.named_modules()
         if not list(m.children()) and (count_params(m) or macs.get(name, 0))
     ]
-    groups = discover_groups(model, example, data.num_classes, round_to)
+    space = PruningSpace(model, example, data.num_classes, round_to)  # its groups, found once for both parts
+    groups = space.groups
     out = {
         "model": spec, "data": data_spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
         "macs": macs.get("", 0), "params": count_params(model), "round_to": round_to,
@@ -80,16 +80,16 @@ def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round
         "layers": layers,
     }
     if latency:
-        out["latency"] = _latency_model_info(model, data, round_to, batch, threads, provider)
+        out["latency"] = _latency_model_info(model, data, space, batch, threads, provider)
     return out
 
 
-def _latency_model_info(model, data, round_to: int, batch: int, threads: int | None, provider: str) -> dict[str, Any]:
+def _latency_model_info(model, data, space: PruningSpace, batch: int, threads: int | None,
+                        provider: str) -> dict[str, Any]:
     """The latency model's fit and what each group's pruning saves, as predicted (ms)."""
     from metacompress.budget import budget_spec, resolve_budget
 
     spec = budget_spec(latency=0.5, batch=batch, threads=threads, provider=provider)
-    space = PruningSpace(model, data.x_train[:1], data.num_classes, round_to)
     lm = resolve_budget(spec, model, space, data.input_shape).cost
     saved = lm.per_group_ms(batch)
     floor = space.floor_keep()
