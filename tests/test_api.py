@@ -668,6 +668,34 @@ def test_a_coupling_search_that_does_not_end_keeps_its_group_whole_and_the_rest_
     assert _onnx_rel_diff(small, x, y, tmp_path / "rexnet.onnx") <= 1e-4
 
 
+class FixedHeads(nn.Module):
+    """Code that reads three 8-channel heads from the first 24 channels of a layer: with one
+    channel fewer it still runs, with half of them it cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.c2, self.head = nn.Conv2d(32, 48, 3, padding=1), nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c1(torch.relu(self.c0(x))))
+        scale = h[:, :24].unflatten(1, (3, 8)).amax()
+        return self.head(torch.relu(self.c2(h)).mean((2, 3)) * scale)
+
+
+def test_a_group_that_breaks_only_when_half_of_it_goes_is_kept_whole(trained, tmp_path):
+    """The one-unit trial passes here and a real allocation did not ("pruning gave a model that
+    cannot run", as timm's res2net50 and skresnet18 did): the trial also removes half of each
+    group's units."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    small, report = _uniform_to(FixedHeads().eval(), x, y, 0.7)
+    assert small.c1.out_channels == 32 and small.c0.out_channels < 32
+    assert any("'c1' (removing its units breaks the forward pass: unflatten" in w for w in report.warnings)
+    assert _onnx_rel_diff(small, x, y, tmp_path / "split.onnx") <= 1e-4
+
+
 class PaddedShortcutOnly(nn.Module):
     """A residual sum with a zero-padded shortcut: torch-pruning maps the padding's channels wrongly."""
 

@@ -454,8 +454,8 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
 
 
 def _breaking(model: nn.Module, example: torch.Tensor, groups: list[Group]) -> list[tuple[Group, str]]:
-    """The groups whose removal of one unit (one per conv group) from a copy of ``model`` makes the
-    copy fail, or change its output's shape, and why. One trial when all pass; otherwise halving
+    """The groups whose removal of one unit (one per conv group), or of half their units, from a
+    copy of ``model`` makes the copy fail, or change its output's shape, and why. One trial when all pass; otherwise halving
     finds the culprits, and a group that fails only together with others is found one by one."""
     if not groups:
         return []
@@ -494,8 +494,20 @@ def _halve(trial, groups: list[Group]) -> list[tuple[Group, str]]:
     return _halve(trial, groups[:mid]) + _halve(trial, groups[mid:])
 
 
+TRIAL_SHARES = (0.0, 0.5)  # units removed per conv group in a trial: one, then half (code that breaks only at some widths)
+
+
 def _trial(model: nn.Module, example: torch.Tensor, groups: list[Group], expected) -> str:
-    """Why a copy of ``model`` with one unit of each of ``groups`` removed fails to run as before ("" if it runs)."""
+    """Why a copy of ``model`` with one unit of each of ``groups`` removed, or half of their units,
+    fails to run as before ("" if both run)."""
+    for share in TRIAL_SHARES:
+        why = _trial_at(model, example, groups, expected, share)
+        if why:
+            return why
+    return ""
+
+
+def _trial_at(model: nn.Module, example: torch.Tensor, groups: list[Group], expected, share: float) -> str:
     copied = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch-pruning's and the model's own warnings on a throwaway copy
@@ -504,7 +516,8 @@ def _trial(model: nn.Module, example: torch.Tensor, groups: list[Group], expecte
             modules = dict(copied.named_modules())
             for g in groups:
                 root, width = modules[g.name], g.channels // g.conv_groups
-                idxs = [b * width for b in range(g.conv_groups)]
+                removed = max(1, int(width * share))
+                idxs = [b * width + o for b in range(g.conv_groups) for o in range(removed)]
                 dg.get_pruning_group(root, out_channel_pruner(root), idxs=idxs).prune()
         except Exception as exc:  # a layer torch-pruning cannot resize (a parametrized weight, ...)
             return f"torch-pruning cannot remove its units: {first_line(exc)}"
