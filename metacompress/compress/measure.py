@@ -15,15 +15,24 @@ def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     """MACs of a batch-1 forward pass per module path ('' is the whole model), nested totals."""
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False, depth=None)
-    with torch.no_grad(), counter:
-        model(example[:1])
-    model.train(was_training)
+    try:
+        counter = _counted(model, example[:1], grad=False)
+    except AssertionError:  # its module tracker needs grad_fns where a forward feeds a module parameters (PiT)
+        counter = _counted(model, example[:1], grad=True)
+    finally:
+        model.train(was_training)
     out: dict[str, int] = {}
     for path, ops in counter.get_flop_counts().items():
         name = "" if path == "Global" else path.split(".", 1)[1] if "." in path else ""
         out[name] = int(sum(ops.values()) // 2)
     return out
+
+
+def _counted(model: nn.Module, example: torch.Tensor, grad: bool) -> FlopCounterMode:
+    counter = FlopCounterMode(display=False, depth=None)
+    with torch.set_grad_enabled(grad), counter:
+        model(example)
+    return counter
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
