@@ -24,9 +24,9 @@ channel per norm group, ``GroupNorm(C, C)``, shrinks its ``num_groups`` with its
 
 torch-pruning does not see everything a forward pass does with a width: a per-channel buffer, a
 head count or width written as a constant in a hand-written attention. ``discover_groups``
-therefore removes one unit of every group from a copy of the model and runs it; a group whose
-removal breaks the forward pass (found by halving) is kept whole, with the reason, and the
-others are pruned.
+therefore removes one unit of every group from a copy of the model and runs it, then half of
+every group's units; a group whose removal breaks the forward pass (found by halving) is kept
+whole, with the reason, and the others are pruned.
 """
 
 from __future__ import annotations
