@@ -64,13 +64,18 @@ def scores_only(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     """``model`` made to return its scores (``forward_scores``) when its forward returns more; a
     model that cannot run on ``input_shape`` samples is returned as it is, for the caller's
     check to report."""
+    try:
+        return forward_scores(model, _output_key(model, torch.zeros(1, *input_shape)))
+    except Exception:  # noqa: BLE001 - the forward check that follows names the problem
+        return model
+
+
+def _output_key(model: nn.Module, example: torch.Tensor) -> Key:
+    """``logits_key`` of ``model``'s output on one sample in eval mode; its mode is restored."""
     training = model.training
     try:
         with torch.no_grad():
-            out = model.eval()(torch.zeros(1, *input_shape))
-        return forward_scores(model, logits_key(out))
-    except Exception:  # noqa: BLE001 - the forward check that follows names the problem
-        return model
+            return logits_key(model.eval()(example[:1]))
     finally:
         model.train(training)
 
@@ -96,10 +101,5 @@ class ScoresOf(nn.Module):
 def as_classifier(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """``model`` itself when it returns a tensor, else a ``ScoresOf`` view of it (``model`` is run
     once on ``example`` in eval mode to find out, and left in the mode it was in)."""
-    training = model.training
-    try:
-        with torch.no_grad():
-            key = logits_key(model.eval()(example[:1]))
-    finally:
-        model.train(training)
+    key = _output_key(model, example)
     return model if key is None else ScoresOf(model, key)

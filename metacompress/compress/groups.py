@@ -119,6 +119,11 @@ class Group:
     unsafe: str = ""          # why removing its units cannot be trusted (kept whole; see ``discover_groups``)
     extra: dict = field(default_factory=dict)
 
+    @property
+    def whole(self) -> bool:
+        """Whether its units can only go all together: untrusted, or one unit of all its channels."""
+        return bool(self.unsafe) or self.quantum >= self.channels
+
 
 def find_classifier(model: nn.Module, num_classes: int) -> nn.Module | None:
     """The layer that produces the class scores: its outputs are never pruned."""
@@ -364,11 +369,10 @@ def _bounded_search(limit: int) -> Iterator[None]:
 def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any]]:
     """torch-pruning's ``get_all_groups`` (root layers of PRUNABLE_LAYERS, their output channels),
     each search bounded: (root, group), or (root, None) where the search did not end."""
-    ignored = [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]
+    ignored_ids = {id(i) for i in [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]}
     limit, visited = RUNAWAY_PER_NODE * len(dg.module2node), set()
     for m in list(dg.module2node):
-        pruner = dg.get_pruner_of_module(m) if isinstance(m, PRUNABLE_LAYERS) and not any(m is i for i in ignored) \
-            else None
+        pruner = dg.get_pruner_of_module(m) if isinstance(m, PRUNABLE_LAYERS) and id(m) not in ignored_ids else None
         if pruner is None or pruner.get_out_channels(m) is None or m in visited:
             continue
         try:
@@ -379,7 +383,7 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tu
             continue
         outs = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
         visited.update(outs)
-        if not any(o is i for o in outs for i in ignored):
+        if not any(id(o) in ignored_ids for o in outs):
             yield m, group
 
 
@@ -448,7 +452,7 @@ def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, r
                             quantum=quantum, partial=partial, unsafe=unsafe))
     if not groups:
         raise UserError("the model has no prunable groups (no conv or linear layer besides the classifier)")
-    for g, why in _breaking(model, example, [g for g in groups if g.kind != "attention" and g.quantum < g.channels]):
+    for g, why in _breaking(model, example, [g for g in groups if g.kind != "attention" and not g.whole]):
         g.unsafe, g.quantum, g.step = why, g.channels, g.channels
     return groups
 

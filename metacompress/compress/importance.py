@@ -74,7 +74,7 @@ def unit_scores_by_method(model: nn.Module, groups: list[Group], methods: tuple[
     out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     for g in groups:
         root = modules[g.name]
-        if g.unsafe or g.quantum >= g.channels:  # kept whole (one unit of all channels): never ranked
+        if g.whole:  # its units are never ranked against each other
             for m in methods:
                 out[m].append(torch.ones(g.channels))
             continue
