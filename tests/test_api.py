@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import metacompress as mc
+from metacompress.compress import groups as groups_module
 from metacompress.compress.measure import count_macs
 from metacompress.compress.prune import PruningSpace
 from metacompress.compress.rules import rule_allocation
@@ -290,20 +291,34 @@ def _onnx_rel_diff(small: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Pat
     return mc.verify(path, small, (x[:64], y[:64]))["max_rel_diff"]
 
 
-@pytest.mark.parametrize("norm", ["group", "instance"])
+class GroupNormNoBias(nn.GroupNorm):
+    """An affine GroupNorm subclass without a bias (timm's ``GroupNorm1NoBias``)."""
+
+    def __init__(self, groups: int, channels: int) -> None:
+        super().__init__(groups, channels)
+        self.bias = None
+
+
+NORMS = {"group": lambda c: nn.GroupNorm(4, c), "group-no-bias": lambda c: GroupNormNoBias(4, c),
+         "instance": lambda c: nn.InstanceNorm2d(c, affine=True)}
+
+
+@pytest.mark.parametrize("norm", sorted(NORMS))
 def test_group_and_instance_norm_models_compress_and_round_trip(trained, tmp_path, norm):
     """A GroupNorm keeps its number of groups, so its width stays a multiple of it and every norm
-    group loses as many channels (a pruned width of 13 over 4 groups cannot run); InstanceNorm
-    widths survive ``mc.save``."""
+    group loses as many channels (a pruned width of 13 over 4 groups cannot run); so does a
+    subclass without a bias (torch-pruning looks its handler up by exact type, and its own one
+    prunes the missing bias: poolformerv2 kept such groups whole); InstanceNorm widths survive
+    ``mc.save``."""
     _, train, _ = trained
     x, y = train.tensors
-    layer = (lambda c: nn.GroupNorm(4, c)) if norm == "group" else (lambda c: nn.InstanceNorm2d(c, affine=True))
+    layer = NORMS[norm]
     torch.manual_seed(0)
     model = NormNet(layer).eval()
     dense_w = model.features[0].weight.detach().clone()
     small, report = _uniform_to(model, x, y, 0.5)
-    assert sum(report.kept.values()) < sum(report.channels.values())
-    if norm == "group":
+    assert sum(report.kept.values()) < sum(report.channels.values()) and not report.warnings
+    if norm.startswith("group"):
         norms = [m for m in small.modules() if isinstance(m, nn.GroupNorm)]
         assert all(m.num_groups == 4 and m.num_channels % 4 == 0 for m in norms)
         assert any(m.num_channels < 32 for m in norms[:1]) and all(len(m.weight) == m.num_channels for m in norms)
@@ -641,10 +656,10 @@ class PartialResiduals(nn.Module):
 
 
 def test_a_coupling_search_that_does_not_end_keeps_its_group_whole_and_the_rest_is_pruned(trained, tmp_path):
-    """On ReXNet's partial residuals torch-pruning's search for a group's coupled layers cycles
-    without end (timm's rexnet_100 hung in allocation): each search is bounded, such a group is
-    kept whole with the reason, and the blocks' inner widths are pruned and compute what the
-    dense model computes with the removed channels zeroed."""
+    """ReXNet's partial residuals (timm's rexnet_100 hung in allocation while torch-pruning
+    inferred the concatenations' sizes itself): the trunk, whose slice is added back, is kept
+    whole with the reason, and the blocks' inner widths are pruned and compute what the dense
+    model computes with the removed channels zeroed."""
     _, train, _ = trained
     x, y = train.tensors
     torch.manual_seed(0)
@@ -655,7 +670,7 @@ def test_a_coupling_search_that_does_not_end_keeps_its_group_whole_and_the_rest_
     space = PruningSpace(small, x[:1], 10, round_to=8)
     space.apply(small, space.project(rule_allocation("uniform", space, small, calib=None), 0.6, "macs"))
     assert abs(count_macs(small, x[:1]) / space.dense_macs - 0.6) <= 0.02 * 0.6
-    assert any("search for the layers coupled to it does not end" in g.unsafe for g in space.groups)
+    assert [g.name for g in space.groups if g.unsafe] == ["blocks.4.pwl.0"]  # the trunk: a slice added back
     for block, pruned in zip(reference.blocks, small.blocks):
         bn, kept_bn = block.dw[1], pruned.dw[1]
         kept = [i for i, w in enumerate(bn.weight) if bool((kept_bn.weight == w).any())]
@@ -666,6 +681,118 @@ def test_a_coupling_search_that_does_not_end_keeps_its_group_whole_and_the_rest_
     with torch.no_grad():
         torch.testing.assert_close(small(x[:32]), reference(x[:32]), atol=1e-4, rtol=1e-3)
     assert _onnx_rel_diff(small, x, y, tmp_path / "rexnet.onnx") <= 1e-4
+
+
+class GainConv(nn.Conv2d):
+    """A conv subclass with its own per-output gain, as weight-standardised convs have."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout, 3, padding=1)
+        self.gain = nn.Parameter(0.5 + torch.rand(cout, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight * self.gain, self.bias, self.stride, self.padding)
+
+
+class ScaledLinear(nn.Linear):
+    """A linear subclass whose per-output scale is a buffer."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(cin, cout)
+        self.register_buffer("scale", 0.5 + torch.rand(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+class OwnTensorsNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = GainConv(1, 32), GainConv(32, 48)
+        self.fc, self.head = ScaledLinear(48, 40), nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3))
+        return self.head(torch.relu(self.fc(h)))
+
+
+def test_a_layer_subclass_loses_its_own_per_output_tensors_with_its_units(trained, tmp_path):
+    """A conv or linear subclass's own per-output parameters and buffers (timm's nf_resnet26 has
+    a gain per output channel; it was refused with 'weight should contain 63 elements not 64')
+    are pruned at the units its weight loses: the pruned model computes what the dense model
+    computes with the removed units zeroed."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = OwnTensorsNet().eval()
+    small, reference = copy.deepcopy(model), copy.deepcopy(model)
+    space = PruningSpace(small, x[:1], 10, round_to=8)
+    space.apply(small, [g.channels // 2 for g in space.groups])
+    for name, own in (("c1", "gain"), ("c2", "gain"), ("fc", "scale")):
+        dense, pruned = getattr(reference, name), getattr(small, name)
+        width, kept = dense.weight.shape[0], pruned.weight.shape[0]
+        assert getattr(pruned, own).shape[0] == kept < width
+        rows = [i for i in range(width) if bool((pruned.bias == dense.bias[i]).any())]
+        torch.testing.assert_close(getattr(pruned, own), getattr(dense, own)[rows])
+        mask = torch.zeros(width)
+        mask[rows] = 1
+        shape = (1, -1, 1, 1) if own == "gain" else (1, -1)
+        dense.register_forward_hook(lambda mod, args, out, m=mask, s=shape: out * m.view(*s))
+    with torch.no_grad():
+        torch.testing.assert_close(small(x[:32]), reference(x[:32]), atol=1e-5, rtol=1e-4)
+    assert _onnx_rel_diff(small, x, y, tmp_path / "own.onnx") <= 1e-4
+
+
+class DualPathNet(nn.Module):
+    """DPN's dual paths reduced: two streams that each concatenate their sum with a new conv's
+    output, block after block. torch-pruning's inference of the concatenations' sizes branches at
+    every sum and gives up past its recursion limit."""
+
+    def __init__(self, blocks: int = 10, width: int = 8, grow: int = 4) -> None:
+        super().__init__()
+        self.stem_a, self.stem_b = nn.Conv2d(1, width, 3, padding=1), nn.Conv2d(1, width, 3, padding=1)
+        widths = [width + i * grow for i in range(blocks)]
+        self.conv_a = nn.ModuleList([nn.Conv2d(w, grow, 3, padding=1) for w in widths])
+        self.conv_b = nn.ModuleList([nn.Conv2d(w, grow, 3, padding=1) for w in widths])
+        self.head = nn.Linear(width + blocks * grow, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.stem_a(x), self.stem_b(x)
+        for conv_a, conv_b in zip(self.conv_a, self.conv_b):
+            s = a + b
+            a, b = torch.cat([s, torch.relu(conv_a(a))], 1), torch.cat([s, torch.relu(conv_b(b))], 1)
+        return self.head((a + b).mean((2, 3)))
+
+
+def test_concatenations_whose_sizes_torch_pruning_cannot_infer_use_the_traced_sizes(trained, tmp_path):
+    """The traced pass records every concatenation's input sizes (timm's dpn68 was refused with
+    'cannot trace the model for pruning: TypeError'): the model is pruned to the budget and
+    computes what the dense model computes with the removed channels zeroed."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    model = DualPathNet().eval()
+    small, report = _uniform_to(model, x, y, 0.5)
+    assert not report.warnings
+    reference = copy.deepcopy(model)
+    convs = {n: m for n, m in reference.named_modules() if isinstance(m, nn.Conv2d)}
+    pruned = dict(small.named_modules())
+    for name, conv in convs.items():
+        mask = torch.tensor([float(bool((pruned[name].bias == b).any())) for b in conv.bias])
+        conv.register_forward_hook(lambda mod, args, out, m=mask: out * m.view(1, -1, 1, 1))
+    assert small.stem_a.out_channels + sum(c.out_channels for c in small.conv_a) < 8 + 10 * 4
+    with torch.no_grad():
+        torch.testing.assert_close(small(x[:32]), reference(x[:32]), atol=1e-5, rtol=1e-4)
+    assert _onnx_rel_diff(small, x, y, tmp_path / "dual.onnx") <= 1e-4
+
+
+def test_a_coupling_search_past_its_bound_keeps_its_group_whole(trained, monkeypatch):
+    """A search for a group's coupled layers that grows past its bound (on ReXNet it cycled
+    without end) stops, and its group is kept whole with the reason instead of hanging."""
+    _, train, _ = trained
+    monkeypatch.setattr(groups_module, "RUNAWAY_PER_NODE", 1e-3)
+    space = PruningSpace(PartialResiduals().eval(), train.tensors[0][:1], 10, round_to=8)
+    assert space.groups and all("search for the layers coupled to it does not end" in g.unsafe for g in space.groups)
 
 
 class FixedHeads(nn.Module):

@@ -98,6 +98,36 @@ def out_channel_pruner(root: nn.Module):
     return tp.prune_conv_out_channels if is_conv(root) else tp.prune_linear_out_channels
 
 
+def prune_group(group) -> None:
+    """Prune a torch-pruning group, and with every conv or linear layer whose outputs it removes,
+    that layer's own per-output tensors besides ``weight`` and ``bias`` (a subclass's gain or
+    scale, as in weight-standardised convs), which torch-pruning leaves at the old width."""
+    extras = [(dep.target.module, idxs) for dep, idxs in group
+              if dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels)]
+    extras = [(layer, idxs, _per_output_tensors(layer)) for layer, idxs in extras]
+    group.prune()
+    for layer, idxs, names in extras:
+        for name in names:
+            old = getattr(layer, name)
+            kept = torch.tensor(sorted(set(range(old.shape[0])) - set(idxs)), dtype=torch.long)
+            new = old.detach().index_select(0, kept)
+            if isinstance(old, nn.Parameter):
+                setattr(layer, name, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                layer._buffers[name] = new
+
+
+def _per_output_tensors(layer: nn.Module) -> list[str]:
+    """Names of ``layer``'s own parameters and buffers, other than weight and bias, that hold one
+    entry per output unit (first axis as long as the weight's output axis)."""
+    if getattr(layer, "transposed", False):
+        return []
+    width = layer.weight.shape[0]
+    own = [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
+    return [name for name, t in own if name not in ("weight", "bias") and t is not None and t.dim() >= 1
+            and t.shape[0] == width]
+
+
 @dataclass
 class Group:
     """One prunable group: ``channels`` units that can be kept in multiples of ``step``."""
@@ -262,6 +292,43 @@ def _reshape_mapping(graph: tp.DependencyGraph, node) -> None:
 tp_index_mapping.update_reshape_index_mapping = _reshape_mapping
 
 
+class _ConcatSizes(TorchFunctionMode):
+    """Records the channel sizes of every concatenation along dim 1 in a forward pass with
+    gradients, keyed by the output's autograd node. torch-pruning infers them by walking the graph
+    and gives up past a recursion depth (DPN's chains of dense-path concatenations); then it adds
+    None to an int (upstream: ``update_concat_index_mapping`` sums before it checks for None)."""
+
+    CATS = {torch.cat, torch.concat, torch.concatenate}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[object, list[int]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.CATS and isinstance(out, torch.Tensor) and out.grad_fn is not None and out.dim() > 1:
+            tensors = args[0] if args else (kwargs or {}).get("tensors", ())
+            dim = (list(args[1:2]) or [(kwargs or {}).get("dim", (kwargs or {}).get("axis", 0))])[0]
+            if dim % out.dim() == 1:
+                self.sizes[out.grad_fn] = [t.shape[1] for t in tensors if t.grad_fn is not None or t.requires_grad]
+        return out
+
+
+_tp_concat_mapping = tp_index_mapping.update_concat_index_mapping
+
+
+def _concat_mapping(graph: tp.DependencyGraph, node) -> None:
+    """torch-pruning's concatenation index mapping, with the sizes the traced pass recorded
+    (``_ConcatSizes``) where they match the node's inputs, so that no size is left to inference."""
+    sizes = getattr(graph, "concat_sizes", {}).get(node.grad_fn)
+    if node.type == tp.ops.OPTYPE.CONCAT and sizes is not None and len(sizes) == len(node.inputs):
+        node.module.concat_sizes = sizes
+    _tp_concat_mapping(graph, node)
+
+
+tp_index_mapping.update_concat_index_mapping = _concat_mapping
+
+
 def through_shuffle(group, dg: tp.DependencyGraph) -> bool:
     """Whether a torch-pruning group's channels pass through a channel shuffle of ``dg``'s model."""
     nodes = getattr(dg, "channel_shuffle_nodes", set())
@@ -298,12 +365,14 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         # plain parameters (class tokens, layer scales) follow their last non-singleton axis,
         # which is the channel axis in the models it occurs in; the warning would only alarm
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        shuffles, dg = _ChannelShuffles(), tp.DependencyGraph()
+        shuffles, cats, dg = _ChannelShuffles(), _ConcatSizes(), tp.DependencyGraph()
         dg.channel_shuffle_nodes = shuffles.nodes  # filled by the traced pass, before indices are mapped
-        with shuffles:
+        dg.concat_sizes = cats.sizes
+        with shuffles, cats:
             dg.build_dependency(
                 model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters"),
-                customized_pruners={nn.GroupNorm: _GroupNormPruner(), **{t: _KeptWhole() for t in _opaque_types()}},
+                customized_pruners={**{t: _GroupNormPruner() for t in _group_norm_types(model)},
+                                    **{t: _KeptWhole() for t in _opaque_types()}},
             )
     for node in dg.module2node.values():
         if node.grad_fn in shuffles.nodes:  # a group stops at a shuffle (and is kept whole, ``through_shuffle``)
@@ -311,14 +380,25 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     return dg
 
 
+def _group_norm_types(model: nn.Module) -> set[type]:
+    """nn.GroupNorm and the subclasses of it in ``model`` (torch-pruning looks a customized
+    pruner up by exact type)."""
+    return {nn.GroupNorm} | {type(m) for m in model.modules() if isinstance(m, nn.GroupNorm)}
+
+
 class _GroupNormPruner(tp.pruner.function.GroupNormPruner):
     """torch-pruning's GroupNorm handler keeps ``num_groups``; a GroupNorm with one channel per
     norm group (``GroupNorm(C, C)``, an affine instance norm) keeps one group per channel instead,
-    so any channel can go and the remaining ones are normalised exactly as before."""
+    so any channel can go and the remaining ones are normalised exactly as before. An affine norm
+    without a bias (timm's ``GroupNorm1NoBias``) keeps none (torch-pruning prunes the missing bias)."""
 
     def prune_out_channels(self, layer: nn.GroupNorm, idxs) -> nn.Module:
         per_channel = layer.num_groups == layer.num_channels
-        super().prune_out_channels(layer, idxs)
+        keep = sorted(set(range(layer.num_channels)) - set(idxs))
+        layer.num_channels = len(keep)
+        for name in ("weight", "bias"):
+            if getattr(layer, name, None) is not None:
+                setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 0))
         if per_channel:
             layer.num_groups = layer.num_channels
         return layer
@@ -522,7 +602,7 @@ def _trial_at(model: nn.Module, example: torch.Tensor, groups: list[Group], expe
                 root, width = modules[g.name], g.channels // g.conv_groups
                 removed = max(1, int(width * share))
                 idxs = [b * width + o for b in range(g.conv_groups) for o in range(removed)]
-                dg.get_pruning_group(root, out_channel_pruner(root), idxs=idxs).prune()
+                prune_group(dg.get_pruning_group(root, out_channel_pruner(root), idxs=idxs))
         except Exception as exc:  # a layer torch-pruning cannot resize (a parametrized weight, ...)
             return f"torch-pruning cannot remove its units: {first_line(exc)}"
         try:

@@ -32,6 +32,7 @@ from metacompress.compress.groups import (
     kernel_area,
     norm_width,
     out_channel_pruner,
+    prune_group,
     pruning_error,
     run_one,
 )
@@ -396,7 +397,7 @@ class PruningSpace:
             if not dg.check_pruning_group(group):
                 raise UserError(f"pruning group '{g.name}' would remove a whole layer; lower the target")
             try:
-                group.prune()
+                prune_group(group)
             except Exception as exc:  # torch-pruning's index mapping of a construct it does not follow
                 raise pruning_error(f"cannot prune group '{g.name}'", exc, MISMAPPED) from None
         _check_runs(model, self.example)
