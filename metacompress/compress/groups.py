@@ -419,44 +419,78 @@ def fixed_width_layers(model: nn.Module) -> list[nn.Module]:
             and isinstance(getattr(m, "class_token", None), nn.Parameter)]
 
 
-RUNAWAY_PER_NODE = 20  # a group's dependencies beyond this many per graph node: the search cycles (torchvision's peak: 1.4)
+RUNAWAY_PER_NODE = 20  # dependencies per graph node past which a group's search cycles (torchvision's peak: 2.9)
 
 
 class _Runaway(Exception):
-    """torch-pruning's search for a group's coupled layers went on past RUNAWAY_PER_NODE."""
+    """torch-pruning's search for a group's coupled layers did not converge (``_bounded_search``)."""
 
 
 @contextlib.contextmanager
-def _bounded_search(limit: int) -> Iterator[None]:
+def _bounded_search(limit: int, longest: int) -> Iterator[None]:
     """torch-pruning's group search, stopped with ``_Runaway`` once a group holds ``limit``
-    dependencies. On a slice of a conv's output added back and concatenated (ReXNet's partial
-    residual) its index mappings shift the indices on every turn of a cycle, and the search
-    never ends (torch-pruning 1.6)."""
-    original = tp.dependency.group.Group.add_dep
+    dependencies or maps its units to more channels than ``longest``, the widest tensor
+    dimension of the model. On a slice of a conv's output added back and concatenated (ReXNet's
+    partial residual) its index mappings shift the indices on every turn of a cycle, and the
+    search never ends; through reshapes around a cycle (timm's EfficientViT) a flatten mapping
+    multiplies the list's length on every turn (torch-pruning 1.6). A list that indexes a
+    channel dimension names no more channels than some layer's width: in every torchvision
+    classifier the most is exactly the widest layer.
+
+    The search asks, before each dependency it adds, whether the group already holds the same
+    operation; torch-pruning answers by scanning the whole group, so a group of n dependencies
+    costs n squared comparisons, minutes at the bound. Here each group keeps its operations in
+    a set as they are added, and the question is a lookup. A group only grows by ``add_dep``
+    during the search, so the set stays exact."""
+    group_type = tp.dependency.group.Group
+    original_add, original_has = group_type.add_dep, group_type.has_pruning_op
 
     def add_dep(group, dep, idxs) -> None:
-        if len(group._group) >= limit:
+        if len(group._group) >= limit or (len(idxs) > longest and _distinct(idxs) > longest):
             raise _Runaway
-        original(group, dep, idxs)
+        original_add(group, dep, idxs)
+        group.__dict__.setdefault("_mc_ops", set()).add(_operation(dep, idxs))
 
-    tp.dependency.group.Group.add_dep = add_dep
+    def has_pruning_op(group, dep, idxs) -> bool:
+        return _operation(dep, idxs) in group.__dict__.get("_mc_ops", ())
+
+    group_type.add_dep, group_type.has_pruning_op = add_dep, has_pruning_op
     try:
         yield
     finally:
-        tp.dependency.group.Group.add_dep = original
+        group_type.add_dep, group_type.has_pruning_op = original_add, original_has
+
+
+def _widest(model: nn.Module) -> int:
+    """The longest dimension of any parameter or buffer of ``model``, or a convolution's input width."""
+    dims = [max(t.shape, default=1) for t in [*model.parameters(), *model.buffers()]]
+    dims += [m.in_channels for m in model.modules() if is_conv(m)]
+    return max(dims, default=1)
+
+
+def _distinct(idxs: Any) -> int:
+    """How many channels an index list names: torch-pruning pairs each with the root unit it
+    comes from, and one channel fed by several root units appears once per unit (ResNeSt's
+    split attention)."""
+    return len({getattr(i, "idx", i) for i in idxs})
+
+
+def _operation(dep: Any, idxs: Any) -> tuple:
+    """What torch-pruning's ``Group.has_pruning_op`` compares: target node, handler, indices."""
+    return dep.target, dep.handler, tuple(idxs)
 
 
 def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any]]:
     """torch-pruning's ``get_all_groups`` (root layers of PRUNABLE_LAYERS, their output channels),
     each search bounded: (root, group), or (root, None) where the search did not end."""
     ignored_ids = {id(i) for i in [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]}
-    limit, visited = RUNAWAY_PER_NODE * len(dg.module2node), set()
+    limit, longest, visited = RUNAWAY_PER_NODE * len(dg.module2node), _widest(dg.model), set()
     for m in list(dg.module2node):
         pruner = dg.get_pruner_of_module(m) if isinstance(m, PRUNABLE_LAYERS) and id(m) not in ignored_ids else None
         if pruner is None or pruner.get_out_channels(m) is None or m in visited:
             continue
         try:
-            with _bounded_search(limit):
+            with _bounded_search(limit, longest):
                 group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
         except _Runaway:
             yield m, None
@@ -473,8 +507,8 @@ def _unconverged(root: nn.Module, name: str) -> Group:
     channels = root.out_channels if conv else root.out_features
     return Group(name, channels, "conv" if conv else "linear", [name], [], step=channels, quantum=channels,
                  kernel=kernel_area(root) if conv else 1, stride=root.stride[0] if conv else 1,
-                 unsafe="torch-pruning's search for the layers coupled to it does not end (a slice of its output "
-                        "added back and concatenated, as in ReXNet)")
+                 unsafe="torch-pruning's search for the layers coupled to it does not converge (its index mappings "
+                        "grow on every turn of a cycle, as through ReXNet's partial residual or EfficientViT's reshapes)")
 
 
 def discover_groups(model: nn.Module, example: torch.Tensor, num_classes: int, round_to: int = 8,
