@@ -394,7 +394,7 @@ def test_cli_meta_train_then_meta_eval_json(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["tasks"] == "digits-rot:5w5s" and set(res["results"]) == {"fomaml", "joint", "no-adapt"}
-    assert res["results"]["no-adapt"]["accuracy"] == pytest.approx(0.2)
+    assert res["results"]["no-adapt"]["accuracy"] == pytest.approx(0.2, abs=0.05)  # chance, 5-way
     assert all(v["ci95"] > 0 for v in res["results"].values())  # 10 episodes that differ
     assert res["results"]["joint"]["accuracy"] > res["results"]["no-adapt"]["accuracy"] + 0.1  # adapting helps
 
