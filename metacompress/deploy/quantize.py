@@ -95,9 +95,9 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, mode: str = "a
     ``mode``: ``static`` (QDQ, per-channel int8 weights in a 7-bit range, uint8 activations
     calibrated with MinMax over ``calibration``, raw input samples shaped like the model's input),
     ``dynamic`` (int8 weights of MatMul/Gemm) or ``auto`` (chosen by the op mix, see
-    ``choose_mode``). The graph is
-    first run through onnxruntime's quantization pre-processing (shape inference + optimisation)
-    so that every tensor has the shape information the quantizer needs. The 7-bit weight range
+    ``choose_mode``). The graph is first run through onnxruntime's quantization pre-processing
+    (shape inference + optimisation) so that every tensor has the shape information the
+    quantizer needs. The 7-bit weight range
     (``reduce_range``) is what keeps a static model accurate on x86 CPUs without VNNI, where
     onnxruntime multiplies uint8 by int8 with an instruction whose 16-bit sums saturate; the file
     may run on any machine, so it is always used.
