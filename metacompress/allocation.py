@@ -7,8 +7,11 @@ import functools
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
+from torch import nn
+
 from metacompress.budget import Budget
 from metacompress.compress.distill import RepairConfig
+from metacompress.compress.measure import count_macs, count_params
 from metacompress.compress.prune import BUDGET_TOL, PruningSpace
 from metacompress.compress.robust import Allocation, RobustConfig, robustify
 from metacompress.compress.rules import CHANNEL_IMPORTANCE, RULES, rule_allocation
@@ -137,3 +140,21 @@ def allocation_warnings(space: PruningSpace, keep: list[int], off: list[str], bu
                    f"({', '.join(off[:3])}{', ...' if len(off) > 3 else ''}): runtimes pad such widths, so expect "
                    f"less speedup than the MACs suggest; a larger target avoids it")
     return out
+
+
+def counted_miss(space: PruningSpace, keep: list[int], budget: Budget, pruned: nn.Module) -> list[str]:
+    """A MACs or params budget checked on the pruned model itself. The projection meets it on the
+    analytic cost model (``PruningSpace.estimate``); where that model prices some layer of an
+    unusual construct wrongly, only the count shows it, and the user should know."""
+    if budget.latency is not None or budget.metric not in ("macs", "params"):
+        return []
+    if budget.metric == "macs":
+        counted = count_macs(pruned, space.example) / space.dense_macs
+    else:
+        counted = count_params(pruned) / space.dense_params
+    predicted = space.kept_fraction(keep, budget.metric)
+    if abs(counted - budget.target) <= BUDGET_TOL * budget.target or abs(counted - predicted) <= 1e-3 * predicted:
+        return []
+    return [f"the pruned model keeps {counted:.3f} of the dense {budget.metric} for a target of {budget.target:g}, where "
+            f"the cost model predicted {predicted:.3f}: it prices some layer of this model wrongly; a target of "
+            f"{budget.target * budget.target / counted:.3g} should land near {budget.target:g}"]

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from metacompress.allocation import allocate, allocation_warnings, robustify_stage
+from metacompress.allocation import allocate, allocation_warnings, counted_miss, robustify_stage
 from metacompress.budget import Budget, BudgetSpec, budget_spec, resolve_budget
 from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig
@@ -318,6 +318,7 @@ def compress_prepared(cfg: CompressConfig, prep: Prepared, timer: Timer) -> Comp
             g = guard_repair(cfg, prep, keep, repair_cfg, student)
         keep, repair_cfg, student, guard, first = g.keep, g.repair, g.pruned, g.info, g.student
     warnings = robust_warnings + allocation_warnings(prep.space, keep, prep.space.off_grid(keep), prep.budget)
+    warnings += counted_miss(prep.space, keep, prep.budget, student)
     for w in warnings:
         status(f"warning: {w}")
     pruned_acc = accuracy_before_repair(student, data)

@@ -896,3 +896,25 @@ def test_constructs_torch_pruning_maps_wrongly_are_one_line_errors(trained, mode
     with pytest.raises(mc.UserError, match=reason):
         mc.compress(model(), train.tensors[0][:1], target=0.5, train=train, allocation="uniform",
                     repair=mc.RepairConfig(steps=0))
+
+
+def test_a_budget_the_cost_model_misprices_is_named_in_the_warnings(trained, monkeypatch):
+    """The projection meets a MACs budget on the analytic cost model; where that model prices a
+    layer wrongly (simulated: every estimate 15 % high), the pruned model lands off the target and
+    the count after pruning says so, with the target that would land near it. A priced-right run
+    has no such warning."""
+    model, train, _ = trained
+    x, y = train.tensors
+
+    def run():
+        return mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
+                           repair=mc.RepairConfig(steps=0), guard=False, round_to=1)
+
+    _, right = run()
+    assert abs(right.achieved_macs_ratio - 0.5) <= 0.01 and not any("prices some layer" in w for w in right.warnings)
+    estimate = PruningSpace.estimate
+    monkeypatch.setattr(PruningSpace, "estimate", lambda self, keep: tuple(1.15 * v for v in estimate(self, keep)))
+    _, off = run()
+    assert off.achieved_macs_ratio < 0.47
+    miss = [w for w in off.warnings if "prices some layer" in w]
+    assert len(miss) == 1 and f"keeps {off.achieved_macs_ratio:.3f} of the dense macs" in miss[0]

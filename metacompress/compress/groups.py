@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.pruner.function import BasePruningFunc
 
+from metacompress.compress.split_pieces import equal_pieces, order_pieces, split_producers
 from metacompress.errors import UserError, first_line
 
 KINDS = ("conv", "depthwise", "linear", "attention")
@@ -359,7 +360,7 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
 
 def _trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     """torch-pruning's dependency graph of ``model`` (in eval mode), with our handlers of opaque
-    blocks and per-channel GroupNorms."""
+    blocks and per-channel GroupNorms, and channel splits linked piece by piece (``split_pieces``)."""
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     with warnings.catch_warnings():
         # plain parameters (class tokens, layer scales) follow their last non-singleton axis,
@@ -368,6 +369,14 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
         shuffles, cats, dg = _ChannelShuffles(), _ConcatSizes(), tp.DependencyGraph()
         dg.channel_shuffle_nodes = shuffles.nodes  # filled by the traced pass, before indices are mapped
         dg.concat_sizes = cats.sizes
+        trace = dg._trace
+
+        def traced(*args: Any, **kwargs: Any) -> dict:
+            module2node = trace(*args, **kwargs)
+            order_pieces(dg, module2node)  # before torch-pruning maps indices through the splits
+            return module2node
+
+        dg._trace = traced
         with shuffles, cats:
             dg.build_dependency(
                 model, example_inputs=example[:1], unwrapped_parameters=hints.get("unwrapped_parameters"),
@@ -485,7 +494,7 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tu
     each search bounded: (root, group), or (root, None) where the search did not end."""
     ignored_ids = {id(i) for i in [*ignored, *dg.IGNORED_LAYERS_IN_TRACING]}
     limit, longest, visited = RUNAWAY_PER_NODE * len(dg.module2node), _widest(dg.model), set()
-    for m in list(dg.module2node):
+    for m in split_producers(dg, PRUNABLE_LAYERS) + list(dg.module2node):
         pruner = dg.get_pruner_of_module(m) if isinstance(m, PRUNABLE_LAYERS) and id(m) not in ignored_ids else None
         if pruner is None or pruner.get_out_channels(m) is None or m in visited:
             continue
@@ -493,6 +502,7 @@ def _all_groups(dg: tp.DependencyGraph, ignored: list[nn.Module]) -> Iterator[tu
             with _bounded_search(limit, longest):
                 group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
         except _Runaway:
+            visited.add(m)
             yield m, None
             continue
         outs = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)]
@@ -762,7 +772,8 @@ def _channel_blocks(mod: nn.Module, out: bool) -> tuple[int, int]:
 
 def _conv_grouping(group, root: nn.Module, dg: tp.DependencyGraph) -> tuple[int, int]:
     """(G, quantum) for a torch-pruning group: G is the lcm of the channel blocks of the grouped
-    convs and GroupNorms it touches (``_channel_blocks``).
+    convs and GroupNorms it touches (``_channel_blocks``) and of the equal pieces of a channel split
+    it passes through (``split_pieces.equal_pieces``: each piece then keeps the same share).
 
     Same offsets in each of lcm(G1, G2) blocks are also the same offsets in each of G1 and G2
     blocks, so one pattern serves every grouped conv of the group. When a grouped conv sees the
@@ -778,6 +789,10 @@ def _conv_grouping(group, root: nn.Module, dg: tp.DependencyGraph) -> tuple[int,
         if dim != channels or list(idxs) != list(range(channels)):
             return 1, channels
         conv_groups = conv_groups * g // _gcd(conv_groups, g)
+    pieces = equal_pieces(group, channels)
+    if pieces == 0:
+        return 1, channels
+    conv_groups = math.lcm(conv_groups, pieces)
     if channels % conv_groups:
         return 1, channels
     return conv_groups, conv_groups

@@ -96,6 +96,8 @@ class PruningSpace:
         in_of: dict[str, list[int]] = {}
         norm_of: dict[str, list[int]] = {}
         for gi, g in enumerate(self.groups):
+            if g.whole:  # never narrower; an untrusted group may list layers that another group sets
+                continue
             for name in g.out_layers:
                 out_of[name] = gi
             for name in g.in_layers:

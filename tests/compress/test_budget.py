@@ -202,3 +202,101 @@ def test_projection_returns_the_nearest_allocation_it_met_not_the_last():
     for start in (0.2, 0.9):  # the allocation's first guess below and above the target
         keep = space.project(lambda s, start=start: [min(0.9, s * start * 2)], 0.308)
         assert keep == [5], start
+
+
+def _conv_bn(cin: int, cout: int, k: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class _CrossStage(nn.Module):
+    """A CSP stage (CSPNet, YOLOv8's C2f): a 1x1 conv whose output is cut into two halves, one of
+    them through a residual block (so that piece is read twice, by the block's conv and by its
+    addition) and concatenated back after the other. ``chunk`` cuts by the tensor's own width;
+    ``split(16)`` by a fixed width, which a narrower conv no longer fills."""
+
+    def __init__(self, fixed: bool) -> None:
+        super().__init__()
+        self.fixed = fixed
+        self.stem, self.exp = _conv_bn(3, 16, 3), _conv_bn(16, 32)
+        self.b1, self.b2 = _conv_bn(16, 8), _conv_bn(8, 16, 3)
+        self.trans_b, self.trans = _conv_bn(16, 16), _conv_bn(32, 24)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.exp(self.stem(x))
+        xs, xb = h.split(16, dim=1) if self.fixed else h.chunk(2, dim=1)
+        xb = self.b2(self.b1(xb)) + xb
+        return self.head(self.trans(torch.cat([xs, self.trans_b(xb)], 1)).mean((2, 3)))
+
+
+def _distinct_bn(model: nn.Module) -> None:
+    """BatchNorm scales that differ per channel, so that a pruned BN tells which channels it kept."""
+    gen = torch.Generator().manual_seed(1)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.weight.data = 0.5 + torch.rand(bn.num_features, generator=gen)
+        bn.bias.data = 0.1 * torch.randn(bn.num_features, generator=gen)
+
+
+class _C2f(nn.Module):
+    """YOLOv8's C2f: the halves of a chunked 1x1 conv and the residual block's output are all
+    concatenated, so the first half is read by the concatenation alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.exp = _conv_bn(3, 16, 3), _conv_bn(16, 32)
+        self.b1, self.b2 = _conv_bn(16, 8), _conv_bn(8, 16, 3)
+        self.trans, self.head = _conv_bn(48, 24), nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(self.exp(self.stem(x)).chunk(2, 1))
+        y.append(self.b2(self.b1(y[-1])) + y[-1])
+        return self.head(self.trans(torch.cat(y, 1)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("net, readers", [(lambda: _CrossStage(fixed=False), {"b1.0", "trans_b.0", "trans.0"}),
+                                          (_C2f, {"b1.0", "trans.0"})], ids=["csp", "c2f"])
+def test_a_chunked_csp_stage_prunes_both_halves_and_computes_what_the_kept_channels_did(net, readers):
+    """torch-pruning maps a split's pieces in the order its graph walk meets their readers (here
+    the residual half first), and infers a piece's width from its readers (none known where only
+    a concatenation reads it): the stage's conv was kept whole. It is pruned with the same offsets
+    in both halves, together with the layers that read each half, and the pruned model computes
+    what the dense one does with those channels zeroed."""
+    torch.manual_seed(0)
+    model = net().eval()
+    _distinct_bn(model)
+    x = torch.randn(4, 3, 8, 8)
+    space = PruningSpace(model, x[:1], 10, round_to=1)
+    exp = next(g for g in space.groups if g.name == "exp.0")
+    assert not exp.whole and exp.conv_groups == 2
+    assert set(exp.out_layers) == {"exp.0", "b2.0"} and set(exp.in_layers) == readers
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        keep = [g.quantum * int(torch.randint(max(1, g.channels // (4 * g.quantum)), g.channels // g.quantum + 1, (1,),
+                                              generator=gen)) for g in space.groups]
+        assert count_macs(space.apply(copy.deepcopy(model), keep), x[:1]) == pytest.approx(space.estimate(keep)[0])
+    keep = [20 if g is exp else g.channels for g in space.groups]
+    pruned = space.apply(copy.deepcopy(model), keep)
+    kept = [i for i, w in enumerate(model.exp[1].weight) if bool((pruned.exp[1].weight == w).any())]
+    assert len(kept) == 20 and sum(i < 16 for i in kept) == 10
+    mask = torch.zeros(32)
+    mask[kept] = 1
+    model.exp.register_forward_hook(lambda mod, args, out: out * mask.view(1, -1, 1, 1))
+    model.b2.register_forward_hook(lambda mod, args, out: out * mask[16:].view(1, -1, 1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_csp_stage_split_by_a_fixed_width_keeps_its_conv_whole_and_is_priced_exactly():
+    """With ``split(16)`` a narrower stage conv breaks the forward pass, so it is kept whole, and
+    the groups around it are priced as they are pruned (the stage's conv was once listed as
+    setting the output width of the half's transition conv: estimated 0.447 of cspdarknet53's
+    MACs where the pruned model kept 0.435)."""
+    torch.manual_seed(0)
+    model = _CrossStage(fixed=True).eval()
+    x = torch.randn(1, 3, 8, 8)
+    space = PruningSpace(model, x, 10, round_to=1)
+    assert next(g for g in space.groups if g.name == "exp.0").whole
+    keep = [g.channels if g.whole else g.channels // 2 for g in space.groups]
+    pruned = space.apply(copy.deepcopy(model), keep)
+    assert count_macs(pruned, x) == pytest.approx(space.estimate(keep)[0])
+    assert count_macs(pruned, x) < count_macs(model, x)
