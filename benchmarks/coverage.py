@@ -306,7 +306,8 @@ def _fp64(row: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--models", help="comma-separated subset (default: every torchvision classifier)")
+    ap.add_argument("--models", help="comma-separated subset to walk (default: every torchvision classifier); "
+                                     "the page keeps the other models' cached rows")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per model")
     ap.add_argument("--max-params", type=float, default=100.0, help="skip models over this many million params")
     ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
@@ -319,10 +320,13 @@ def main() -> None:
     import torchvision
 
     names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    if args.models and args.fresh:
+        raise SystemExit("--fresh walks every model: it cannot be combined with --models")
     cache = Path(args.out).with_suffix(".jsonl")
     cache.parent.mkdir(parents=True, exist_ok=True)
+    every = torchvision.models.list_models(module=torchvision.models)
     rows = {} if args.fresh or not cache.exists() else {
-        r["model"]: r for r in map(json.loads, cache.read_text().splitlines()) if r["model"] in names}
+        r["model"]: r for r in map(json.loads, cache.read_text().splitlines()) if r["model"] in every}
     for name in names:
         if name in rows and not (args.redo and rows[name]["status"].startswith(args.redo)):
             continue
@@ -338,7 +342,9 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
     command = "python benchmarks/coverage.py " + " ".join(a for a in sys.argv[1:])
     note = (f"Models over {args.max_params:g} M parameters are skipped (building, pruning and exporting them "
-            f"at one thread takes minutes each on this machine); each model had {args.timeout:.0f} s.")
+            f"at one thread takes minutes each on this machine); each model had {args.timeout:.0f} s."
+            + (" The rows of the models not named in --models come from earlier runs (the cache next to this page)."
+               if args.models else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(render(list(rows.values()), command.strip(), note))
     print(f"wrote {args.out}")

@@ -22,6 +22,7 @@ A rank that dies makes the others' next collective fail; the survivors raise ``W
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import multiprocessing as mp
 import os
@@ -80,7 +81,16 @@ def init_from_env() -> tuple[int, int]:
     """
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo", timeout=_timeout())
+        atexit.register(_leave_group)
     return rank_and_world()
+
+
+def _leave_group() -> None:
+    """Leave the process group before the interpreter exits: a gloo group left to its destructor
+    at shutdown can abort the process ("terminate called without an active exception"), and
+    torchrun then reports a rank that had finished its work as failed."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(items: Sequence[T], rank: int | None = None, world: int | None = None) -> list[T]:
