@@ -78,6 +78,11 @@ def in_width(layer: nn.Module) -> int:
     return layer.in_channels if isinstance(layer, CHANNEL_LAYERS) else layer.in_features
 
 
+def out_width(layer: nn.Module) -> int:
+    """Output channels of a conv, output features of a linear layer."""
+    return layer.out_channels if isinstance(layer, CHANNEL_LAYERS) else layer.out_features
+
+
 def kernel_area(conv: nn.Module) -> int:
     """Taps of one output position per input channel (k for 1-D, k x k for 2-D, ...)."""
     return math.prod(conv.kernel_size)
@@ -685,9 +690,7 @@ def _step(channels: int, round_to: int, quantum: int = 1) -> int:
 
 
 def _width(layer: nn.Module, out: bool) -> int:
-    if out:
-        return layer.out_channels if isinstance(layer, CHANNEL_LAYERS) else layer.out_features
-    return in_width(layer)
+    return out_width(layer) if out else in_width(layer)
 
 
 def _note_partial(partial: dict[str, float], key: str, idxs, width: int) -> None:

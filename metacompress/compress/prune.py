@@ -32,6 +32,7 @@ from metacompress.compress.groups import (
     kernel_area,
     norm_width,
     out_channel_pruner,
+    out_width,
     prune_group,
     pruning_error,
     run_one,
@@ -72,6 +73,7 @@ class LayerTerm:
     out_group: int
     in_group: int      # the group that sets its input width; -1: none, or several (``in_shares``)
     in_shares: tuple[tuple[int, float], ...] = ()  # input fed by several groups (a concat): (group, share)
+    out_shares: tuple[tuple[int, float], ...] = ()  # output set by several groups, or by one in part; out_group -1
 
 
 class PruningSpace:
@@ -92,21 +94,18 @@ class PruningSpace:
     def _build_cost_model(self, model: nn.Module) -> None:
         per_module = module_macs(model, self.example)
         modules = dict(model.named_modules())
-        out_of: dict[str, int] = {}
+        out_of: dict[str, list[int]] = {}
         in_of: dict[str, list[int]] = {}
         norm_of: dict[str, list[int]] = {}
         for gi, g in enumerate(self.groups):
             if g.whole:  # never narrower; an untrusted group may list layers that another group sets
                 continue
             for name in g.out_layers:
-                out_of[name] = gi
+                out_of.setdefault(name, []).append(gi)
             for name in g.in_layers:
                 in_of.setdefault(name, []).append(gi)
             for name in g.norm_layers:
                 norm_of.setdefault(name, []).append(gi)
-
-        def output_of(name: str):
-            return self._width_source([out_of[name]], 0, f"out:{name}") if name in out_of else -1
 
         terms = []  # (macs, params, output, input): each a group index or (shares, rest)
         layers: list[LayerTerm] = []
@@ -116,11 +115,13 @@ class PruningSpace:
                 continue
             macs = per_module.get(name, 0)
             covered += macs
+            # a residual stream that concatenates several groups' channels is one layer's output (Inception-ResNet)
+            output = self._width_source(out_of.get(name, []), out_width(mod), f"out:{name}")
             source = -1 if is_depthwise(mod) else self._width_source(in_of.get(name, []), in_width(mod), f"in:{name}")
-            terms.append((macs, mod.weight.numel(), output_of(name), source))
-            layers.append(_layer_term(name, mod, macs, out_of.get(name, -1), source))
+            terms.append((macs, mod.weight.numel(), output, source))
+            layers.append(_layer_term(name, mod, macs, output, source))
             if mod.bias is not None:
-                terms.append((0, mod.bias.numel(), output_of(name), -1))
+                terms.append((0, mod.bias.numel(), output, -1))
         for name, gis in norm_of.items():  # a norm over a concat is shared by the groups that feed it
             norm = modules[name]
             terms.append((0, count_params(norm), -1, self._width_source(gis, norm_width(norm), f"norm:{name}")))
@@ -130,7 +131,7 @@ class PruningSpace:
             parent = name.rsplit(".", 1)[0] if "." in name else ""  # "": qkv is an attribute of the model itself
             own = per_module.get(parent, 0) - sum(per_module.get(f"{parent}.{c}".lstrip("."), 0) for c, _ in
                                                   modules[parent].named_children())
-            gi = out_of.get(name, -1)
+            gi = out_of[name][0] if len(out_of.get(name, [])) == 1 else -1
             terms.append((own, 0, gi, -1))
             layers.append(LayerTerm(parent, "attention", own, 0, qkv.out_features // 3, qkv.out_features // 3, gi, -1))
             covered += own
@@ -418,17 +419,19 @@ def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
                         "shape in forward, a concatenation flattened into a linear layer)") from None
 
 
-def _layer_term(name: str, mod: nn.Module, macs: int, out_group: int, source) -> LayerTerm:
-    """A conv or linear layer's term; its output size is read off its MACs (no second pass)."""
+def _layer_term(name: str, mod: nn.Module, macs: int, output, source) -> LayerTerm:
+    """A conv or linear layer's term; its output size is read off its MACs (no second pass).
+    ``output`` and ``source``: a group index or (shares, rest), as ``PruningSpace._width_source``."""
     in_group, in_shares = (source, ()) if isinstance(source, int) else (-1, source[0])
+    out_group, out_shares = (output, ()) if isinstance(output, int) else (-1, output[0])
     if isinstance(mod, CHANNEL_LAYERS):
         k = kernel_area(mod)
         kind = "depthwise" if is_depthwise(mod) else "pointwise" if k == 1 else "conv"
         per_output = k * mod.in_channels // mod.groups
         return LayerTerm(name, kind, macs, macs // max(1, per_output), mod.out_channels, mod.in_channels,
-                         out_group, in_group, in_shares)
+                         out_group, in_group, in_shares, out_shares)
     return LayerTerm(name, "linear", macs, macs // max(1, mod.in_features), mod.out_features, mod.in_features,
-                     out_group, in_group, in_shares)
+                     out_group, in_group, in_shares, out_shares)
 
 
 def drop_indices(scores: torch.Tensor, n_remove: int, conv_groups: int = 1) -> list[int]:

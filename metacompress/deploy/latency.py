@@ -85,8 +85,8 @@ class LatencyModel:
         self._elems = np.array([lt.out_elems for lt in layers], dtype=float)
         self._out_ch = np.array([lt.out_channels for lt in layers], dtype=float)
         self._in_ch = np.array([lt.in_channels for lt in layers], dtype=float)
-        self._out_g = np.array([lt.out_group for lt in layers], dtype=int)
-        self._inputs = _input_matrix(layers, len(space.groups))
+        self._outputs = _share_matrix(layers, len(space.groups), out=True)
+        self._inputs = _share_matrix(layers, len(space.groups), out=False)
         self._padded = np.isin(self._kind, [TERMS.index(k) for k in PADDED])
         self._dense_terms = self.terms([g.channels for g in space.groups], normalise=False)
 
@@ -95,8 +95,8 @@ class LatencyModel:
         """The allocation's TERMS; ``normalise``: MAC terms over the dense model's MACs (all kinds
         together, so a kind the dense model lacks still counts), activations over its activations."""
         f = self.space.fractions(keep)      # last entry 1.0: index -1 is "not pruned"
-        fin = self._inputs @ f
-        out_w = self._width(f[self._out_g], self._out_ch)
+        fin, fout = self._inputs @ f, self._outputs @ f
+        out_w = self._width(fout, self._out_ch)
         in_w = self._width(fin, self._in_ch)
         # an input narrower than one block is read as it is (NCHW), not padded
         narrow = np.round(fin * self._in_ch) < self.block
@@ -106,7 +106,7 @@ class LatencyModel:
         kind = self._kind.copy()
         unblocked = self._unblocked(f)
         kind[unblocked] = TERMS.index("unblocked")
-        raw = np.round(f[self._out_g] * self._out_ch) / np.maximum(1.0, self._out_ch)
+        raw = np.round(fout * self._out_ch) / np.maximum(1.0, self._out_ch)
         raw_in = np.round(fin * self._in_ch) / np.maximum(1.0, self._in_ch)
         scale[unblocked] = np.where(depthwise, raw, raw * raw_in)[unblocked]
         values = np.zeros(len(TERMS))
@@ -122,7 +122,7 @@ class LatencyModel:
     def _unblocked(self, f: np.ndarray) -> np.ndarray:
         """Convolutions outside the runtime's blocked layout at these kept fractions."""
         cin = np.round((self._inputs @ f) * self._in_ch)
-        cout = np.round(f[self._out_g] * self._out_ch)
+        cout = np.round((self._outputs @ f) * self._out_ch)
         depthwise = self._kind == TERMS.index("depthwise")
         regular = (cin >= self.block) & (cin % self.block != 0)
         return self._padded & np.where(depthwise, cout % self.block != 0, regular)
@@ -173,17 +173,19 @@ class LatencyModel:
                          for b, f in sorted(self.fits.items())}}
 
 
-def _input_matrix(layers, n_groups: int) -> np.ndarray:
+def _share_matrix(layers, n_groups: int, out: bool) -> np.ndarray:
     """(layers x groups+1): row l times the groups' kept fractions (last entry 1.0) is layer l's
-    kept input fraction; a concatenated input mixes its groups by their share of the width."""
+    kept output (``out``) or input fraction; a width set by several groups (a concatenated input, a
+    residual stream of concatenated channels) mixes them by their share of the width."""
     m = np.zeros((len(layers), n_groups + 1))
     for i, lt in enumerate(layers):
-        if lt.in_shares:
-            for gi, share in lt.in_shares:
+        shares = lt.out_shares if out else lt.in_shares
+        if shares:
+            for gi, share in shares:
                 m[i, gi] += share
-            m[i, -1] += max(0.0, 1.0 - sum(s for _, s in lt.in_shares))
+            m[i, -1] += max(0.0, 1.0 - sum(s for _, s in shares))
         else:
-            m[i, lt.in_group] = 1.0
+            m[i, lt.out_group if out else lt.in_group] = 1.0
     return m
 
 
@@ -304,8 +306,8 @@ def cache_dir() -> Path:
 
 
 def cache_key(space: PruningSpace, input_shape: Sequence[int], batches: Sequence[int], signature: dict) -> str:
-    structure = [[lt.name, lt.kind, lt.macs, lt.out_channels, lt.in_channels, lt.out_group, lt.in_group, lt.in_shares]
-                 for lt in space.layers]
+    structure = [[lt.name, lt.kind, lt.macs, lt.out_channels, lt.in_channels, lt.out_group, lt.in_group, lt.in_shares,
+                  lt.out_shares] for lt in space.layers]
     groups = [[g.name, g.channels, g.step] for g in space.groups]
     blob = json.dumps({"version": VERSION, "layers": structure, "groups": groups, "dense_macs": space.dense_macs,
                        "input": [int(d) for d in input_shape], "batches": list(batches), "runtime": signature},

@@ -300,3 +300,36 @@ def test_a_csp_stage_split_by_a_fixed_width_keeps_its_conv_whole_and_is_priced_e
     pruned = space.apply(copy.deepcopy(model), keep)
     assert count_macs(pruned, x) == pytest.approx(space.estimate(keep)[0])
     assert count_macs(pruned, x) < count_macs(model, x)
+
+
+class _ConcatResidual(nn.Module):
+    """Inception-ResNet's stream: two branches concatenated, then a residual block whose last 1x1
+    conv adds (scaled) into all of it, so that conv's outputs belong to both branches' groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _conv_bn(3, 8, 3), _conv_bn(3, 16, 3)
+        self.c1, self.c2 = _conv_bn(24, 12), nn.Conv2d(12, 24, 1)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(torch.relu(self.c2(self.c1(h)) * 0.2 + h).mean((2, 3)))
+
+
+def test_cost_model_is_exact_where_several_groups_set_one_layers_outputs():
+    """The residual block's conv writes the channels of both branches: each branch's group sets
+    its share of that conv's outputs (the cost model once priced them by the last group alone:
+    inception_resnet_v2 estimated 0.291 of its MACs at half width where the pruned model kept 0.251)."""
+    torch.manual_seed(0)
+    model = _ConcatResidual().eval()
+    x = torch.randn(2, 3, 8, 8)
+    space = PruningSpace(model, x[:1], 10, round_to=1)
+    c2 = next(t for t in space.layers if t.name == "c2")
+    assert c2.out_group == -1 and sorted(s for _, s in c2.out_shares) == pytest.approx([1 / 3, 2 / 3])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        keep = [int(torch.randint(max(1, g.channels // 4), g.channels + 1, (1,), generator=gen)) for g in space.groups]
+        pruned = space.apply(copy.deepcopy(model), keep)
+        assert count_macs(pruned, x[:1]) == pytest.approx(space.estimate(keep)[0], rel=1e-9), keep
+        assert count_params(pruned) == pytest.approx(space.estimate(keep)[1], rel=1e-9), keep
