@@ -918,3 +918,45 @@ def test_a_budget_the_cost_model_misprices_is_named_in_the_warnings(trained, mon
     assert off.achieved_macs_ratio < 0.47
     miss = [w for w in off.warnings if "prices some layer" in w]
     assert len(miss) == 1 and f"keeps {off.achieved_macs_ratio:.3f} of the dense macs" in miss[0]
+
+
+class EfficientChannelAttention(nn.Module):
+    """ECA (ECA-Net, timm's EcaModule): a one-channel Conv1d across the pooled channels gates them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.mean((2, 3)).view(x.shape[0], 1, -1)).sigmoid().view(x.shape[0], -1, 1, 1)
+        return x * y.expand_as(x)
+
+
+class EcaNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.gated = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.eca = EfficientChannelAttention()
+        self.out = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(torch.relu(h + self.out(self.eca(self.gated(h)))).mean((2, 3)))
+
+
+def test_the_conv_an_eca_gate_reads_is_pruned_and_the_gate_follows_its_width(trained, tmp_path):
+    """torch-pruning maps ECA's reshape of the channels onto a one-channel Conv1d's length as a
+    flatten, which coupled every channel of the gated conv to the gate's single channel: the gated
+    conv was kept whole (and timm's ecaresnet26t spent 105 s finding its groups). The gate now
+    reads whatever width it is given, and the conv before it is pruned."""
+    _, train, _ = trained
+    x, y = train.tensors
+    torch.manual_seed(0)
+    space = PruningSpace(EcaNet().eval(), x[:1], 10, round_to=1)
+    gated = next(g for g in space.groups if g.name == "gated.0")
+    assert not gated.whole and gated.out_layers == ["gated.0"]
+    small, _ = _uniform_to(EcaNet().eval(), x, y, 0.5)
+    assert small.gated[0].out_channels < 32 and small.eca.conv.weight.shape == (1, 1, 3)
+    assert _onnx_rel_diff(small, x, y, tmp_path / "eca.onnx") <= 1e-4

@@ -388,10 +388,35 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
                 customized_pruners={**{t: _GroupNormPruner() for t in _group_norm_types(model)},
                                     **{t: _KeptWhole() for t in _opaque_types()}},
             )
+    gates = _channels_as_length(dg)
     for node in dg.module2node.values():
         if node.grad_fn in shuffles.nodes:  # a group stops at a shuffle (and is kept whole, ``through_shuffle``)
             node.dependencies = []
+        elif node in gates:  # an ECA gate: the channels it reads are not coupled to each other
+            node.dependencies = []
     return dg
+
+
+def _channels_as_length(dg: tp.DependencyGraph, most_steps: int = 4) -> set:
+    """The reshapes that lay the channels out along the length of a one-channel ``Conv1d`` and back:
+    ECA's gate, which convolves across neighbouring channels and reads any number of them.
+    torch-pruning maps those reshapes as flattens of stride C, which couples every channel to every
+    other (the convs that feed a gate were kept whole) and makes C indices of each one."""
+    found = set()
+    for conv in dg.module2node.values():
+        if not (isinstance(conv.module, nn.Conv1d) and conv.module.in_channels == 1 == conv.module.out_channels):
+            continue
+        for side in ("inputs", "outputs"):
+            node = conv
+            for _ in range(most_steps):  # through the activations between the conv and its reshape
+                nxt = getattr(node, side)
+                if len(nxt) != 1:
+                    break
+                node = nxt[0]
+                if node.type == tp.ops.OPTYPE.RESHAPE:
+                    found.add(node)
+                    break
+    return found
 
 
 def _group_norm_types(model: nn.Module) -> set[type]:
