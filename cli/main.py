@@ -19,6 +19,7 @@ from metacompress.cli import (
     sweep_cmd,  # noqa: F401
 )
 from metacompress.cli.app import _one_line, app, err_console
+from metacompress.meta import distributed
 
 try:  # typer >= 0.20 vendors click
     from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -59,7 +60,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    distributed.exit_rank(code)  # under torchrun: no interpreter teardown (see there)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -83,6 +84,19 @@ def init_from_env() -> tuple[int, int]:
         dist.init_process_group("gloo", timeout=_timeout())
         atexit.register(_leave_group)
     return rank_and_world()
+
+
+def exit_rank(code: int) -> None:
+    """End a process that joined a torchrun group: leave the group, flush, and exit without the
+    interpreter's teardown, in which gloo's threads can still abort a rank that finished its work
+    ("terminate called without an active exception"; torchrun then reports the run as failed).
+    Returns without exiting where no group was joined."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    _leave_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _leave_group() -> None:
