@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", message="Unwrapped parameters")
 
 from policy_vs_baselines import allocation_seconds  # noqa: E402
 
+from metacompress.compress.attention import split_self_attention  # noqa: E402
 from metacompress.compress.prune import PruningSpace  # noqa: E402
 from metacompress.meta.modules import has_batchnorm  # noqa: E402
 from metacompress.policy import probe_plan  # noqa: E402
@@ -51,6 +52,7 @@ def describe(name: str) -> dict:
     """Groups, the probe plan and the dense forward time of one model."""
     model = build_model(f"torchvision:{name}", (3, 224, 224), 10).eval()
     x = torch.randn(8, 3, 224, 224)
+    split_self_attention(model, x[:1])  # as ``compress`` converts it
     space = PruningSpace(model, x[:1], 10)
     profile = probe_plan.profile_forward(model, x)
     points = len(CURVE_RATIOS) + (len(PROBE_RATIOS) if has_batchnorm(model) else 0)

@@ -87,6 +87,7 @@ def _build_at_smallest_size(name: str, row: dict):
     export, and the budget is reachable (Swin's padded attention windows are not, at 64 px)."""
     import torch
 
+    from metacompress.compress.attention import split_self_attention
     from metacompress.compress.prune import PruningSpace
     from metacompress.compress.rules import rule_allocation
     from metacompress.data import load_dataset
@@ -106,6 +107,7 @@ def _build_at_smallest_size(name: str, row: dict):
         if not _adaptive_pools_export(model, data.x_train[:1]):
             why = f"{name}: adaptive pooling output does not divide its input at {size} px (legacy ONNX export)"
             continue
+        split_self_attention(model, data.x_train[:1])  # as ``compress`` converts it
         space = PruningSpace(model, data.x_train[:1], data.num_classes, round_to=ROUND_TO)
         try:
             space.project(rule_allocation("uniform", space, model, calib=None), TARGET, "macs")

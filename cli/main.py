@@ -19,6 +19,7 @@ from metacompress.cli import (
     sweep_cmd,  # noqa: F401
 )
 from metacompress.cli.app import _one_line, app, err_console
+from metacompress.compress.measure import composed_attention
 from metacompress.meta import distributed
 
 try:  # typer >= 0.20 vendors click
@@ -41,8 +42,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     """
     command = _command()
     try:
-        code = command.main(args=list(argv) if argv is not None else None, prog_name="metacompress",
-                            standalone_mode=False)
+        with composed_attention():  # compression's passes count and hook attention's parts
+            code = command.main(args=list(argv) if argv is not None else None, prog_name="metacompress",
+                                standalone_mode=False)
     except NoArgsIsHelpError as exc:
         exc.show()
         return 2

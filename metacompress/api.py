@@ -24,7 +24,7 @@ from metacompress.budget import BudgetSpec, as_budget
 from metacompress.compress.checkpoint import USER_MODULE, load_compressed, save_compressed
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.groups import refuse_unsupported
-from metacompress.compress.measure import count_macs, count_params
+from metacompress.compress.measure import composed_attention, count_macs, count_params
 from metacompress.compress.robust import RobustConfig
 from metacompress.data.torchdata import DataLike, _pairs, from_torch
 from metacompress.errors import UserError, first_line
@@ -96,6 +96,7 @@ def _config(model: nn.Module, spec: BudgetSpec, repair: RepairConfig | None, **o
     return cfg
 
 
+@composed_attention()
 def compress(model: nn.Module, example_inputs: torch.Tensor, *, target: BudgetSpec | float, train: DataLike,
              val: DataLike | None = None, test: DataLike | None = None, allocation: str = "meta",
              repair: RepairConfig | None = None, guard: bool = True, students: int = 1,

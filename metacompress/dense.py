@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from metacompress.allocation import budget_allocation
+from metacompress.compress.attention import split_self_attention
 from metacompress.compress.measure import count_params, module_macs
 from metacompress.compress.prune import PruningSpace
 from metacompress.compress.robust import RobustConfig, robustify
@@ -63,6 +64,7 @@ def inspect_model(spec: str, data_spec: str, weights: str | None = "none", round
     data = load_data(data_spec, spec)
     model = load_dense(spec, data, weights, trust_pickle=trust_pickle)
     example = data.x_train[:1]
+    split_self_attention(model, example)  # as ``compress`` sees it: attention heads are groups
     macs = module_macs(model, example)
     layers = [
         {"name": name, "type": type(m).__name__, "macs": macs.get(name, 0), "params": count_params(m)}

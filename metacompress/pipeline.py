@@ -26,6 +26,7 @@ from torch import nn
 
 from metacompress.allocation import allocate, allocation_warnings, counted_miss, robustify_stage
 from metacompress.budget import Budget, BudgetSpec, budget_spec, resolve_budget
+from metacompress.compress.attention import match_saved_attention, split_self_attention
 from metacompress.compress.checkpoint import save_compressed
 from metacompress.compress.distill import RepairConfig
 from metacompress.compress.groups import refuse_unsupported
@@ -167,6 +168,7 @@ def load_dense(spec: str, data: Dataset, weights: str | None, seed: int = 0, epo
         train_dense(model, data, epochs=epochs, seed=seed)
     elif weights != "none":
         state = state_dict_from(load_weights(weights, trust_pickle=trust_pickle), weights)
+        match_saved_attention(model, state, data.x_train[:1])
         expected = model.state_dict()
         wrong = [k for k, v in state.items() if k in expected and v.is_floating_point() != expected[k].is_floating_point()]
         if wrong:
@@ -207,6 +209,7 @@ def prepare_model(dense: nn.Module, data: Dataset, spec: BudgetSpec, round_to: i
 
     timer = timer or Timer()
     with timer.stage("measure"):
+        split_self_attention(dense, data.x_train[:1])  # heads of nn.MultiheadAttention become prunable
         space = PruningSpace(dense, data.x_train[:1], data.num_classes, resolve_round_to(round_to, spec.provider))
         dense_acc, dense_logits = measure_dense(dense, data)
     with timer.stage("latency model") if spec.is_latency else _nothing():

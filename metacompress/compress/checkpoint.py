@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metacompress.compress.attention import match_saved_attention
 from metacompress.errors import UserError
 from metacompress.io import load_weights, save_torch
 from metacompress.meta.modules import load_state
@@ -90,6 +91,7 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
                         "to load_compressed(path, model)")
     if model is None:
         model = build_model(ckpt["model"], ckpt["input_shape"], ckpt["num_classes"], **ckpt["model_kwargs"])
+    match_saved_attention(model, ckpt["state_dict"], torch.zeros(1, *ckpt["input_shape"]))
     resize_to(model, ckpt["structure"], ckpt["state_dict"])
     try:
         load_state(model, ckpt["state_dict"])

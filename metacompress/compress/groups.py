@@ -173,9 +173,16 @@ def find_classifier(model: nn.Module, num_classes: int) -> nn.Module | None:
 
 
 def attention_blocks(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]:
-    """(qkv, proj, num_heads) triples the model declares through ``pruning_hints()``."""
+    """(qkv, proj, num_heads) triples: those the model declares through ``pruning_hints()``, and
+    its ``nn.MultiheadAttention`` blocks converted by ``attention.split_self_attention``."""
+    from metacompress.compress.attention import SelfAttention
+
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
-    return list(hints.get("attention", []))
+    declared = list(hints.get("attention", []))
+    seen = {id(qkv) for qkv, _, _ in declared}
+    converted = [(m.qkv, m.proj, m.num_heads) for m in model.modules()
+                 if isinstance(m, SelfAttention) and id(m.qkv) not in seen]
+    return declared + converted
 
 
 @functools.cache

@@ -217,3 +217,42 @@ def test_policy_info_shows_provenance():
     text = run("policy", "info")
     assert f"shipped: iteration {sel['selected_iteration']}, the best on {sel['tasks']} selection tasks" in " ".join(
         text.stdout.split())
+
+
+TRANSFORMER_FILE = (
+    "import torch.nn as nn\n"
+    "class Net(nn.Module):\n"
+    "    def __init__(self, num_classes):\n"
+    "        super().__init__()\n"
+    "        self.embed = nn.Linear(8, 32)\n"
+    "        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)\n"
+    "        self.encoder = nn.TransformerEncoder(layer, 2)\n"
+    "        self.head = nn.Linear(32, num_classes)\n"
+    "    def forward(self, x):\n"
+    "        return self.head(self.encoder(self.embed(x.flatten(1, 2))).mean(1))\n"
+    "def build(num_classes):\n"
+    "    return Net(num_classes)\n")
+
+
+def test_user_transformer_of_pytorch_layers_compresses_and_round_trips(tmp_path, digits):
+    """``nn.TransformerEncoderLayer`` blocks: attention MACs counted, heads pruned; model.pt (with
+    the converted attention) rebuilds, and a converted state dict loads as --weights."""
+    from metacompress.compress.attention import split_self_attention
+    from metacompress.pipeline import load_dense
+
+    (tmp_path / "tnet.py").write_text(TRANSFORMER_FILE)
+    spec, out = f"{tmp_path / 'tnet.py'}:build", tmp_path / "o"
+    res = run("compress", spec, "--weights", "none", "--target-macs", "0.5", "--allocation", "uniform",
+              "--repair-steps", "0", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert abs(report["achieved_macs_ratio"] - 0.5) <= 0.01
+    assert any(g["kind"] == "attention" and g["kept"] < g["channels"] for g in report["groups"])
+    res = run("verify", out / "model.onnx", "--reference", out / "model.pt", "--data", "digits", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["max_rel_diff"] <= 1e-5
+    converted = build_model(spec, digits.input_shape, 10)
+    split_self_attention(converted, digits.x_train[:1])
+    torch.save(converted.state_dict(), tmp_path / "converted.pt")
+    loaded = load_dense(spec, digits, str(tmp_path / "converted.pt"))
+    assert torch.equal(loaded(digits.x_test[:4]), converted.eval()(digits.x_test[:4]))

@@ -28,6 +28,7 @@ from torch import nn
 
 pytest.importorskip("torchvision")
 
+from metacompress.compress.attention import split_self_attention  # noqa: E402
 from metacompress.compress.distill import recalibrate_bn  # noqa: E402
 from metacompress.compress.measure import count_macs  # noqa: E402
 from metacompress.compress.prune import PruningSpace  # noqa: E402
@@ -136,11 +137,14 @@ def test_vision_transformer_keeps_its_residual_width_and_prunes_the_rest(tmp_pat
     for p in vit.heads.parameters():  # torchvision zero-initialises the head: give parity something to bite on
         nn.init.normal_(p, std=0.5)
     x = torch.randn(16, 3, 32, 32)
+    assert split_self_attention(vit, x[:1]) == 2  # as ``compress`` does: heads become prunable
     space = PruningSpace(vit, x[:1], 10, round_to=1)
-    assert all(g.name != "conv_proj" for g in space.groups) and len(space.groups) >= 2
+    assert all(g.name != "conv_proj" for g in space.groups)
+    assert sorted(g.kind for g in space.groups) == ["attention", "attention", "linear", "linear"]
     keep = space.project(rule_allocation("uniform", space, vit, calib=None), TARGET_MACS, "macs")
     pruned = space.apply(copy.deepcopy(vit), keep)
     assert pruned.conv_proj.out_channels == 64 and pruned.hidden_dim == 64
+    assert pruned.encoder.layers[0].self_attention.qkv.out_features < 3 * 64
     ratio = count_macs(pruned, x[:1]) / count_macs(vit, x[:1])
     assert ratio < 0.95 and abs(ratio - space.kept_fraction(keep, "macs")) < 0.02
     export_onnx(pruned, x[:2], tmp_path / "vit.onnx", dynamo=False)

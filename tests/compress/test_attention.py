@@ -1,0 +1,145 @@
+"""PyTorch's own attention blocks: counted, converted to prunable self-attention, pruned by head dims."""
+
+import pytest
+import torch
+from torch import nn
+
+import metacompress as mc
+from metacompress.compress.attention import SelfAttention, split_self_attention
+from metacompress.compress.groups import discover_groups
+from metacompress.compress.measure import composed_attention, count_macs
+
+
+class EncoderNet(nn.Module):
+    """A user's transformer over feature sequences, built from ``nn.TransformerEncoderLayer``."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, batch_first: bool = True, nested: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+        self.head = nn.Linear(dim, 5)
+        self.batch_first = batch_first
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(x) if self.batch_first else self.embed(x).transpose(0, 1)
+        h = self.encoder(h, src_key_padding_mask=padding)
+        return self.head(h.mean(1 if self.batch_first else 0))
+
+
+class CrossNet(nn.Module):
+    """One self-attention and one cross-attention (keys from a learned memory)."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, dim)
+        self.self_attn = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.cross = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.memory = nn.Parameter(torch.randn(1, 3, dim))
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.self_attn(h, h, h, need_weights=False)[0]
+        mem = self.memory.expand(h.shape[0], -1, -1)
+        return self.head((h + self.cross(h, mem, mem)[0]).mean(1))
+
+
+def _attention_macs(tokens: int, dim: int) -> int:
+    """q/k/v and output projections, then scores and their weighted sum."""
+    return 4 * tokens * dim * dim + 2 * tokens * tokens * dim
+
+
+def test_macs_count_attention_in_inference_and_the_fast_path_setting_comes_back():
+    """In eval mode PyTorch runs an encoder layer as one fused op: counted as such, its MACs were zero."""
+    torch.manual_seed(0)
+    model = EncoderNet().eval()
+    x = torch.randn(1, 10, 12)
+    ffn = 2 * 10 * 64 * 128
+    expected = 10 * 12 * 64 + 2 * (_attention_macs(10, 64) + ffn) + 64 * 5
+    assert torch.backends.mha.get_fastpath_enabled()
+    assert count_macs(model, x) == expected
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masks", ["none", "padding", "bool-attn", "float-attn", "causal", "per-head"])
+def test_self_attention_computes_what_multihead_attention_computes(batch_first, masks):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    ours = SelfAttention.from_multihead(mha).eval()
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    kwargs: dict = {}
+    if masks == "padding":
+        kwargs["key_padding_mask"] = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    elif masks == "bool-attn":
+        kwargs["attn_mask"] = torch.rand(5, 5) > 0.7
+        kwargs["attn_mask"].fill_diagonal_(False)
+    elif masks == "float-attn":
+        kwargs["attn_mask"] = torch.randn(5, 5)
+    elif masks == "causal":
+        kwargs.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(5), is_causal=True)
+    elif masks == "per-head":
+        kwargs["attn_mask"] = torch.randn(3 * 4, 5, 5)
+    for need, average in [(True, True), (True, False), (False, True)]:
+        ref_out, ref_w = mha(x, x, x, need_weights=need, average_attn_weights=average, **kwargs)
+        out, w = ours(x, x, x, need_weights=need, average_attn_weights=average, **kwargs)
+        assert torch.allclose(out, ref_out, atol=1e-5)
+        assert (w is None) == (ref_w is None) and (w is None or torch.allclose(w, ref_w, atol=1e-6))
+    unbatched = x[0] if batch_first else x[:, 0]
+    assert torch.allclose(ours(unbatched, unbatched, unbatched)[0], mha(unbatched, unbatched, unbatched)[0], atol=1e-5)
+    with pytest.raises(ValueError, match="self-attention"):
+        ours(x, x.clone(), x)
+
+
+def test_split_converts_self_attention_only_and_keeps_the_function():
+    torch.manual_seed(0)
+    model = CrossNet().eval()
+    x = torch.randn(4, 7, 6)
+    with torch.no_grad():
+        before = model(x)
+    assert split_self_attention(model, x[:1]) == 1
+    assert isinstance(model.self_attn, SelfAttention) and isinstance(model.cross, nn.MultiheadAttention)
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-6)
+
+
+def test_converted_encoder_runs_its_padded_inference_path():
+    """With a padding mask in eval mode the encoder would take PyTorch's nested-tensor path, which
+    reads the fused weights the converted block no longer has: converting turns that path off, and
+    the model computes what PyTorch's composed path computes (the nested one zeroes padded tokens)."""
+    torch.manual_seed(0)
+    model = EncoderNet(nested=True).eval()
+    x = torch.randn(2, 6, 12)
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    with torch.no_grad():
+        with composed_attention():
+            before = model(x, padding)
+        assert split_self_attention(model, x[:1]) == 2
+        assert torch.allclose(model(x, padding), before, atol=1e-5)
+
+
+def test_encoder_heads_and_residual_width_are_pruned_and_export_matches(tmp_path):
+    """Before conversion a ``nn.TransformerEncoderLayer`` net kept its attention and residual
+    stream whole (``embed_dim`` must divide by the head count), so 0.5 of its MACs was out of
+    reach; now heads lose dims at equal offsets and the residual stream shrinks too."""
+    torch.manual_seed(0)
+    model = EncoderNet(batch_first=False).eval()
+    x, y = torch.randn(96, 10, 12), torch.randint(0, 5, (96,))
+    converted = EncoderNet(batch_first=False).eval()
+    split_self_attention(converted, x[:1])
+    kinds = {g.kind for g in discover_groups(converted, x[:1], 5)}
+    assert kinds == {"linear", "attention"}
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
+                                repair=mc.RepairConfig(steps=0), guard=False)
+    assert isinstance(model.encoder.layers[0].self_attn, nn.MultiheadAttention)  # the caller's model is untouched
+    ratio = count_macs(small, x[:1]) / count_macs(model, x[:1])
+    assert abs(ratio - 0.5) <= 0.02 * 0.5 and report.achieved_macs_ratio == pytest.approx(ratio)
+    attn = small.encoder.layers[0].self_attn
+    assert attn.qkv.out_features < 3 * 64 and attn.qkv.in_features < 64  # head dims and residual width
+    mc.export_onnx(small, x[:1], tmp_path / "enc.onnx")
+    check = mc.verify(tmp_path / "enc.onnx", small, (x[:32], y[:32]))
+    assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
+    mc.save(small, tmp_path / "enc.pt", x[:1])
+    back, _ = mc.load_compressed(tmp_path / "enc.pt", EncoderNet(batch_first=False))
+    assert torch.equal(back(x[:8]), small(x[:8]))
