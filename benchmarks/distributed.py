@@ -178,7 +178,7 @@ def main() -> None:
     m1, m2 = maml_rate(1, steps), maml_rate(2, steps)
     repair_steps = 10 if args.quick else 60
     repairs = {size: (repair_rate(1, repair_steps, f"digits@{size}"), repair_rate(2, repair_steps, f"digits@{size}"))
-               for size in (32, 64)}
+               for size in ((16,) if args.quick else (32, 64))}
     params = sum(p.numel() for p in train_checkpoint(parse_task_spec("sinusoid"), "maml", 1, 0, joint_steps=1)
                  ["state"]["model"].values())
     latency = allreduce_latency(50 if args.quick else 500)
