@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.pruner.function import BasePruningFunc
 
+from metacompress.compress.attention import SelfAttention
 from metacompress.compress.split_pieces import equal_pieces, order_pieces, split_producers
 from metacompress.errors import UserError, first_line
 
@@ -175,8 +176,6 @@ def find_classifier(model: nn.Module, num_classes: int) -> nn.Module | None:
 def attention_blocks(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]:
     """(qkv, proj, num_heads) triples: those the model declares through ``pruning_hints()``, and
     its ``nn.MultiheadAttention`` blocks converted by ``attention.split_self_attention``."""
-    from metacompress.compress.attention import SelfAttention
-
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     declared = list(hints.get("attention", []))
     seen = {id(qkv) for qkv, _, _ in declared}

@@ -38,10 +38,10 @@ def module_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     model.eval()
     try:
         with composed_attention():
-            counter = _counted(model, example[:1], grad=False)
-    except AssertionError:  # its module tracker needs grad_fns where a forward feeds a module parameters (PiT)
-        with composed_attention():
-            counter = _counted(model, example[:1], grad=True)
+            try:
+                counter = _counted(model, example[:1], grad=False)
+            except AssertionError:  # its module tracker needs grad_fns where a forward feeds a module parameters (PiT)
+                counter = _counted(model, example[:1], grad=True)
     finally:
         model.train(was_training)
     out: dict[str, int] = {}
