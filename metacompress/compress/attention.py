@@ -21,7 +21,38 @@ from torch import nn
 from metacompress.compress.measure import composed_attention
 
 
-class SelfAttention(nn.Module):
+class QkvAttention(nn.Module):
+    """Multi-head self-attention over one ``qkv`` projection (q, k, v stacked, heads contiguous in
+    each) and an output projection. The head size is read from the ``qkv`` layer at run time and
+    the softmax temperature fixed at construction, so the attention group may drop the same dims
+    from every head; ``groups.attention_blocks`` finds every subclass by ``projections()``."""
+
+    num_heads: int
+    scale: float
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear]:
+        """The (qkv, output projection) linear layers."""
+        return self.qkv, self.proj
+
+    @property
+    def head_dim(self) -> int:
+        return self.projections()[0].out_features // 3 // self.num_heads
+
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Heads' outputs side by side (batch, tokens, heads * head size), before the output
+        projection, and the attention weights (batch, heads, tokens, tokens), of tokens ``x``
+        (batch, tokens, width); ``mask``: an additive term broadcast over the scores."""
+        b, n, _ = x.shape
+        heads, dim = self.num_heads, self.head_dim
+        q, k, v = self.projections()[0](x).reshape(b, n, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        weights = (scores if mask is None else scores + mask).softmax(dim=-1)
+        if self.training and dropout > 0:
+            weights = F.dropout(weights, dropout)
+        return (weights @ v).transpose(1, 2).reshape(b, n, heads * dim), weights
+
+
+class SelfAttention(QkvAttention):
     """``nn.MultiheadAttention``'s forward for self-attention, from a fused ``qkv`` projection.
 
     Accepts the same arguments (masks, ``need_weights``, ``batch_first`` layout, unbatched
@@ -53,10 +84,6 @@ class SelfAttention(nn.Module):
         new.train(mha.training)
         return new
 
-    @property
-    def head_dim(self) -> int:
-        return self.qkv.out_features // 3 // self.num_heads
-
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
@@ -68,20 +95,167 @@ class SelfAttention(nn.Module):
         x = query.unsqueeze(0 if self.batch_first else 1) if unbatched else query
         x = x if self.batch_first else x.transpose(0, 1)
         b, n, _ = x.shape
-        heads, dim = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).reshape(b, n, 3, heads, dim).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-2, -1)) * self.scale
-        mask = _additive_mask(attn_mask, key_padding_mask, is_causal, b, heads, n, scores.dtype)
-        weights = (scores if mask is None else scores + mask).softmax(dim=-1)
-        if self.training and self.dropout > 0:
-            weights = F.dropout(weights, self.dropout)
-        out = self.proj((weights @ v).transpose(1, 2).reshape(b, n, heads * dim))
+        mask = _additive_mask(attn_mask, key_padding_mask, is_causal, b, self.num_heads, n, x.dtype)
+        heads_out, weights = self._attend(x, mask, self.dropout)
+        out = self.proj(heads_out)
         out = out if self.batch_first else out.transpose(0, 1)
         out = out.squeeze(0 if self.batch_first else 1) if unbatched else out
         if not need_weights:
             return out, None
         weights = weights.mean(dim=1) if average_attn_weights else weights
         return out, (weights[0] if unbatched else weights)
+
+
+class TokenAttention(QkvAttention):
+    """A model's own self-attention block, ``forward(x)`` on (batch, tokens, width) tokens (timm's
+    ``Attention`` and the blocks written like it), rebuilt on its own layers: the ``qkv`` linear
+    layer and the output projection (a linear layer, or a ``Sequential`` that starts with one
+    followed by parameter-free layers) stay the same modules under the same names, so the state
+    dict is unchanged. Such blocks read their head size as a constant; this one reads it from the
+    ``qkv`` layer, so heads can lose dims. ``convert_token_attention`` only installs it where it
+    computes what the block computed."""
+
+    def __init__(self, children: dict[str, nn.Module], qkv_name: str, proj_name: str, num_heads: int,
+                 scale: float):
+        super().__init__()
+        for name, child in children.items():  # same names: the state dict and dropout layers carry over
+            self.add_module(name, child)
+        self.qkv_name, self.proj_name, self.num_heads, self.scale = qkv_name, proj_name, num_heads, scale
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear]:
+        proj = self._modules[self.proj_name]
+        return self._modules[self.qkv_name], (proj[0] if isinstance(proj, nn.Sequential) else proj)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("this attention block was converted for pruning from calls without a mask: "
+                             "it does not take attn_mask or is_causal")
+        drop = self._modules.get("attn_drop")
+        heads_out, _ = self._attend(x, None, drop.p if isinstance(drop, nn.Dropout) else 0.0)
+        out = self._modules[self.proj_name](heads_out)
+        after = self._modules.get("proj_drop")
+        return after(out) if isinstance(after, nn.Dropout) else out
+
+
+_HEAD_COUNT_NAMES = ("num_heads", "heads", "n_heads", "n_head", "nhead")
+
+
+def _token_attention_for(block: nn.Module) -> list[TokenAttention]:
+    """``TokenAttention`` candidates that may replace ``block``, one per plausible softmax scale
+    (the block's ``scale`` attribute, and one over the square root of the head size); none where
+    its layers are not a qkv projection and an output projection, or it owns other parameters."""
+    if isinstance(block, QkvAttention) or any(True for _ in block.parameters(recurse=False)):
+        return []
+    children = dict(block.named_children())
+    weighted = {n: c for n, c in children.items() if any(True for _ in c.parameters())}
+    linear = {n: (c[0] if isinstance(c, nn.Sequential) and len(c) else c) for n, c in weighted.items()}
+    if len(weighted) != 2 or not all(isinstance(c, nn.Linear) for c in linear.values()):
+        return []
+    (a, la), (b, lb) = linear.items()
+    (qkv_name, qkv), (proj_name, proj) = ((a, la), (b, lb)) if la.out_features == 3 * lb.in_features else ((b, lb), (a, la))
+    tail = children[proj_name]
+    if qkv.out_features != 3 * proj.in_features or (
+            isinstance(tail, nn.Sequential) and any(True for m in list(tail)[1:] for _ in m.parameters())):
+        return []
+    width = proj.in_features
+    heads = [v for n in _HEAD_COUNT_NAMES if isinstance(v := getattr(block, n, None), int) and v > 0 and width % v == 0]
+    if not heads:
+        return []
+    scales = [getattr(block, "scale", None), (width // heads[0]) ** -0.5]
+    scales = list(dict.fromkeys(float(v) for v in scales if isinstance(v, (int, float)) and v > 0))
+    return [TokenAttention(children, qkv_name, proj_name, heads[0], scale).train(block.training) for scale in scales]
+
+
+def _token_calls(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(input, output) of each call of each module that might be token attention, in one pass; a
+    module also called otherwise than as ``block(x)`` on (batch, tokens, width) tokens is left out."""
+    hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
+    declared = {id(qkv) for qkv, _, _ in hints.get("attention", [])}  # already prunable by head dims
+    candidates = {m for m in model.modules() if _token_attention_for(m)
+                  and not any(id(c) in declared for c in m.children())}
+    calls: dict[nn.Module, list] = {}
+    if not candidates:
+        return calls
+    refused: set[nn.Module] = set()
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        plain = len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 and \
+            all(v is None or v is False for v in kwargs.values()) and isinstance(output, torch.Tensor)
+        if plain:
+            calls.setdefault(module, []).append((args[0], output))
+        else:
+            refused.add(module)
+
+    handles = [m.register_forward_hook(record, with_kwargs=True) for m in candidates]
+    try:
+        with torch.no_grad(), composed_attention():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: c for m, c in calls.items() if m not in refused}
+
+
+def _same(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    return out.shape == ref.shape and bool((out - ref).abs().max() <= 1e-5 * (1 + ref.abs().max()))
+
+
+def convert_token_attention(model: nn.Module, example: torch.Tensor) -> int:
+    """Replace, in place, each self-attention block that ``model`` calls as ``block(x)`` on tokens
+    and that ``TokenAttention`` reproduces (checked on its inputs in one forward pass of
+    ``example``, then on the whole model's output); returns how many were replaced. A block that
+    computes anything else (another layout of q, k and v, a norm inside, masks, relative position
+    terms) stays as it is."""
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        made = _equivalent_replacements(model, example)
+        if made and not _swap_if_unchanged(model, made, example):
+            made = {}
+    finally:
+        for m, mode in was_training.items():
+            m.training = mode
+    for old, new in made.items():
+        new.train(was_training[old])
+    return len(made)
+
+
+def _equivalent_replacements(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, TokenAttention]:
+    """Each recorded block's replacement that gives its recorded outputs from its recorded inputs."""
+    made = {}
+    with torch.no_grad(), composed_attention():
+        for block, calls in _token_calls(model, example).items():
+            for candidate in _token_attention_for(block):
+                if all(_same(candidate(x), y) for x, y in calls):
+                    made[block] = candidate
+                    break
+    return made
+
+
+def _swap_if_unchanged(model: nn.Module, made: dict[nn.Module, nn.Module], example: torch.Tensor) -> bool:
+    """Install ``made`` and keep it if the model's outputs on ``example`` do not change (a block
+    used through another method than ``forward`` would break); otherwise put the blocks back."""
+    from torch.utils._pytree import tree_leaves
+
+    with torch.no_grad(), composed_attention():
+        before = [t for t in tree_leaves(model(example[:1])) if isinstance(t, torch.Tensor)]
+        _replace_children(model, made)
+        try:
+            after = [t for t in tree_leaves(model(example[:1])) if isinstance(t, torch.Tensor)]
+            kept = len(after) == len(before) and all(_same(a, b) for a, b in zip(after, before))
+        except Exception:  # noqa: BLE001 - the model's own code failed on the replacement: keep the original
+            kept = False
+    if not kept:
+        _replace_children(model, {new: old for old, new in made.items()})
+    return kept
+
+
+def _replace_children(model: nn.Module, made: dict[nn.Module, nn.Module]) -> None:
+    """Every child slot holding a key of ``made`` holds its value afterwards (shared blocks stay shared)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child in made:
+                setattr(parent, name, made[child])
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -116,6 +290,8 @@ def _self_attention_calls(model: nn.Module, example: torch.Tensor) -> dict[nn.Mu
         calls[module] = calls.get(module, True) and named[1] is named[0] and named[2] is named[0]
 
     mhas = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not mhas:
+        return calls
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in mhas]
     try:
         with torch.no_grad(), composed_attention():
@@ -132,15 +308,19 @@ def _convertible(mha: nn.MultiheadAttention) -> bool:
 
 
 def split_self_attention(model: nn.Module, example: torch.Tensor) -> int:
-    """Replace, in place, each ``nn.MultiheadAttention`` that ``model`` calls as self-attention by
-    an equivalent ``SelfAttention``; returns how many were replaced. Cross-attention and other
+    """Make, in place, the self-attention blocks of ``model`` prunable by head dims: each
+    ``nn.MultiheadAttention`` it calls as self-attention becomes an equivalent ``SelfAttention``,
+    and each block of its own that ``TokenAttention`` reproduces becomes one
+    (``convert_token_attention``). Returns how many were replaced. Cross-attention and other
     variants stay as they are (their width is then pruned with the residual stream, or kept)."""
+    return _split_multihead(model, example) + convert_token_attention(model, example)
+
+
+def _split_multihead(model: nn.Module, example: torch.Tensor) -> int:
     calls = _self_attention_calls(model, example)
     chosen = {m for m, self_only in calls.items() if self_only and _convertible(m)}
-    if not chosen:
-        return 0
     made: dict[nn.MultiheadAttention, SelfAttention] = {}  # a block used in two places stays shared
-    for parent in list(model.modules()):
+    for parent in list(model.modules()) if chosen else []:
         for name, child in list(parent.named_children()):
             if child in chosen:
                 if child not in made:
@@ -154,9 +334,11 @@ def split_self_attention(model: nn.Module, example: torch.Tensor) -> int:
 def match_saved_attention(model: nn.Module, state_dict: dict, example: torch.Tensor) -> None:
     """Convert ``model``'s attention blocks as they were converted when ``state_dict`` was saved (a
     compressed or robustified model holds ``SelfAttention`` weights where a freshly built one
-    has an ``nn.MultiheadAttention``), so that the state loads."""
+    has an ``nn.MultiheadAttention``, and ``TokenAttention`` blocks, with unchanged weight names,
+    whose head size may have shrunk), so that the state loads and runs."""
     modules = dict(model.named_modules())
     suffix = ".qkv.weight"
     if any(isinstance(modules.get(key[:-len(suffix)]), nn.MultiheadAttention)
            for key in state_dict if key.endswith(suffix)):
-        split_self_attention(model, example)
+        _split_multihead(model, example)
+    convert_token_attention(model, example)

@@ -47,7 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 from torch_pruning.pruner.function import BasePruningFunc
 
-from metacompress.compress.attention import SelfAttention
+from metacompress.compress.attention import QkvAttention
 from metacompress.compress.split_pieces import equal_pieces, order_pieces, split_producers
 from metacompress.errors import UserError, first_line
 
@@ -175,12 +175,12 @@ def find_classifier(model: nn.Module, num_classes: int) -> nn.Module | None:
 
 def attention_blocks(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear, int]]:
     """(qkv, proj, num_heads) triples: those the model declares through ``pruning_hints()``, and
-    its ``nn.MultiheadAttention`` blocks converted by ``attention.split_self_attention``."""
+    its attention blocks converted by ``attention.split_self_attention``."""
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     declared = list(hints.get("attention", []))
     seen = {id(qkv) for qkv, _, _ in declared}
-    converted = [(m.qkv, m.proj, m.num_heads) for m in model.modules()
-                 if isinstance(m, SelfAttention) and id(m.qkv) not in seen]
+    converted = [(*m.projections(), m.num_heads) for m in model.modules()
+                 if isinstance(m, QkvAttention) and id(m.projections()[0]) not in seen]
     return declared + converted
 
 

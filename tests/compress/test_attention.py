@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import metacompress as mc
-from metacompress.compress.attention import SelfAttention, split_self_attention
+from metacompress.compress.attention import SelfAttention, TokenAttention, split_self_attention
 from metacompress.compress.groups import discover_groups
 from metacompress.compress.measure import composed_attention, count_macs
 
@@ -142,4 +142,135 @@ def test_encoder_heads_and_residual_width_are_pruned_and_export_matches(tmp_path
     assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
     mc.save(small, tmp_path / "enc.pt", x[:1])
     back, _ = mc.load_compressed(tmp_path / "enc.pt", EncoderNet(batch_first=False))
+    assert torch.equal(back(x[:8]), small(x[:8]))
+
+
+class ConstantHeadAttention(nn.Module):
+    """Attention as timm and most tutorials write it: the head size is fixed when the block is
+    built, and q, k and v are laid out (3, heads, head size) in one ``qkv`` output."""
+
+    def __init__(self, dim: int, heads: int, layout: str = "3hd") -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.layout = heads, dim // heads, layout
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(0.1)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        if self.layout == "3hd":
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:  # heads outermost: another layout of the same layer, which the conversion must not take
+            q, k, v = self.qkv(x).reshape(b, n, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        if attn_mask is not None:
+            scores = scores.masked_fill(attn_mask, float("-inf"))
+        out = self.attn_drop(scores.softmax(-1)) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class NormedAttention(ConstantHeadAttention):
+    """The same with a LayerNorm inside: a computation the conversion does not reproduce."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__(dim, heads)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(self.norm(x), attn_mask)
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, pre-norm blocks of ``attention`` and an MLP, mean-pooled head."""
+
+    def __init__(self, attention=ConstantHeadAttention, dim: int = 48, heads: int = 4, depth: int = 2,
+                 masked: bool = False, **kw) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 4, 4)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2 * depth))
+        self.attns = nn.ModuleList(attention(dim, heads, **kw) for _ in range(depth))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+                                  for _ in range(depth))
+        self.head = nn.Linear(dim, 6)
+        self.masked = masked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        mask = torch.zeros(h.shape[1], h.shape[1], dtype=torch.bool) if self.masked else None
+        for i, (attn, mlp) in enumerate(zip(self.attns, self.mlps)):
+            h = h + (attn(self.norms[2 * i](h), mask) if self.masked else attn(self.norms[2 * i](h)))
+            h = h + mlp(self.norms[2 * i + 1](h))
+        return self.head(h.mean(1))
+
+
+def test_constant_head_size_attention_is_converted_and_computes_the_same():
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        assert split_self_attention(model, x[:1]) == 2
+        assert all(isinstance(a, TokenAttention) for a in model.attns)
+        assert torch.allclose(model(x), before, atol=1e-5)
+    assert {g.kind for g in discover_groups(model, x[:1], 6)} >= {"attention"}
+    assert set(model.state_dict()) == set(TinyViT().state_dict())  # same weight names: dense files still load
+
+
+@pytest.mark.parametrize("variant", ["heads outermost", "norm inside", "called with a mask"])
+def test_attention_the_conversion_does_not_reproduce_stays(variant):
+    torch.manual_seed(0)
+    model = {"heads outermost": lambda: TinyViT(layout="hd3"), "norm inside": lambda: TinyViT(NormedAttention),
+             "called with a mask": lambda: TinyViT(masked=True)}[variant]().eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        assert split_self_attention(model, x[:1]) == 0
+        assert not any(isinstance(m, TokenAttention) for m in model.modules())
+        assert torch.equal(model(x), before)
+
+
+def test_a_block_also_used_through_another_method_is_put_back():
+    """The conversion replaces ``forward`` only: a model that also calls another method of the
+    block would break, so the whole model's output is checked and the blocks are restored."""
+
+    class WithMethod(ConstantHeadAttention):
+        def token_norms(self, x: torch.Tensor) -> torch.Tensor:
+            return self.qkv(x).norm(dim=-1, keepdim=True)
+
+    class Probed(TinyViT):
+        def forward(self, x):
+            h = self.patch(x).flatten(2).transpose(1, 2)
+            return super().forward(x) + self.attns[0].token_norms(h).mean()
+
+    torch.manual_seed(0)
+    model = Probed(WithMethod).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+        assert split_self_attention(model, x[:1]) == 0
+        assert all(type(a) is WithMethod for a in model.attns)
+        assert torch.equal(model(x), before)
+
+
+def test_constant_head_size_vit_compresses_to_half_the_macs_and_loads_back(tmp_path):
+    """Before the conversion such a block's qkv and the residual stream were kept whole: 0.5 of
+    the MACs was out of reach. Now its heads lose dims at equal offsets."""
+    torch.manual_seed(0)
+    model = TinyViT(depth=3).eval()
+    x, y = torch.randn(96, 1, 16, 16), torch.randint(0, 6, (96,))
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
+                                repair=mc.RepairConfig(steps=0), guard=False)
+    assert isinstance(model.attns[0], ConstantHeadAttention)  # the caller's model is untouched
+    ratio = count_macs(small, x[:1]) / count_macs(model, x[:1])
+    assert abs(ratio - 0.5) <= 0.02 * 0.5
+    assert small.attns[0].projections()[0].out_features < 3 * 48
+    small.train()
+    assert small(x[:4]).shape == (4, 6)  # dropout of the attention weights in training mode
+    small.eval()
+    mc.export_onnx(small, x[:1], tmp_path / "vit.onnx")
+    check = mc.verify(tmp_path / "vit.onnx", small, (x[:32], y[:32]))
+    assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
+    mc.save(small, tmp_path / "vit.pt", x[:1])
+    back, _ = mc.load_compressed(tmp_path / "vit.pt", TinyViT(depth=3))
     assert torch.equal(back(x[:8]), small(x[:8]))
