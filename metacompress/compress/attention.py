@@ -107,8 +107,9 @@ class SelfAttention(QkvAttention):
 
 
 class TokenAttention(QkvAttention):
-    """A model's own self-attention block, ``forward(x)`` on (batch, tokens, width) tokens (timm's
-    ``Attention`` and the blocks written like it), rebuilt on its own layers: the ``qkv`` linear
+    """A model's own self-attention block, ``forward(x)`` on (batch, tokens, width) tokens or on a
+    (batch, channels, height, width) map whose pixels are the tokens (timm's ``Attention`` and
+    the blocks written like it), rebuilt on its own layers: the ``qkv`` linear
     layer and the output projection (a linear layer, or a ``Sequential`` that starts with one
     followed by parameter-free layers) stay the same modules under the same names, so the state
     dict is unchanged. Such blocks read their head size as a constant; this one reads it from the
@@ -130,11 +131,14 @@ class TokenAttention(QkvAttention):
         if attn_mask is not None or is_causal:
             raise ValueError("this attention block was converted for pruning from calls without a mask: "
                              "it does not take attn_mask or is_causal")
+        image = x.dim() == 4  # (batch, channels, height, width): its pixels are the tokens
+        tokens = x.flatten(2).transpose(1, 2) if image else x
         drop = self._modules.get("attn_drop")
-        heads_out, _ = self._attend(x, None, drop.p if isinstance(drop, nn.Dropout) else 0.0)
+        heads_out, _ = self._attend(tokens, None, drop.p if isinstance(drop, nn.Dropout) else 0.0)
         out = self._modules[self.proj_name](heads_out)
         after = self._modules.get("proj_drop")
-        return after(out) if isinstance(after, nn.Dropout) else out
+        out = after(out) if isinstance(after, nn.Dropout) else out
+        return out.transpose(1, 2).reshape(x.shape[0], -1, *x.shape[2:]) if image else out
 
 
 _HEAD_COUNT_NAMES = ("num_heads", "heads", "n_heads", "n_head", "nhead")
@@ -168,7 +172,7 @@ def _token_attention_for(block: nn.Module) -> list[TokenAttention]:
 
 def _token_calls(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     """(input, output) of each call of each module that might be token attention, in one pass; a
-    module also called otherwise than as ``block(x)`` on (batch, tokens, width) tokens is left out."""
+    module also called otherwise than as ``block(x)`` on tokens or a feature map is left out."""
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     declared = {id(qkv) for qkv, _, _ in hints.get("attention", [])}  # already prunable by head dims
     candidates = {m for m in model.modules() if _token_attention_for(m)
@@ -179,7 +183,7 @@ def _token_calls(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, lis
     refused: set[nn.Module] = set()
 
     def record(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        plain = len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dim() == 3 and \
+        plain = len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dim() in (3, 4) and \
             all(v is None or v is False for v in kwargs.values()) and isinstance(output, torch.Tensor)
         if plain:
             calls.setdefault(module, []).append((args[0], output))
@@ -202,7 +206,7 @@ def _same(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 def convert_token_attention(model: nn.Module, example: torch.Tensor) -> int:
     """Replace, in place, each self-attention block that ``model`` calls as ``block(x)`` on tokens
-    and that ``TokenAttention`` reproduces (checked on its inputs in one forward pass of
+    (or a feature map) and that ``TokenAttention`` reproduces (checked on its inputs in one forward pass of
     ``example``, then on the whole model's output); returns how many were replaced. A block that
     computes anything else (another layout of q, k and v, a norm inside, masks, relative position
     terms) stays as it is."""

@@ -274,3 +274,42 @@ def test_constant_head_size_vit_compresses_to_half_the_macs_and_loads_back(tmp_p
     mc.save(small, tmp_path / "vit.pt", x[:1])
     back, _ = mc.load_compressed(tmp_path / "vit.pt", TinyViT(depth=3))
     assert torch.equal(back(x[:8]), small(x[:8]))
+
+
+class MapAttention(ConstantHeadAttention):
+    """Attention over a (batch, channels, height, width) map, its pixels the tokens (timm's FastViT)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return super().forward(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, h, w)
+
+
+class ConvAttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.attn = MapAttention(32, 4)
+        self.conv = nn.Sequential(nn.Conv2d(32, 48, 3, 2, 1), nn.BatchNorm2d(48), nn.ReLU())
+        self.head = nn.Linear(48, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.head(self.conv(h + self.attn(h)).mean((2, 3)))
+
+
+def test_attention_over_a_feature_map_is_converted_and_pruned(tmp_path):
+    torch.manual_seed(0)
+    model = ConvAttentionNet().eval()
+    x, y = torch.randn(96, 1, 16, 16), torch.randint(0, 6, (96,))
+    converted = ConvAttentionNet().eval()
+    with torch.no_grad():
+        before = converted(x[:4])
+        assert split_self_attention(converted, x[:1]) == 1 and isinstance(converted.attn, TokenAttention)
+        assert torch.allclose(converted(x[:4]), before, atol=1e-5)
+    small, _ = mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
+                           repair=mc.RepairConfig(steps=0), guard=False)
+    assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
+    assert small.attn.projections()[0].out_features < 3 * 32
+    mc.export_onnx(small, x[:1], tmp_path / "conv.onnx")
+    check = mc.verify(tmp_path / "conv.onnx", small, (x[:32], y[:32]))
+    assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
