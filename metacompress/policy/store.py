@@ -39,18 +39,25 @@ class Policy:
     def allocate(self, model: nn.Module, calib: tuple[torch.Tensor, torch.Tensor], target: float,
                  round_to: int = 1) -> dict[str, int]:
         """Kept units per prunable group of ``model`` for ``target`` kept MACs, from a
-        calibration batch ``(x, y)`` (about 128 samples); the model is not modified.
+        calibration batch ``(x, y)`` (about 128 samples); the model is not modified. The groups
+        are those ``compress`` prunes (and names in its report's ``kept``): attention blocks are
+        converted first, on a copy.
 
         >>> load_policy().allocate(model, (x[:128], y[:128]), 0.5)
         {'layer1.0.conv1': 32, ...}
         """
+        import copy
+
         from metacompress.budget import MACs, resolve_budget
+        from metacompress.compress.attention import split_self_attention
         from metacompress.compress.prune import PruningSpace
         from metacompress.policy.allocate import policy_allocation
 
         x, y = calib
+        model = copy.deepcopy(model).eval()
+        split_self_attention(model, x[:1])
         with torch.no_grad():
-            classes = int(model.eval()(x[:1]).shape[1])
+            classes = int(model(x[:1]).shape[1])
         space = PruningSpace(model, x[:1], classes, round_to)
         keep, _ = policy_allocation(self, model, space, (x, y), resolve_budget(MACs(target), model, space, x.shape[1:]),
                                     self.defaults)

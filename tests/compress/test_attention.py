@@ -260,7 +260,7 @@ def test_constant_head_size_vit_compresses_to_half_the_macs_and_loads_back(tmp_p
     model = TinyViT(depth=3).eval()
     x, y = torch.randn(96, 1, 16, 16), torch.randint(0, 6, (96,))
     small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
-                                repair=mc.RepairConfig(steps=0), guard=False)
+                                repair=mc.RepairConfig(steps=0), guard=False, round_to=8)
     assert isinstance(model.attns[0], ConstantHeadAttention)  # the caller's model is untouched
     ratio = count_macs(small, x[:1]) / count_macs(model, x[:1])
     assert abs(ratio - 0.5) <= 0.02 * 0.5
@@ -307,9 +307,20 @@ def test_attention_over_a_feature_map_is_converted_and_pruned(tmp_path):
         assert split_self_attention(converted, x[:1]) == 1 and isinstance(converted.attn, TokenAttention)
         assert torch.allclose(converted(x[:4]), before, atol=1e-5)
     small, _ = mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), allocation="uniform",
-                           repair=mc.RepairConfig(steps=0), guard=False)
+                           repair=mc.RepairConfig(steps=0), guard=False, round_to=8)
     assert abs(count_macs(small, x[:1]) / count_macs(model, x[:1]) - 0.5) <= 0.02 * 0.5
     assert small.attn.projections()[0].out_features < 3 * 32
     mc.export_onnx(small, x[:1], tmp_path / "conv.onnx")
     check = mc.verify(tmp_path / "conv.onnx", small, (x[:32], y[:32]))
     assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
+
+
+def test_the_policy_allocates_the_attention_groups_compress_prunes():
+    """``Policy.allocate`` names the groups ``compress`` prunes (its report's ``kept``), heads
+    included, and leaves the caller's model as it was (class and training mode)."""
+    torch.manual_seed(0)
+    model = TinyViT().train()
+    x, y = torch.randn(128, 1, 16, 16), torch.randint(0, 6, (128,))
+    kept = mc.load_policy().allocate(model, (x, y), 0.5)
+    assert {"attns.0.qkv", "attns.1.qkv"} <= set(kept) and kept["attns.0.qkv"] <= 12
+    assert isinstance(model.attns[0], ConstantHeadAttention) and model.training
