@@ -175,7 +175,7 @@ def _token_calls(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, lis
     module also called otherwise than as ``block(x)`` on tokens or a feature map is left out."""
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     declared = {id(qkv) for qkv, _, _ in hints.get("attention", [])}  # already prunable by head dims
-    candidates = {m for m in model.modules() if _token_attention_for(m)
+    candidates = {m for m in model.modules() if m is not model and _token_attention_for(m)  # the root has no slot
                   and not any(id(c) in declared for c in m.children())}
     calls: dict[nn.Module, list] = {}
     if not candidates:
