@@ -109,19 +109,24 @@ class SelfAttention(QkvAttention):
 class TokenAttention(QkvAttention):
     """A model's own self-attention block, ``forward(x)`` on (batch, tokens, width) tokens or on a
     (batch, channels, height, width) map whose pixels are the tokens (timm's ``Attention`` and
-    the blocks written like it), rebuilt on its own layers: the ``qkv`` linear
-    layer and the output projection (a linear layer, or a ``Sequential`` that starts with one
-    followed by parameter-free layers) stay the same modules under the same names, so the state
-    dict is unchanged. Such blocks read their head size as a constant; this one reads it from the
-    ``qkv`` layer, so heads can lose dims. ``convert_token_attention`` only installs it where it
-    computes what the block computed."""
+    the blocks written like it), rebuilt on its own layers: the ``qkv`` linear layer and the
+    output projection (a linear layer, or a ``Sequential`` that starts with one followed by
+    parameter-free layers) stay the same modules under the same names, so the state dict is
+    unchanged. Separate q, k and v layers are fused into one ``qkv`` layer (a state dict with the
+    separate weights still loads: they are fused on loading). Such blocks read their head size as
+    a constant; this one reads it from the ``qkv`` layer, so heads can lose dims.
+    ``convert_token_attention`` only installs it where it computes what the block computed."""
 
     def __init__(self, children: dict[str, nn.Module], qkv_name: str, proj_name: str, num_heads: int,
-                 scale: float):
+                 scale: float, fused_from: tuple[str, ...] = ()):
         super().__init__()
         for name, child in children.items():  # same names: the state dict and dropout layers carry over
             self.add_module(name, child)
         self.qkv_name, self.proj_name, self.num_heads, self.scale = qkv_name, proj_name, num_heads, scale
+        self.fused_from = fused_from
+        if fused_from:
+            self.register_load_state_dict_pre_hook(_fuse_saved_projections)
+
 
     def projections(self) -> tuple[nn.Linear, nn.Linear]:
         proj = self._modules[self.proj_name]
@@ -141,33 +146,76 @@ class TokenAttention(QkvAttention):
         return out.transpose(1, 2).reshape(x.shape[0], -1, *x.shape[2:]) if image else out
 
 
+def _fuse_saved_projections(module: TokenAttention, state_dict: dict, prefix: str, *_) -> None:
+    """A state dict saved before the conversion holds separate q, k and v weights: fused on load."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{name}.{kind}" for name in module.fused_from]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}{module.qkv_name}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+
 _HEAD_COUNT_NAMES = ("num_heads", "heads", "n_heads", "n_head", "nhead")
 
 
 def _token_attention_for(block: nn.Module) -> list[TokenAttention]:
     """``TokenAttention`` candidates that may replace ``block``, one per plausible softmax scale
     (the block's ``scale`` attribute, and one over the square root of the head size); none where
-    its layers are not a qkv projection and an output projection, or it owns other parameters."""
+    its layers are not a qkv projection (or q, k and v projections) and an output projection, or
+    it owns other parameters."""
     if isinstance(block, QkvAttention) or any(True for _ in block.parameters(recurse=False)):
         return []
-    children = dict(block.named_children())
-    weighted = {n: c for n, c in children.items() if any(True for _ in c.parameters())}
-    linear = {n: (c[0] if isinstance(c, nn.Sequential) and len(c) else c) for n, c in weighted.items()}
-    if len(weighted) != 2 or not all(isinstance(c, nn.Linear) for c in linear.values()):
+    roles = _projection_roles(dict(block.named_children()))
+    if roles is None:
         return []
-    (a, la), (b, lb) = linear.items()
-    (qkv_name, qkv), (proj_name, proj) = ((a, la), (b, lb)) if la.out_features == 3 * lb.in_features else ((b, lb), (a, la))
-    tail = children[proj_name]
-    if qkv.out_features != 3 * proj.in_features or (
-            isinstance(tail, nn.Sequential) and any(True for m in list(tail)[1:] for _ in m.parameters())):
-        return []
-    width = proj.in_features
+    children, qkv_name, proj_name, fused_from = roles
+    width = children[qkv_name].out_features // 3
     heads = [v for n in _HEAD_COUNT_NAMES if isinstance(v := getattr(block, n, None), int) and v > 0 and width % v == 0]
     if not heads:
         return []
     scales = [getattr(block, "scale", None), (width // heads[0]) ** -0.5]
     scales = list(dict.fromkeys(float(v) for v in scales if isinstance(v, (int, float)) and v > 0))
-    return [TokenAttention(children, qkv_name, proj_name, heads[0], scale).train(block.training) for scale in scales]
+    return [TokenAttention(children, qkv_name, proj_name, heads[0], scale, fused_from).train(block.training)
+            for scale in scales]
+
+
+def _projection_roles(children: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], str, str, tuple[str, ...]] | None:
+    """(children of the rebuilt block, qkv name, output projection name, names of the q, k and v
+    layers fused into ``qkv``) for a block whose weighted children are a qkv and an output
+    projection, or q, k and v projections (in that order) and an output projection."""
+    weighted = [n for n, c in children.items() if any(True for _ in c.parameters())]
+    first = {n: (children[n][0] if isinstance(children[n], nn.Sequential) and len(children[n]) else children[n])
+             for n in weighted}
+    if not all(isinstance(c, nn.Linear) for c in first.values()) or any(
+            True for n in weighted if isinstance(children[n], nn.Sequential) for m in list(children[n])[1:]
+            for _ in m.parameters()):
+        return None
+    if len(weighted) == 2:
+        a, b = weighted
+        qkv_name, proj_name = (a, b) if first[a].out_features == 3 * first[b].in_features else (b, a)
+        if children[qkv_name] is not first[qkv_name] or first[qkv_name].out_features != 3 * first[proj_name].in_features:
+            return None
+        return children, qkv_name, proj_name, ()
+    if len(weighted) != 4 or "qkv" in children:
+        return None
+    *qkv, proj_name = weighted
+    layers = [children[n] for n in qkv]
+    if any(children[n] is not first[n] for n in qkv) or first[proj_name].in_features != layers[0].out_features or \
+            len({(m.in_features, m.out_features, m.bias is not None) for m in layers}) != 1:
+        return None
+    rest = {n: c for n, c in children.items() if n not in qkv}
+    return {"qkv": _fused_linear(layers), **rest}, "qkv", proj_name, tuple(qkv)
+
+
+def _fused_linear(layers: list[nn.Linear]) -> nn.Linear:
+    """One linear layer computing ``layers``' outputs side by side."""
+    ref = layers[0].weight
+    fused = nn.Linear(layers[0].in_features, sum(m.out_features for m in layers), bias=layers[0].bias is not None,
+                      device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in layers]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in layers]))
+    return fused
 
 
 def _token_calls(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
