@@ -29,6 +29,7 @@ from metacompress.compress.robust import RobustConfig
 from metacompress.data.torchdata import DataLike, _pairs, from_torch
 from metacompress.errors import UserError, first_line
 from metacompress.logits import Key, as_classifier, forward_scores, logits_key, pick, restore_forward
+from metacompress.meta.modules import eval_mode
 from metacompress.pipeline import CompressConfig, Compressed, Timer, compress_prepared, prepare_model
 
 _BUDGET_FIELDS = {"macs": "target_macs", "params": "target_params", "latency": "target_latency", "ms": "target_ms"}
@@ -204,8 +205,9 @@ def save(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor
     MyNet(...)
     """
     example = _example(example_inputs)
-    save_compressed(path, model, USER_MODULE + type(model).__name__, tuple(example.shape[1:]),
-                    _num_outputs(model.eval(), example)[0])
+    with eval_mode(model):
+        classes = _num_outputs(model, example)[0]
+    save_compressed(path, model, USER_MODULE + type(model).__name__, tuple(example.shape[1:]), classes)
 
 
 __all__ = ["CompressionReport", "compress", "export_onnx", "load_compressed", "save", "verify"]

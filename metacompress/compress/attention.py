@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metacompress.compress.measure import composed_attention
+from metacompress.meta.modules import eval_mode
 
 
 class QkvAttention(nn.Module):
@@ -258,17 +259,12 @@ def convert_token_attention(model: nn.Module, example: torch.Tensor) -> int:
     ``example``, then on the whole model's output); returns how many were replaced. A block that
     computes anything else (another layout of q, k and v, a norm inside, masks, relative position
     terms) stays as it is."""
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         made = _equivalent_replacements(model, example)
         if made and not _swap_if_unchanged(model, made, example):
             made = {}
-    finally:
-        for m, mode in was_training.items():
-            m.training = mode
-    for old, new in made.items():
-        new.train(was_training[old])
+    for old, new in made.items():  # the replaced block's flag was restored; its replacement takes it
+        new.train(old.training)
     return len(made)
 
 

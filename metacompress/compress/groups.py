@@ -50,6 +50,7 @@ from torch_pruning.pruner.function import BasePruningFunc
 from metacompress.compress.attention import QkvAttention
 from metacompress.compress.split_pieces import equal_pieces, order_pieces, split_producers
 from metacompress.errors import UserError, first_line
+from metacompress.meta.modules import eval_mode
 
 KINDS = ("conv", "depthwise", "linear", "attention")
 CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # pruned by channel, whatever the spatial rank
@@ -695,11 +696,8 @@ def _trial_at(model: nn.Module, example: torch.Tensor, groups: list[Group], expe
 @torch.no_grad()
 def run_one(model: nn.Module, example: torch.Tensor):
     """One sample of ``example`` through ``model`` in eval mode, without gradients; its train/eval mode is restored."""
-    was_training = model.training
-    try:
-        return model.eval()(example[:1])
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        return model(example[:1])
 
 
 def _shapes(out) -> object:

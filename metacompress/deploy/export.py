@@ -24,22 +24,11 @@ from torch import nn
 
 from metacompress.errors import UserError
 from metacompress.io import atomic_path
+from metacompress.meta.modules import eval_mode
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the export and restore the caller's train/eval flags after."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 @contextlib.contextmanager
@@ -114,7 +103,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     if not isinstance(example, torch.Tensor):
         raise UserError("the export example must be a tensor of input samples")
     batch = _example_batch(example)
-    with _eval_mode(model), atomic_path(path) as tmp:
+    with eval_mode(model), atomic_path(path) as tmp:
         exporter = "legacy"
         if dynamo:
             try:

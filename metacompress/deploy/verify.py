@@ -21,6 +21,7 @@ from torch import nn
 from metacompress.data.lazy import LazySamples, Samples
 from metacompress.errors import UserError
 from metacompress.io import require_file
+from metacompress.meta.modules import eval_mode
 from metacompress.progress import batched
 
 MAX_ONNX_BYTES = 2**31  # protobuf's limit for one file; larger models keep their weights as external data
@@ -140,13 +141,8 @@ def _float32(batch: Any) -> np.ndarray:
 
 @torch.no_grad()
 def _reference_logits(reference: nn.Module, x: Any, batch_size: int) -> np.ndarray:
-    modes = {m: m.training for m in reference.modules()}
-    reference.eval()
-    try:
+    with eval_mode(reference):
         outs = [reference(torch.as_tensor(x[i:i + batch_size]).float()).float() for i in range(0, len(x), batch_size)]
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return torch.cat(outs).numpy()
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -30,3 +31,16 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict: bool
         versioned._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
         state = versioned
     model.load_state_dict(state, strict=strict)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; every module's own train/eval flag is restored
+    after, so a caller's model in training mode (or with some layers frozen in eval) is as it was."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training

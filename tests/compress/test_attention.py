@@ -287,11 +287,12 @@ def test_constant_head_size_vit_compresses_to_half_the_macs_and_loads_back(tmp_p
     assert small.attns[0].projections()[0].out_features < 3 * 48
     small.train()
     assert small(x[:4]).shape == (4, 6)  # dropout of the attention weights in training mode
-    small.eval()
     mc.export_onnx(small, x[:1], tmp_path / "vit.onnx")
     check = mc.verify(tmp_path / "vit.onnx", small, (x[:32], y[:32]))
     assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
     mc.save(small, tmp_path / "vit.pt", x[:1])
+    assert small.training and small.attns[0].training  # export, verify and save leave the caller's mode
+    small.eval()
     back, _ = mc.load_compressed(tmp_path / "vit.pt", TinyViT(attention, depth=3))
     assert torch.equal(back(x[:8]), small(x[:8]))
 
