@@ -239,14 +239,18 @@ def _token_calls(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, lis
         else:
             refused.add(module)
 
-    handles = [m.register_forward_hook(record, with_kwargs=True) for m in candidates]
+    _pass_with_hooks(model, example, [m.register_forward_hook(record, with_kwargs=True) for m in candidates])
+    return {m: c for m, c in calls.items() if m not in refused}
+
+
+def _pass_with_hooks(model: nn.Module, example: torch.Tensor, handles: list) -> None:
+    """One batch-1 inference pass of ``example`` through ``model`` for its hooks, removed after."""
     try:
         with torch.no_grad(), composed_attention():
             model(example[:1])
     finally:
         for h in handles:
             h.remove()
-    return {m: c for m, c in calls.items() if m not in refused}
 
 
 def _same(out: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -340,13 +344,7 @@ def _self_attention_calls(model: nn.Module, example: torch.Tensor) -> dict[nn.Mu
     mhas = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
     if not mhas:
         return calls
-    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in mhas]
-    try:
-        with torch.no_grad(), composed_attention():
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    _pass_with_hooks(model, example, [m.register_forward_pre_hook(record, with_kwargs=True) for m in mhas])
     return calls
 
 
