@@ -39,18 +39,23 @@ class QkvAttention(nn.Module):
     def head_dim(self) -> int:
         return self.projections()[0].out_features // 3 // self.num_heads
 
-    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend(self, x: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Heads' outputs side by side (batch, tokens, heads * head size), before the output
-        projection, and the attention weights (batch, heads, tokens, tokens), of tokens ``x``
-        (batch, tokens, width); ``mask``: an additive term broadcast over the scores."""
+        projection, and the attention weights (batch, heads, tokens, tokens) if asked for, of
+        tokens ``x`` (batch, tokens, width); ``mask``: an additive term broadcast over the scores.
+        Without weights, PyTorch's fused kernel computes it without holding the score matrix."""
         b, n, _ = x.shape
         heads, dim = self.num_heads, self.head_dim
         q, k, v = self.projections()[0](x).reshape(b, n, 3, heads, dim).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-2, -1)) * self.scale
-        weights = (scores if mask is None else scores + mask).softmax(dim=-1)
-        if self.training and dropout > 0:
-            weights = F.dropout(weights, dropout)
-        return (weights @ v).transpose(1, 2).reshape(b, n, heads * dim), weights
+        p = dropout if self.training else 0.0
+        if need_weights:
+            scores = (q @ k.transpose(-2, -1)) * self.scale
+            weights = (scores if mask is None else scores + mask).softmax(dim=-1)
+            out = (F.dropout(weights, p) if p > 0 else weights) @ v
+        else:
+            weights, out = None, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=self.scale)
+        return out.transpose(1, 2).reshape(b, n, heads * dim), weights
 
 
 class SelfAttention(QkvAttention):
@@ -97,7 +102,7 @@ class SelfAttention(QkvAttention):
         x = x if self.batch_first else x.transpose(0, 1)
         b, n, _ = x.shape
         mask = _additive_mask(attn_mask, key_padding_mask, is_causal, b, self.num_heads, n, x.dtype)
-        heads_out, weights = self._attend(x, mask, self.dropout)
+        heads_out, weights = self._attend(x, mask, self.dropout, need_weights)
         out = self.proj(heads_out)
         out = out if self.batch_first else out.transpose(0, 1)
         out = out.squeeze(0 if self.batch_first else 1) if unbatched else out
