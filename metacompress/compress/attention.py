@@ -124,12 +124,12 @@ class TokenAttention(QkvAttention):
     ``convert_token_attention`` only installs it where it computes what the block computed."""
 
     def __init__(self, children: dict[str, nn.Module], qkv_name: str, proj_name: str, num_heads: int,
-                 scale: float, fused_from: tuple[str, ...] = ()):
+                 scale: float, fused_from: tuple[str, ...] = (), norm_name: str | None = None):
         super().__init__()
         for name, child in children.items():  # same names: the state dict and dropout layers carry over
             self.add_module(name, child)
         self.qkv_name, self.proj_name, self.num_heads, self.scale = qkv_name, proj_name, num_heads, scale
-        self.fused_from = fused_from
+        self.fused_from, self.norm_name = fused_from, norm_name  # norm_name: a LayerNorm applied to the input first
         if fused_from:
             self.register_load_state_dict_pre_hook(_fuse_saved_projections)
 
@@ -144,6 +144,7 @@ class TokenAttention(QkvAttention):
                              "it does not take attn_mask or is_causal")
         image = x.dim() == 4  # (batch, channels, height, width): its pixels are the tokens
         tokens = x.flatten(2).transpose(1, 2) if image else x
+        tokens = self._modules[self.norm_name](tokens) if self.norm_name else tokens
         drop = self._modules.get("attn_drop")
         heads_out, _ = self._attend(tokens, None, drop.p if isinstance(drop, nn.Dropout) else 0.0)
         out = self._modules[self.proj_name](heads_out)
@@ -166,21 +167,25 @@ _HEAD_COUNT_NAMES = ("num_heads", "heads", "n_heads", "n_head", "nhead")
 def _token_attention_for(block: nn.Module) -> list[TokenAttention]:
     """``TokenAttention`` candidates that may replace ``block``, one per plausible softmax scale
     (the block's ``scale`` attribute, and one over the square root of the head size); none where
-    its layers are not a qkv projection (or q, k and v projections) and an output projection, or
-    it owns other parameters."""
+    its layers are not a qkv projection (or q, k and v projections) and an output projection,
+    besides at most one LayerNorm (taken as the input's norm), or it owns other parameters."""
     if isinstance(block, QkvAttention) or any(True for _ in block.parameters(recurse=False)):
         return []
-    roles = _projection_roles(dict(block.named_children()))
+    children = dict(block.named_children())
+    norms = [n for n, c in children.items() if isinstance(c, nn.LayerNorm)]
+    norm_name = norms[0] if len(norms) == 1 else None  # one norm inside: tried as applied to the input first
+    roles = _projection_roles({n: c for n, c in children.items() if n != norm_name})
     if roles is None:
         return []
     children, qkv_name, proj_name, fused_from = roles
+    children = {norm_name: block.get_submodule(norm_name), **children} if norm_name else children
     width = children[qkv_name].out_features // 3
     heads = [v for n in _HEAD_COUNT_NAMES if isinstance(v := getattr(block, n, None), int) and v > 0 and width % v == 0]
     if not heads:
         return []
     scales = [getattr(block, "scale", None), (width // heads[0]) ** -0.5]
     scales = list(dict.fromkeys(float(v) for v in scales if isinstance(v, (int, float)) and v > 0))
-    return [TokenAttention(children, qkv_name, proj_name, heads[0], scale, fused_from).train(block.training)
+    return [TokenAttention(children, qkv_name, proj_name, heads[0], scale, fused_from, norm_name).train(block.training)
             for scale in scales]
 
 

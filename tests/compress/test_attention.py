@@ -172,14 +172,33 @@ class ConstantHeadAttention(nn.Module):
 
 
 class NormedAttention(ConstantHeadAttention):
-    """The same with a LayerNorm inside: a computation the conversion does not reproduce."""
+    """The same with a LayerNorm over its output: a computation the conversion does not reproduce."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__(dim, heads)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(self.norm(x), attn_mask)
+        return self.norm(super().forward(x, attn_mask))
+
+
+class PreNormChunkAttention(nn.Module):
+    """As vit-pytorch writes it: a LayerNorm inside, q, k and v from ``chunk``, the head count
+    fixed, an output layer followed by dropout in a ``Sequential``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.norm = nn.LayerNorm(dim)
+        self.attend, self.dropout = nn.Softmax(dim=-1), nn.Dropout(0.1)
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(self.norm(x)).chunk(3, dim=-1))
+        out = self.dropout(self.attend((q @ k.transpose(-2, -1)) * self.scale)) @ v
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class SeparateQKVAttention(nn.Module):
@@ -220,7 +239,7 @@ class TinyViT(nn.Module):
         return self.head(h.mean(1))
 
 
-@pytest.mark.parametrize("attention", [ConstantHeadAttention, SeparateQKVAttention])
+@pytest.mark.parametrize("attention", [ConstantHeadAttention, SeparateQKVAttention, PreNormChunkAttention])
 def test_constant_head_size_attention_is_converted_and_computes_the_same(attention):
     torch.manual_seed(0)
     model = TinyViT(attention).eval()
@@ -236,10 +255,10 @@ def test_constant_head_size_attention_is_converted_and_computes_the_same(attenti
     assert {g.kind for g in discover_groups(model, x[:1], 6)} >= {"attention"}
 
 
-@pytest.mark.parametrize("variant", ["heads outermost", "norm inside", "called with a mask"])
+@pytest.mark.parametrize("variant", ["heads outermost", "norm on the output", "called with a mask"])
 def test_attention_the_conversion_does_not_reproduce_stays(variant):
     torch.manual_seed(0)
-    model = {"heads outermost": lambda: TinyViT(layout="hd3"), "norm inside": lambda: TinyViT(NormedAttention),
+    model = {"heads outermost": lambda: TinyViT(layout="hd3"), "norm on the output": lambda: TinyViT(NormedAttention),
              "called with a mask": lambda: TinyViT(masked=True)}[variant]().eval()
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
@@ -272,7 +291,7 @@ def test_a_block_also_used_through_another_method_is_put_back():
         assert torch.equal(model(x), before)
 
 
-@pytest.mark.parametrize("attention", [ConstantHeadAttention, SeparateQKVAttention])
+@pytest.mark.parametrize("attention", [ConstantHeadAttention, SeparateQKVAttention, PreNormChunkAttention])
 def test_constant_head_size_vit_compresses_to_half_the_macs_and_loads_back(tmp_path, attention):
     """Before the conversion such a block's qkv and the residual stream were kept whole: 0.5 of
     the MACs was out of reach. Now its heads lose dims at equal offsets."""
