@@ -229,13 +229,19 @@ def _fused_linear(layers: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
-def _token_calls(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(input, output) of each call of each module that might be token attention, in one pass; a
-    module also called otherwise than as ``block(x)`` on tokens or a feature map is left out."""
+def _candidates(model: nn.Module) -> dict[nn.Module, list[TokenAttention]]:
+    """Each module of ``model`` that might be token attention, with its possible replacements."""
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
     declared = {id(qkv) for qkv, _, _ in hints.get("attention", [])}  # already prunable by head dims
-    candidates = {m for m in model.modules() if m is not model and _token_attention_for(m)  # the root has no slot
-                  and not any(id(c) in declared for c in m.children())}
+    found = {m: _token_attention_for(m) for m in model.modules()
+             if m is not model and not any(id(c) in declared for c in m.children())}  # the root has no slot
+    return {m: made for m, made in found.items() if made}
+
+
+def _token_calls(model: nn.Module, example: torch.Tensor,
+                 candidates: list[nn.Module]) -> dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(input, output) of each call of each of ``candidates``, in one pass; a module also called
+    otherwise than as ``block(x)`` on tokens or a feature map is left out."""
     calls: dict[nn.Module, list] = {}
     if not candidates:
         return calls
@@ -284,10 +290,10 @@ def convert_token_attention(model: nn.Module, example: torch.Tensor) -> int:
 
 def _equivalent_replacements(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, TokenAttention]:
     """Each recorded block's replacement that gives its recorded outputs from its recorded inputs."""
-    made = {}
+    candidates, made = _candidates(model), {}
     with torch.no_grad(), composed_attention():
-        for block, calls in _token_calls(model, example).items():
-            for candidate in _token_attention_for(block):
+        for block, calls in _token_calls(model, example, list(candidates)).items():
+            for candidate in candidates[block]:
                 if all(_same(candidate(x), y) for x, y in calls):
                     made[block] = candidate
                     break
