@@ -12,7 +12,8 @@ from metacompress.compress.robust import RobustConfig
 
 MODEL_HELP = ("Model spec: a zoo name, torchvision:NAME, or file.py:factory / package.module:factory "
               "(imports and runs that file or module: use only code you trust).")
-DATA_HELP = "Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH, imagefolder:DIR[:size=S], idx:DIR."
+DATA_HELP = ("Data spec: digits, digits@32, synthetic:SHAPE, npz:PATH[:tokens] (:tokens: integer N x L token ids), "
+             "imagefolder:DIR[:size=S], idx:DIR.")
 TRUST_PICKLE_HELP = "Allow --weights files that unpickle objects, e.g. whole modules (runs code in the file: trusted files only)."
 
 

@@ -26,6 +26,7 @@ from metacompress.compress.distill import RepairConfig
 from metacompress.compress.groups import refuse_unsupported
 from metacompress.compress.measure import composed_attention, count_macs, count_params
 from metacompress.compress.robust import RobustConfig
+from metacompress.data.inputs import is_token_ids, model_input
 from metacompress.data.torchdata import DataLike, _pairs, from_torch
 from metacompress.errors import UserError, first_line
 from metacompress.logits import Key, as_classifier, forward_scores, logits_key, pick, restore_forward
@@ -63,7 +64,7 @@ def _example(example_inputs: torch.Tensor | tuple) -> torch.Tensor:
     x = example_inputs[0] if isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 1 else example_inputs
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise UserError("example_inputs must be one input tensor with a batch axis, e.g. x[:1]")
-    return x.float()
+    return model_input(x)
 
 
 def _num_outputs(model: nn.Module, example: torch.Tensor) -> tuple[int, Key]:
@@ -73,8 +74,9 @@ def _num_outputs(model: nn.Module, example: torch.Tensor) -> tuple[int, Key]:
             out = model(example[:1])
     except Exception as exc:  # the user's forward: its own error, on one line
         msg = first_line(exc)
-        raise UserError(f"the model cannot run on float32 inputs of shape {tuple(example.shape[1:])} (the data's "
-                        f"samples are fed as float32; integer inputs such as token ids are not supported): {msg}") from None
+        raise UserError(f"the model cannot run on {str(example.dtype).removeprefix('torch.')} inputs of shape "
+                        f"{tuple(example.shape[1:])} (integer samples are fed as int64 token ids, others as "
+                        f"float32): {msg}") from None
     key = logits_key(out)
     scores = pick(out, key)
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
@@ -194,7 +196,7 @@ def verify(path: str | os.PathLike, model: nn.Module | None, data: DataLike) -> 
     from metacompress.deploy.verify import verify_onnx
 
     x, y = _pairs(data, "data")
-    return verify_onnx(path, None if model is None else as_classifier(model, x[:1].float()), x, y)
+    return verify_onnx(path, None if model is None else as_classifier(model, model_input(x[:1])), x, y)
 
 
 def save(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor) -> None:
@@ -207,7 +209,8 @@ def save(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor
     example = _example(example_inputs)
     with eval_mode(model):
         classes = _num_outputs(model, example)[0]
-    save_compressed(path, model, USER_MODULE + type(model).__name__, tuple(example.shape[1:]), classes)
+    save_compressed(path, model, USER_MODULE + type(model).__name__, tuple(example.shape[1:]), classes,
+                    token_ids=is_token_ids(example))
 
 
 __all__ = ["CompressionReport", "compress", "export_onnx", "load_compressed", "save", "verify"]

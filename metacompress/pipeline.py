@@ -35,6 +35,7 @@ from metacompress.compress.prune import PruningSpace
 from metacompress.compress.robust import RobustConfig
 from metacompress.compress.rules import RULES
 from metacompress.data import Dataset, data_paths, load_dataset
+from metacompress.data.inputs import is_token_ids
 from metacompress.errors import UserError
 from metacompress.io import load_weights, refuse_output_over_inputs, state_dict_from, write_json
 from metacompress.meta import data_parallel, distributed
@@ -416,7 +417,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any] | None:
             report["ranks"] = distributed.rank_and_world()[1]
         with timer.stage("save"):
             save_compressed(tmp / "model.pt", c.student, cfg.model, c.prep.data.input_shape, c.prep.data.num_classes,
-                            meta={"policy": cfg.allocation, "data": cfg.data})
+                            meta={"policy": cfg.allocation, "data": cfg.data},
+                            token_ids=is_token_ids(c.prep.data.x_test[:1]))
         report["timings_s"] = timer.timings
         write_json(tmp / "report.json", report)
         _publish(tmp, out, ["model.onnx", "model.pt", "report.json"] + (["model.int8.onnx"] if "quant" in results else []))

@@ -104,9 +104,11 @@ def test_bad_arguments_are_user_errors(trained):
     with pytest.raises(mc.UserError, match="torch.nn.Module"):
         mc.compress(lambda t: t, x[:1], target=0.5, train=train)
     tokens = torch.randint(0, 50, (64, 8))
-    with pytest.raises(mc.UserError, match="cannot run on float32 inputs of shape \\(8,\\).*token ids"):
+    with pytest.raises(mc.UserError, match="cannot run on int64 inputs of shape \\(8,\\).*token ids"):
+        mc.compress(model, tokens[:1], target=0.5, train=(tokens, torch.randint(0, 10, (64,))))
+    with pytest.raises(mc.UserError, match="token ids and must be >= 0"):
         mc.compress(nn.Sequential(nn.Embedding(50, 16), nn.Flatten(), nn.Linear(128, 10)), tokens[:1], target=0.5,
-                    train=(tokens, torch.randint(0, 10, (64,))))
+                    train=(tokens - 1, torch.randint(0, 10, (64,))))
 
 
 class ScoresAndFeatures(nn.Module):
@@ -223,6 +225,64 @@ def test_compress_a_1d_convolutional_model(tmp_path):
     assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
     mc.save(small, tmp_path / "signal.pt", x[:1])
     back, _ = mc.load_compressed(tmp_path / "signal.pt", SignalNet())
+    assert torch.equal(back(x[:8]), small(x[:8]))
+
+
+class TextNet(nn.Module):
+    """A text classifier over token ids: embedding, two PyTorch encoder layers, mean pooling."""
+
+    def __init__(self, vocab: int = 40, length: int = 12, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 32)
+        self.position = nn.Parameter(torch.zeros(1, length, 32))
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(ids) + self.position).mean(1))
+
+
+def sentences(n: int, seed: int, vocab: int = 40, length: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token sequences; the class is which of four marker tokens (ids 0-3) appears most."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    ids = torch.randint(4, vocab, (n, length), generator=g)
+    marks = torch.rand(n, length, generator=g) < 0.3
+    ids[marks] = y.view(-1, 1).expand(-1, length)[marks]
+    return ids, y
+
+
+def test_a_text_classifier_over_token_ids_compresses_exports_and_round_trips(tmp_path):
+    """Integer inputs are token ids, kept int64 by every stage: the budget, accuracy, ONNX
+    parity (an int64 input), timing and a round trip through ``mc.save`` hold."""
+    from metacompress.deploy.bench import benchmark_latency
+
+    torch.manual_seed(0)
+    model = TextNet()
+    x, y = sentences(800, 0)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(6):
+        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    test = sentences(240, 1)
+    small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), test=test, round_to=4,
+                                repair=mc.RepairConfig(steps=40))
+    assert abs(report.achieved_macs_ratio - 0.5) <= 0.02 * 0.5
+    assert report.dense_accuracy > 0.9 and report.accuracy > 0.8
+    assert sum(report.kept.values()) < sum(report.channels.values())
+    mc.export_onnx(small, x[:1], tmp_path / "text.onnx")
+    check = mc.verify(tmp_path / "text.onnx", small, test)
+    assert check["ops"].get("Gather", 0) >= 1
+    assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
+    assert abs(check["accuracy"] - report.accuracy) <= 1 / 240
+    timed = benchmark_latency({"text": tmp_path / "text.onnx"}, (12,), batches=(1,), repeats=2, warmup=1)
+    assert timed["text"]["b1"]["median_ms"] > 0
+    mc.save(small, tmp_path / "text.pt", x[:1])
+    back, _ = mc.load_compressed(tmp_path / "text.pt", TextNet())
     assert torch.equal(back(x[:8]), small(x[:8]))
 
 

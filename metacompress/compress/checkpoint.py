@@ -39,11 +39,13 @@ def _structure(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save_compressed(path: str | os.PathLike, model: nn.Module, spec: str, input_shape, num_classes: int,
-                    model_kwargs: dict | None = None, meta: dict | None = None) -> None:
+                    model_kwargs: dict | None = None, meta: dict | None = None, token_ids: bool = False) -> None:
+    """``token_ids``: the model takes int64 token ids (``data.inputs``), not float32 samples."""
     save_torch({
         "format": FORMAT,
         "model": spec,
         "input_shape": list(input_shape),
+        "input_dtype": "int64" if token_ids else "float32",
         "num_classes": int(num_classes),
         "model_kwargs": dict(model_kwargs or {}),
         "structure": _structure(model),
@@ -91,7 +93,8 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
                         "to load_compressed(path, model)")
     if model is None:
         model = build_model(ckpt["model"], ckpt["input_shape"], ckpt["num_classes"], **ckpt["model_kwargs"])
-    match_saved_attention(model, ckpt["state_dict"], torch.zeros(1, *ckpt["input_shape"]))
+    dtype = torch.long if ckpt.get("input_dtype") == "int64" else torch.float32
+    match_saved_attention(model, ckpt["state_dict"], torch.zeros(1, *ckpt["input_shape"], dtype=dtype))
     resize_to(model, ckpt["structure"], ckpt["state_dict"])
     try:
         load_state(model, ckpt["state_dict"])

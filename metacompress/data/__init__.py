@@ -7,6 +7,8 @@
 - ``synthetic:SHAPE``: seeded, learnable classification data, e.g. ``synthetic:3x32x32``
   (images) or ``synthetic:20`` (features); ``synthetic:3x32x32:classes=5:n=2000`` sets more.
 - ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test``; images NCHW, NHWC or flat.
+  ``npz:PATH:tokens``: the x arrays are N x L integer token ids, fed to the model as int64
+  (for a model that starts with an ``nn.Embedding``).
 - ``imagefolder:DIR[:size=S]``: ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (needs
   torchvision); ``size`` resizes each image's shorter side to S and center-crops S x S, so images
   may have any size. Without it, images of mixed sizes get the model's own input size (224 for

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from metacompress.data.inputs import is_token_ids
 from metacompress.data.lazy import LazySamples, Samples, take
 from metacompress.errors import UserError
 
@@ -20,6 +21,7 @@ MAX_SAMPLE_ELEMENTS = 2**24     # one sample: e.g. 3 x 2364 x 2364
 MAX_CLASSES = 100_000
 MAX_DIGITS_SIZE = 512
 MAX_IMAGE_SIZE = 1024           # imagefolder:DIR:size=S, S at most this
+TOKENS_OPTION = ":tokens"       # npz:PATH:tokens: N x L integer arrays are token ids (int64), not features
 
 
 @dataclass
@@ -52,13 +54,13 @@ class Dataset:
     def mean(self) -> float:
         if isinstance(self.x_train, LazySamples):
             return self.x_train.stats()[0]
-        return float(self.x_train.mean())
+        return float(self.x_train.float().mean())
 
     @property
     def std(self) -> float:
         if isinstance(self.x_train, LazySamples):
             return max(self.x_train.stats()[1], 1e-6)
-        return float(self.x_train.std().clamp_min(1e-6))
+        return float(self.x_train.float().std().clamp_min(1e-6))
 
     def test_subset(self, n: int) -> "Dataset":
         """The same data with ``n`` test samples spread evenly over the test split (splits are often
@@ -154,8 +156,10 @@ def make_dataset(name: str, x_tr, y_tr, x_te, y_te, num_classes: int | None = No
         raise UserError(f"{name}: needs training and test samples, got {len(x_tr)} and {len(x_te)}")
     x_tr, x_va, y_tr, y_va = stratified_split(x_tr, y_tr, VAL_FRACTION, seed=0)
 
-    def t(a, dtype=torch.float32):
-        return a if isinstance(a, LazySamples) else _tensor(a, dtype)
+    def t(a, dtype=None):
+        if isinstance(a, LazySamples):
+            return a
+        return _tensor(a, dtype or (torch.long if is_token_ids(a) else torch.float32))
 
     ys = [y_tr, y_va, y_te]
     if num_classes is None:
@@ -273,7 +277,7 @@ def data_paths(spec: str) -> list[str]:
     """The files or folders a data spec reads (none for embedded and generated data)."""
     kind, _, arg = spec.partition(":")
     if kind == "npz" and arg:
-        return [arg]
+        return [arg.removesuffix(TOKENS_OPTION)]
     if kind in ("idx", "imagefolder") and arg:
         return [arg.split(":")[0]]
     return []
@@ -301,12 +305,12 @@ def load_dataset(spec: str, image_size: int | None = None) -> Dataset:
     if kind == "npz" and arg:
         from metacompress.data.npz import load_npz
 
-        return load_npz(arg)
+        return load_npz(arg.removesuffix(TOKENS_OPTION), tokens=arg.endswith(TOKENS_OPTION))
     if kind == "imagefolder" and arg:
         from metacompress.data.imagefolder import load_imagefolder
 
         return load_imagefolder(arg, image_size)
     if kind == "idx" and arg:
         return _idx(arg)
-    raise UserError(f"unknown data spec '{spec}': use digits, digits@32, synthetic:SHAPE, npz:PATH, "
+    raise UserError(f"unknown data spec '{spec}': use digits, digits@32, synthetic:SHAPE, npz:PATH[{TOKENS_OPTION}], "
                     "imagefolder:DIR[:size=S] or idx:DIR")

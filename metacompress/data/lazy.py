@@ -24,15 +24,17 @@ DECODE_THREADS = min(4, os.cpu_count() or 1)  # image decoding releases the GIL:
 
 
 class LazySamples:
-    """``count`` samples of ``sample_shape``; ``read(i)`` returns sample ``i`` as a float32 array.
+    """``count`` samples of ``sample_shape``; ``read(i)`` returns sample ``i`` as an array of
+    ``dtype`` (float32, or int64 for token ids: ``data.inputs``).
 
     ``threads`` > 1 reads a batch's samples in that many threads (for readers that are
     thread-safe and release the GIL, such as image decoding); the batch is the same either way.
     """
 
     def __init__(self, read: Callable[[int], np.ndarray], count: int, sample_shape: Sequence[int],
-                 rows: np.ndarray | None = None, threads: int = 1) -> None:
+                 rows: np.ndarray | None = None, threads: int = 1, dtype: type = np.float32) -> None:
         self._read = read
+        self._dtype = np.dtype(dtype)
         self._threads = max(1, threads)
         self._rows = np.arange(count) if rows is None else rows
         self._sample_shape = tuple(int(d) for d in sample_shape)
@@ -47,7 +49,8 @@ class LazySamples:
 
     def subset(self, index: Any) -> LazySamples:
         """The samples at ``index`` (positions in this set), still unread."""
-        return LazySamples(self._read, 0, self._sample_shape, self._rows[_numpy_index(index)], self._threads)
+        return LazySamples(self._read, 0, self._sample_shape, self._rows[_numpy_index(index)], self._threads,
+                           self._dtype)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         if isinstance(index, (int, np.integer)):
@@ -55,7 +58,7 @@ class LazySamples:
         rows = np.atleast_1d(self._rows[_numpy_index(index)])
         # torch's own memory, not numpy's: a training batch is saved for the backward pass, and
         # compress crashed (SIGSEGV in backward) when batches lived in numpy-allocated memory
-        batch = torch.empty((len(rows), *self._sample_shape))
+        batch = torch.empty((len(rows), *self._sample_shape), dtype=torch.from_numpy(np.zeros(0, self._dtype)).dtype)
 
         def fill(i: int) -> None:
             batch[i] = torch.from_numpy(self._checked(rows[i]))
@@ -70,7 +73,7 @@ class LazySamples:
         return batch
 
     def _checked(self, row: int) -> np.ndarray:
-        x = np.asarray(self._read(int(row)), dtype=np.float32)
+        x = np.asarray(self._read(int(row)), dtype=self._dtype)
         if x.shape != self._sample_shape:
             raise UserError(f"sample {row} has shape {x.shape}, the first sample {self._sample_shape}: "
                             "every sample needs one shape")

@@ -96,9 +96,10 @@ def _member_start(p: Path, info) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def load_npz(path: str) -> Dataset:
+def load_npz(path: str, tokens: bool = False) -> Dataset:
     """``npz:PATH``: arrays x_train, y_train, x_test, y_test, or x and y (split here, stratified
-    and seeded): flat N x F, sequences N x C x L, images NCHW or NHWC, volumes N x C x D x H x W."""
+    and seeded): flat N x F, sequences N x C x L, images NCHW or NHWC, volumes N x C x D x H x W.
+    ``tokens`` (``npz:PATH:tokens``): the x arrays are N x L integer token ids, kept as int64."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"data file not found: {p}")
@@ -110,9 +111,12 @@ def load_npz(path: str) -> Dataset:
             raise UserError(f"{p}: {key} must be N x F (flat), sequences N x C x L, images N x C x H x W / "
                             f"N x H x W x C or volumes N x C x D x H x W, got shape {shape}")
         check_size(f"{p}: {key}", shape[0], shape[1:], whole=not _mapped(members[key]))
+        if tokens and (len(shape) != 2 or members[key].dtype.kind not in "iu"):
+            raise UserError(f"{p}: {key} has shape {shape} and dtype {members[key].dtype}; token ids (npz:PATH:tokens) "
+                            "are N x L integers")
     with _reading(p) as z:
         ys = [check_labels(f"{p}: {k}", z[k]) for k in ykeys]
-        xs = [_npz_samples(p, z, key, members[key]) for key in xkeys]
+        xs = [_npz_samples(p, z, key, members[key], tokens) for key in xkeys]
     if any(len(y) != len(x) for x, y in zip(xs, ys)):
         counts = ", ".join(f"{k} {len(a)}" for k, a in zip([*xkeys, *ykeys], [*xs, *ys]))
         raise UserError(f"{p}: label and sample counts differ ({counts})")
@@ -148,8 +152,9 @@ def _mapped(member: _NpyMember) -> bool:
     return member.offset is not None and not fits_in_memory(member.shape[0], _sample_shape(member.shape)[0])
 
 
-def _npz_samples(p: Path, z: Any, key: str, member: _NpyMember):
-    """``key``'s samples as float32 N x C x H x W (from NHWC too) or N x F: read whole from the open
+def _npz_samples(p: Path, z: Any, key: str, member: _NpyMember, tokens: bool = False):
+    """``key``'s samples as float32 N x C x H x W (from NHWC too) or N x F, or (``tokens``) int64
+    N x L token ids (``data.inputs``): read whole from the open
     archive ``z``, or, when the float32 copy is too big to hold and the member is stored
     uncompressed, memory-mapped and converted sample by sample. Non-finite values are refused
     either way."""
@@ -158,10 +163,18 @@ def _npz_samples(p: Path, z: Any, key: str, member: _NpyMember):
     if _mapped(member):
         mapped = np.memmap(p, dtype=member.dtype, mode="r", offset=member.offset, shape=shape)
         for i in range(0, shape[0], 256):
-            if not np.isfinite(mapped[i:i + 256]).all():
-                raise UserError(f"{p}: {key} holds NaN or infinite values")
-        return LazySamples(lambda i: mapped[i].transpose(2, 0, 1) if nhwc else mapped[i], shape[0], sample)
-    x = z[key].astype(np.float32)
-    if not np.isfinite(x).all():
-        raise UserError(f"{p}: data holds NaN or infinite values")
+            _check_values(p, key, mapped[i:i + 256], tokens)
+        return LazySamples(lambda i: mapped[i].transpose(2, 0, 1) if nhwc else mapped[i], shape[0], sample,
+                           dtype=np.int64 if tokens else np.float32)
+    x = z[key].astype(np.int64 if tokens else np.float32)
+    _check_values(p, key, x, tokens)
     return x.transpose(0, 3, 1, 2) if nhwc else x
+
+
+def _check_values(p: Path, key: str, x: np.ndarray, tokens: bool) -> None:
+    """Token ids must be >= 0 (an embedding looks them up); other samples finite."""
+    if tokens and x.size and x.min() < 0:
+        raise UserError(f"{p}: {key} holds integer sequences, read as token ids, and token ids must be >= 0; "
+                        f"found {int(x.min())}")
+    if not tokens and not np.isfinite(x).all():
+        raise UserError(f"{p}: {key} holds NaN or infinite values")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import Dataset as TorchDataset
 
 from metacompress.data.datasets import MAX_DATA_BYTES, VAL_FRACTION, Dataset
+from metacompress.data.inputs import is_token_ids, model_input
 from metacompress.data.lazy import LazySamples, Samples, fits_in_memory, take
 from metacompress.errors import UserError
 
@@ -105,10 +106,13 @@ def _lazy(dataset: Any, shape: tuple[int, ...], what: str) -> tuple[LazySamples,
         ys.append(y)
     y = torch.cat(ys).long()
 
-    def read(i: int) -> np.ndarray:
-        return torch.as_tensor(_pair(dataset[i], what)[0]).detach().float().numpy()
+    first = torch.as_tensor(_pair(dataset[0], what)[0])
+    dtype = np.int64 if is_token_ids(first) else np.float32
 
-    return LazySamples(read, len(dataset), shape), y
+    def read(i: int) -> np.ndarray:
+        return model_input(torch.as_tensor(_pair(dataset[i], what)[0]).detach()).numpy()
+
+    return LazySamples(read, len(dataset), shape, dtype=dtype), y
 
 
 def _checked(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +121,11 @@ def _checked(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor,
     if y.dim() != 1 or y.is_floating_point():
         raise UserError(f"{what}: labels must be a 1-D integer tensor of class indices, got {tuple(y.shape)} "
                         f"{y.dtype}")
-    x = x.float()
+    x = model_input(x)
+    if is_token_ids(x):
+        if len(x) and int(x.min()) < 0:
+            raise UserError(f"{what}: integer inputs are token ids and must be >= 0, found {int(x.min())}")
+        return x, y.long()
     if not torch.isfinite(x).all():
         raise UserError(f"{what}: inputs hold NaN or infinite values")
     return x, y.long()

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from metacompress.data.inputs import timing_feed
 from metacompress.deploy.verify import check_input, load_session
 from metacompress.errors import UserError
 
@@ -68,7 +69,8 @@ def benchmark_latency(models: dict[str, Any], input_shape: Sequence[int], batche
     rng = np.random.default_rng(seed)
     result: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
     for batch in batches:
-        x = rng.standard_normal((int(batch), *shape)).astype(np.float32)
+        kind = next(iter(sessions.values())).get_inputs()[0].type
+        x = timing_feed((int(batch), *shape), kind, rng)
         feeds = {name: {sess.get_inputs()[0].name: x} for name, sess in sessions.items()}
         per_round, last = _warm_up(sessions, feeds, warmup, max_seconds)
         rounds = _rounds(per_round, repeats, min_seconds, max_seconds, copies)

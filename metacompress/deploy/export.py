@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch import nn
 
+from metacompress.data.inputs import model_input
 from metacompress.errors import UserError
 from metacompress.io import atomic_path
 from metacompress.meta.modules import eval_mode
@@ -51,7 +52,7 @@ def _example_batch(example: torch.Tensor) -> torch.Tensor:
     """A batch of at least 2: ``torch.export`` specialises a size-1 dimension to the constant 1."""
     if example.dim() == 0:
         raise UserError("the export example must have a batch dimension")
-    example = example.detach().float()
+    example = model_input(example.detach())
     if example.shape[0] >= 2:
         return example[:2]
     return example[:1].expand(2, *example.shape[1:]).contiguous()

@@ -30,6 +30,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from metacompress.data.inputs import onnx_feed
 from metacompress.deploy.simplify import compact_names, strip_debug_info
 from metacompress.deploy.verify import check_input, load_session, model_facts
 from metacompress.errors import UserError
@@ -64,15 +65,17 @@ def choose_mode(ops: dict[str, int]) -> str:
 
 
 def _calibration_array(calibration: Any, src: Path) -> np.ndarray:
-    """Validate the calibration samples against the model's input and return them as float32."""
+    """Validate the calibration samples against the model's input and return them as its input
+    type (float32, or int64 token ids)."""
     if calibration is None:
         raise UserError("static quantization needs calibration data (--data)")
-    data = np.ascontiguousarray(np.asarray(calibration, dtype=np.float32))
+    session = load_session(src, threads=1)
+    data = onnx_feed(calibration, session.get_inputs()[0].type)
     if data.ndim < 1 or len(data) == 0:
         raise UserError("calibration data is empty")
     if not np.isfinite(data).all():
         raise UserError("calibration data holds NaN or infinite values")
-    check_input(load_session(src, threads=1), tuple(data.shape[1:]), what="calibration")
+    check_input(session, tuple(data.shape[1:]), what="calibration")
     return data
 
 

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from metacompress.data.inputs import model_input, onnx_feed
 from metacompress.data.lazy import LazySamples, Samples
 from metacompress.errors import UserError
 from metacompress.io import require_file
@@ -127,22 +128,17 @@ def check_input(session: ort.InferenceSession, sample_shape: tuple[int, ...], wh
 def run_batched(session: ort.InferenceSession, x: Any, batch_size: int = 256) -> np.ndarray:
     """Logits of ``x`` (an array, a tensor or lazy samples) from ``session``, ``batch_size``
     samples per call (bounded memory)."""
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: _float32(x[i:i + batch_size])})[0]
+    name, kind = session.get_inputs()[0].name, session.get_inputs()[0].type
+    outs = [session.run(None, {name: onnx_feed(x[i:i + batch_size], kind)})[0]
             for i in batched(len(x), batch_size, "evaluating in onnxruntime")]
     return np.concatenate(outs, axis=0)
-
-
-def _float32(batch: Any) -> np.ndarray:
-    if isinstance(batch, torch.Tensor):
-        return batch.detach().float().numpy()
-    return np.asarray(batch, dtype=np.float32)
 
 
 @torch.no_grad()
 def _reference_logits(reference: nn.Module, x: Any, batch_size: int) -> np.ndarray:
     with eval_mode(reference):
-        outs = [reference(torch.as_tensor(x[i:i + batch_size]).float()).float() for i in range(0, len(x), batch_size)]
+        outs = [reference(model_input(torch.as_tensor(x[i:i + batch_size]))).float()
+                for i in range(0, len(x), batch_size)]
     return torch.cat(outs).numpy()
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from metacompress.data.inputs import is_token_ids
 from metacompress.errors import UserError, first_line
 from metacompress.logits import logits_key, pick, scores_only
 from metacompress.zoo import models as m
@@ -136,7 +137,10 @@ def check_forward(model: nn.Module, sample: torch.Tensor, num_classes: int, spec
             out = model(sample[:2])
     except Exception as exc:
         msg = first_line(exc)
-        raise UserError(f"{spec} cannot run on inputs of shape {tuple(sample.shape[1:])}: {msg}") from None
+        dtype = str(sample.dtype).removeprefix("torch.")
+        embeds = any(isinstance(m, nn.Embedding) for m in model.modules())
+        hint = " (its nn.Embedding takes token ids: npz:PATH:tokens)" if embeds and not is_token_ids(sample) else ""
+        raise UserError(f"{spec} cannot run on {dtype} inputs of shape {tuple(sample.shape[1:])}{hint}: {msg}") from None
     out = pick(out, logits_key(out))
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise UserError(f"{spec} gives outputs of shape {tuple(out.shape)}; expected (N, {num_classes}) class scores")

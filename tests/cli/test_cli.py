@@ -103,7 +103,7 @@ def factory_spec(tmp_path, args: str, layers: str) -> str:
 def test_user_model_factory_whose_forward_fails(tmp_path):
     spec = factory_spec(tmp_path, "num_classes", "nn.Flatten(), nn.Linear(784, num_classes)")
     res = run("compress", spec, "--weights", "none", "--target-macs", "0.5", "--out", tmp_path / "o")
-    assert_user_error(res, "cannot run on inputs of shape (1, 8, 8)")
+    assert_user_error(res, "cannot run on float32 inputs of shape (1, 8, 8)")
 
 
 def test_user_model_factory_compresses(tmp_path):
@@ -217,6 +217,53 @@ def test_policy_info_shows_provenance():
     text = run("policy", "info")
     assert f"shipped: iteration {sel['selected_iteration']}, the best on {sel['tasks']} selection tasks" in " ".join(
         text.stdout.split())
+
+
+TEXT_FILE = (
+    "import torch, torch.nn as nn\n"
+    "class Net(nn.Module):\n"
+    "    def __init__(self, num_classes):\n"
+    "        super().__init__()\n"
+    "        self.embed = nn.Embedding(30, 32)\n"
+    "        self.mix = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))\n"
+    "        self.head = nn.Linear(32, num_classes)\n"
+    "    def forward(self, ids):\n"
+    "        return self.head(self.mix(self.embed(ids)).mean(1))\n"
+    "def build(num_classes):\n"
+    "    return Net(num_classes)\n")
+
+
+def test_token_ids_from_npz_compress_to_an_onnx_model_with_an_int64_input(tmp_path):
+    """``npz:PATH:tokens``: integer sequences stay token ids through training, compression,
+    export, verification and int8; without the option they are features, and a float sample
+    is refused as a token id."""
+    import numpy as np
+    import onnx
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    x = rng.integers(3, 30, (600, 10))
+    x[rng.random((600, 10)) < 0.3] = 0
+    x = np.where(x == 0, y[:, None], x)  # the class is the marker token (ids 0-2) that repeats
+    np.savez(tmp_path / "text.npz", x=x, y=y)
+    (tmp_path / "tnet.py").write_text(TEXT_FILE)
+    spec, out = f"{tmp_path / 'tnet.py'}:build", tmp_path / "o"
+    res = run("compress", spec, "--data", f"npz:{tmp_path / 'text.npz'}:tokens", "--target-macs", "0.5",
+              "--allocation", "uniform", "--repair-steps", "20", "--round-to", "4", "--quantize", "auto",
+              "--out", out, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert abs(report["achieved_macs_ratio"] - 0.5) <= 0.01
+    assert report["dense"]["accuracy"] > 0.9 and report["compressed"]["accuracy"] > 0.8
+    assert report["onnx"]["max_abs_diff"] <= 1e-4 and report["onnx"]["dense_max_abs_diff"] <= 1e-4
+    graph_input = onnx.load(out / "model.onnx").graph.input[0]
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert report["int8"]["top1_agreement"] >= 0.9
+    assert_user_error(run("compress", spec, "--data", f"npz:{tmp_path / 'text.npz'}", "--target-macs", "0.5",
+                          "--out", tmp_path / "o2"), "float32", "npz:PATH:tokens")
+    np.savez(tmp_path / "floats.npz", x=x.astype(np.float32), y=y)
+    assert_user_error(run("compress", spec, "--data", f"npz:{tmp_path / 'floats.npz'}:tokens", "--target-macs", "0.5",
+                          "--out", tmp_path / "o3"), "token ids")
 
 
 TRANSFORMER_FILE = (

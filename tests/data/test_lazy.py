@@ -211,3 +211,36 @@ def test_dict_samples_read_as_the_same_pairs(monkeypatch, in_memory):
     assert torch.equal(from_torch(DictSamples(60, seed=3, keys=("image", "label"))).x_val[:], pairs.x_val[:])
     with pytest.raises(UserError, match="yields dicts with keys img, cls, id: the input is read under one of pixel_values"):
         from_torch(DictSamples(60, seed=3, keys=("img", "cls")))
+
+
+class _TokenSet(TorchDataset):
+    """A map-style dataset of (token ids, label) pairs."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        self.ids, self.labels = ids, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.ids[i], self.labels[i]
+
+
+def test_token_ids_read_lazily_stay_int64_and_equal_the_ids_held_in_memory(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    ids, y = rng.integers(0, 50, (90, 7)), np.arange(90) % 3
+    np.savez(tmp_path / "tokens.npz", x=ids, y=y)
+    eager = load_dataset(f"npz:{tmp_path / 'tokens.npz'}:tokens")
+    held = from_torch(_TokenSet(torch.as_tensor(ids).int(), torch.as_tensor(y)))
+    monkeypatch.setattr("metacompress.data.lazy.IN_MEMORY_BYTES", 0)
+    mapped = load_dataset(f"npz:{tmp_path / 'tokens.npz'}:tokens")
+    lazy = from_torch(_TokenSet(torch.as_tensor(ids).int(), torch.as_tensor(y)))
+    for split in SPLITS:
+        for x, ref in ((getattr(mapped, f"x_{split}"), getattr(eager, f"x_{split}")),
+                       (getattr(lazy, f"x_{split}"), getattr(held, f"x_{split}"))):
+            assert isinstance(x, LazySamples) and ref.dtype == torch.int64
+            assert x[:].dtype == torch.int64 and torch.equal(x[:], ref)
+    assert load_dataset(f"npz:{tmp_path / 'tokens.npz'}").x_train[:].dtype == torch.float32  # features without :tokens
+    np.savez(tmp_path / "negative.npz", x=ids - 1, y=y)
+    with pytest.raises(UserError, match="token ids must be >= 0"):
+        load_dataset(f"npz:{tmp_path / 'negative.npz'}:tokens")
