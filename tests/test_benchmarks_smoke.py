@@ -95,3 +95,9 @@ def test_distributed_smoke(tmp_path):
 def test_conv_layout_smoke(tmp_path):
     out = run_bench(tmp_path, "conv_layout.py", "--models", "regnet_y_400mf", "--repeats", "1", "--batch", "2")
     assert "| model | eval: NCHW / channels-last" in out and "| regnet_y_400mf |" in out
+
+
+def test_text_tokens_smoke(tmp_path):
+    out = run_bench(tmp_path, "text_tokens.py", "--length", "8", "--n", "200", "--epochs", "1", "--targets", "macs=0.5")
+    row = next(line for line in out.splitlines() if line.startswith("| macs 0.5 |"))
+    assert float(row.split("|")[4]) == pytest.approx(0.5, abs=0.01)
