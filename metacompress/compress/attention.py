@@ -161,6 +161,42 @@ def _fuse_saved_projections(module: TokenAttention, state_dict: dict, prefix: st
             state_dict[f"{prefix}{module.qkv_name}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
 
 
+class HeadAttention(QkvAttention):
+    """Self-attention laid out as in Hugging Face models: query, key and value projections in the
+    block (fused here into one ``qkv`` layer; a state dict with the separate weights still loads)
+    and the output projection in a sibling module that reads the block's output (``BertSelfOutput``
+    and its likes). Called as the block was (its positional parameter names are kept), with the
+    hidden states and an optional ``attention_mask`` (added to the scores, or a boolean mask as
+    ``scaled_dot_product_attention`` takes it); every other argument must be unset. Returns what
+    the block returned: the heads' outputs side by side, alone or first in a tuple of that length
+    (the attention weights are not computed: None). The output projection is held by reference,
+    not as a child, so the state dict does not list it twice."""
+
+    def __init__(self, children: dict[str, nn.Module], proj: nn.Linear, num_heads: int, scale: float,
+                 dropout: float, arg_names: tuple[str, ...], outputs: int, fused_from: tuple[str, ...]):
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+        object.__setattr__(self, "_proj", proj)
+        self.num_heads, self.scale, self.dropout_p = num_heads, scale, dropout
+        self.arg_names, self.outputs = arg_names, outputs  # outputs: the block's tuple length, 0 for a tensor
+        self.qkv_name, self.fused_from = "qkv", fused_from
+        self.register_load_state_dict_pre_hook(_fuse_saved_projections)
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear]:
+        return self.qkv, self._proj
+
+    def forward(self, *args, **kwargs):
+        named = dict(zip(self.arg_names, args)) | kwargs
+        x, mask = named.pop(self.arg_names[0]), named.pop("attention_mask", None)
+        given = sorted(k for k, v in named.items() if v is not None and v is not False)
+        if given:
+            raise ValueError(f"this attention block was converted for pruning from calls with hidden states and "
+                             f"an attention mask only; it was given {', '.join(given)}")
+        out, _ = self._attend(x, mask, self.dropout_p)
+        return (out, *[None] * (self.outputs - 1)) if self.outputs else out
+
+
 _HEAD_COUNT_NAMES = ("num_heads", "heads", "n_heads", "n_head", "nhead")
 
 
@@ -229,6 +265,97 @@ def _fused_linear(layers: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def _head_layout(block: nn.Module) -> tuple[list[str], int, list[float], float] | None:
+    """(q, k and v layer names, heads, plausible softmax scales, attention dropout) of a block laid
+    out as Hugging Face's self-attention: three linear layers of one shape, dropout, a head count;
+    None for anything else (other weighted layers or parameters: relative position terms)."""
+    if isinstance(block, QkvAttention) or any(True for _ in block.parameters(recurse=False)):
+        return None
+    children = dict(block.named_children())
+    linears = [n for n, c in children.items() if isinstance(c, nn.Linear)]
+    if len(linears) != 3 or any(any(True for _ in c.parameters()) for n, c in children.items() if n not in linears):
+        return None
+    layers = [children[n] for n in linears]
+    if len({(m.in_features, m.out_features, m.bias is not None) for m in layers}) != 1:
+        return None
+    width = layers[0].out_features
+    names = ("num_attention_heads", *_HEAD_COUNT_NAMES)
+    heads = [v for n in names if isinstance(v := getattr(block, n, None), int) and v > 0 and width % v == 0]
+    if not heads:
+        return None
+    scales = [getattr(block, "scaling", None), (width // heads[0]) ** -0.5]
+    scales = list(dict.fromkeys(float(v) for v in scales if isinstance(v, (int, float)) and v > 0))
+    drops = [c.p for c in children.values() if isinstance(c, nn.Dropout)]
+    return linears, heads[0], scales, float(drops[0] if drops else getattr(block, "dropout_prob", 0.0))
+
+
+def _head_calls(model: nn.Module, example: torch.Tensor, blocks: list[nn.Module]) -> dict[nn.Module, tuple[list, nn.Linear]]:
+    """Each block's calls (args, kwargs, output) in one pass and the one linear layer that reads
+    its output (its output projection); blocks whose output no single linear layer reads are left out."""
+    calls: dict[nn.Module, list] = {}
+    readers: dict[int, set[nn.Linear]] = {}  # by id of a recorded output (kept alive in ``calls``)
+    if not blocks:
+        return {}
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        calls.setdefault(module, []).append((args, kwargs, output))
+        first = output[0] if isinstance(output, tuple) and output else output
+        if isinstance(first, torch.Tensor):
+            readers.setdefault(id(first), set())
+
+    def read(module: nn.Module, args: tuple) -> None:
+        if args and id(args[0]) in readers:
+            readers[id(args[0])].add(module)
+
+    hooks = [m.register_forward_hook(record, with_kwargs=True) for m in blocks]
+    hooks += [m.register_forward_pre_hook(read) for m in model.modules() if isinstance(m, nn.Linear)]
+    _pass_with_hooks(model, example, hooks)
+    found = {}
+    for block, recorded in calls.items():
+        outs = [out[0] if isinstance(out, tuple) and out else out for _, _, out in recorded]
+        projs = {p for o in outs for p in readers.get(id(o), ())}
+        if len(projs) == 1 and all(isinstance(o, torch.Tensor) and readers.get(id(o)) for o in outs):
+            found[block] = (recorded, projs.pop())
+    return found
+
+
+def _head_replacements(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, HeadAttention]:
+    """Each Hugging Face style self-attention block's ``HeadAttention``, where it gives the
+    block's recorded outputs from its recorded inputs."""
+    import inspect
+
+    layouts = {m: lay for m in model.modules() if m is not model and (lay := _head_layout(m)) is not None}
+    made = {}
+    with torch.no_grad(), composed_attention():
+        for block, (recorded, proj) in _head_calls(model, example, list(layouts)).items():
+            linears, heads, scales, dropout = layouts[block]
+            if proj.in_features != block.get_submodule(linears[0]).out_features:
+                continue
+            params = [p.name for p in inspect.signature(block.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            out = recorded[0][2]
+            children = {"qkv": _fused_linear([block.get_submodule(n) for n in linears]),
+                        **{n: c for n, c in block.named_children() if n not in linears}}
+            for scale in scales:
+                candidate = HeadAttention(children, proj, heads, scale, dropout, tuple(params),
+                                          len(out) if isinstance(out, tuple) else 0, tuple(linears)).train(block.training)
+                if all(_same_call(candidate, args, kwargs, ref) for args, kwargs, ref in recorded):
+                    made[block] = candidate
+                    break
+    return made
+
+
+def _same_call(candidate: nn.Module, args: tuple, kwargs: dict, ref) -> bool:
+    """Whether ``candidate(*args, **kwargs)`` gives ``ref`` (a tensor, or a tuple led by one)."""
+    try:
+        out = candidate(*args, **kwargs)
+    except (ValueError, RuntimeError, TypeError):  # an argument it does not take, or another layout
+        return False
+    if isinstance(ref, tuple):
+        return isinstance(out, tuple) and len(out) == len(ref) and _same(out[0], ref[0])
+    return isinstance(out, torch.Tensor) and _same(out, ref)
+
+
 def _candidates(model: nn.Module) -> dict[nn.Module, list[TokenAttention]]:
     """Each module of ``model`` that might be token attention, with its possible replacements."""
     hints = model.pruning_hints() if hasattr(model, "pruning_hints") else {}
@@ -275,12 +402,13 @@ def _same(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 def convert_token_attention(model: nn.Module, example: torch.Tensor) -> int:
     """Replace, in place, each self-attention block that ``model`` calls as ``block(x)`` on tokens
-    (or a feature map) and that ``TokenAttention`` reproduces (checked on its inputs in one forward pass of
-    ``example``, then on the whole model's output); returns how many were replaced. A block that
-    computes anything else (another layout of q, k and v, a norm inside, masks, relative position
-    terms) stays as it is."""
+    (or a feature map) and that ``TokenAttention`` reproduces, and each block in Hugging Face's
+    layout that ``HeadAttention`` reproduces (each checked on its inputs in one forward pass of
+    ``example``, then all on the whole model's output); returns how many were replaced. A block
+    that computes anything else (another layout of q, k and v, a norm inside, relative position
+    terms, cross-attention) stays as it is."""
     with eval_mode(model):
-        made = _equivalent_replacements(model, example)
+        made = _equivalent_replacements(model, example) | _head_replacements(model, example)
         if made and not _swap_if_unchanged(model, made, example):
             made = {}
     for old, new in made.items():  # the replaced block's flag was restored; its replacement takes it
@@ -372,7 +500,7 @@ def _convertible(mha: nn.MultiheadAttention) -> bool:
 def split_self_attention(model: nn.Module, example: torch.Tensor) -> int:
     """Make, in place, the self-attention blocks of ``model`` prunable by head dims: each
     ``nn.MultiheadAttention`` it calls as self-attention becomes an equivalent ``SelfAttention``,
-    and each block of its own that ``TokenAttention`` reproduces becomes one
+    and each block of its own that ``TokenAttention`` or ``HeadAttention`` reproduces becomes one
     (``convert_token_attention``). Returns how many were replaced. Cross-attention and other
     variants stay as they are (their width is then pruned with the residual stream, or kept)."""
     return _split_multihead(model, example) + convert_token_attention(model, example)

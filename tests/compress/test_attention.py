@@ -1,5 +1,7 @@
 """PyTorch's own attention blocks: counted, converted to prunable self-attention, pruned by head dims."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -364,3 +366,98 @@ def test_the_policy_allocates_the_attention_groups_compress_prunes():
     kept = mc.load_policy().allocate(model, (x, y), 0.5)
     assert {"attns.0.qkv", "attns.1.qkv"} <= set(kept) and kept["attns.0.qkv"] <= 12
     assert isinstance(model.attns[0], ConstantHeadAttention) and model.training
+
+
+class SplitSelfAttention(nn.Module):
+    """Hugging Face's self-attention layout (BERT, ViT and their likes): query, key and value
+    layers, the head size read as a constant, an additive mask, (context, weights) returned; the
+    output projection lives in the sibling ``SelfOutput``."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size, self.all_head_size = heads, width // heads, width
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False):
+        b, n, _ = hidden_states.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+        q, k, v = heads(self.query(hidden_states)), heads(self.key(hidden_states)), heads(self.value(hidden_states))
+        scores = q @ k.transpose(-1, -2) / self.attention_head_size ** 0.5
+        probs = self.dropout((scores if attention_mask is None else scores + attention_mask).softmax(-1))
+        if head_mask is not None:
+            probs = probs * head_mask
+        context = (probs @ v).transpose(1, 2).reshape(b, n, self.all_head_size)
+        return context, (probs if output_attentions else None)
+
+
+class SelfOutput(nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.dense, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
+
+    def forward(self, context: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.dense(context) + x)
+
+
+class SplitLayer(nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.attention, self.output = SplitSelfAttention(width), SelfOutput(width)
+        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.output(self.attention(x, mask)[0], x)
+        return h + self.ffn(h)
+
+
+class SplitTextNet(nn.Module):
+    """A BERT-like text classifier: token ids, padding (id 0) masked additively."""
+
+    def __init__(self, vocab: int = 30, length: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.embed, self.position = nn.Embedding(vocab, width), nn.Parameter(torch.zeros(1, length, width))
+        self.layers = nn.ModuleList(SplitLayer(width) for _ in range(2))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids == 0).float()[:, None, None, :] * -1e4
+        h = self.embed(ids) + self.position
+        for layer in self.layers:
+            h = layer(h, mask)
+        return self.head(h[:, 0])
+
+
+def test_split_query_key_value_attention_with_a_sibling_output_is_converted_and_pruned_by_head_dims(tmp_path):
+    """Hugging Face's layout: the block is rebuilt where it computes the same (with its mask),
+    its heads lose dims at equal offsets together with the sibling's output projection, and the
+    compressed model exports and loads back; an argument the conversion did not see is refused."""
+    from metacompress.compress.attention import HeadAttention
+
+    torch.manual_seed(0)
+    model = SplitTextNet().eval()
+    ids, y = torch.randint(1, 30, (96, 10)), torch.randint(0, 3, (96,))
+    ids[:, 7:] = 0
+    converted = copy.deepcopy(model)
+    assert split_self_attention(converted, ids[:1]) == 2
+    assert all(type(layer.attention) is HeadAttention for layer in converted.layers)
+    assert converted.layers[0].attention.projections()[1] is converted.layers[0].output.dense
+    assert "layers.0.output.dense.weight" in converted.state_dict() and not any("_proj" in k for k in converted.state_dict())
+    with torch.no_grad():
+        assert (converted(ids) - model(ids)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="given output_attentions"):
+        converted.layers[0].attention(torch.randn(2, 10, 32), None, None, True)
+    small, _ = mc.compress(model, ids[:1], target=mc.MACs(0.5), train=(ids, y), allocation="uniform",
+                           repair=mc.RepairConfig(steps=0), guard=False, round_to=2)
+    assert abs(count_macs(small, ids[:1]) / count_macs(model, ids[:1]) - 0.5) <= 0.02 * 0.5
+    attention = small.layers[0].attention
+    assert attention.head_dim < 8 and attention.projections()[1].in_features == 4 * attention.head_dim
+    mc.export_onnx(small, ids[:1], tmp_path / "split.onnx")
+    check = mc.verify(tmp_path / "split.onnx", small, (ids[:32], y[:32]))
+    assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
+    mc.save(small, tmp_path / "split.pt", ids[:1])
+    back, _ = mc.load_compressed(tmp_path / "split.pt", SplitTextNet())
+    assert torch.equal(back(ids[:8]), small(ids[:8]))
