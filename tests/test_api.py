@@ -191,6 +191,17 @@ class SignalNet(nn.Module):
         return self.head(self.features(x))
 
 
+def _trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
+    """``model`` trained with Adam on (x, y) in shuffled batches of 64, returned in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(epochs):
+        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    return model.eval()
+
+
 def signals(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two-channel noisy tones whose frequency is the class."""
     g = torch.Generator().manual_seed(seed)
@@ -205,15 +216,8 @@ def test_compress_a_1d_convolutional_model(tmp_path):
     """Conv1d layers are pruned by channel like Conv2d ones: the budget, ONNX parity and a
     round trip through ``mc.save`` hold for a sequence model."""
     torch.manual_seed(0)
-    model = SignalNet()
     x, y = signals(640, 0)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(4):
-        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    model.eval()
+    model = _trained(SignalNet(), x, y, epochs=4)
     test = signals(200, 1)
     small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=TensorDataset(x, y), test=test,
                                 repair=mc.RepairConfig(steps=30))
@@ -259,15 +263,8 @@ def test_a_text_classifier_over_token_ids_compresses_exports_and_round_trips(tmp
     from metacompress.deploy.bench import benchmark_latency
 
     torch.manual_seed(0)
-    model = TextNet()
     x, y = sentences(800, 0)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(6):
-        for xb, yb in DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
-    model.eval()
+    model = _trained(TextNet(), x, y, epochs=6)
     test = sentences(240, 1)
     small, report = mc.compress(model, x[:1], target=mc.MACs(0.5), train=(x, y), test=test, round_to=4,
                                 repair=mc.RepairConfig(steps=40))
