@@ -210,7 +210,7 @@ def save(model: nn.Module, path: str | os.PathLike, example_inputs: torch.Tensor
     with eval_mode(model):
         classes = _num_outputs(model, example)[0]
     save_compressed(path, model, USER_MODULE + type(model).__name__, tuple(example.shape[1:]), classes,
-                    token_ids=is_token_ids(example))
+                    token_example=example if is_token_ids(example) else None)
 
 
 __all__ = ["CompressionReport", "compress", "export_onnx", "load_compressed", "save", "verify"]

@@ -418,7 +418,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any] | None:
         with timer.stage("save"):
             save_compressed(tmp / "model.pt", c.student, cfg.model, c.prep.data.input_shape, c.prep.data.num_classes,
                             meta={"policy": cfg.allocation, "data": cfg.data},
-                            token_ids=is_token_ids(c.prep.data.x_test[:1]))
+                            token_example=sample if is_token_ids(sample := c.prep.data.x_test[:1]) else None)
         report["timings_s"] = timer.timings
         write_json(tmp / "report.json", report)
         _publish(tmp, out, ["model.onnx", "model.pt", "report.json"] + (["model.int8.onnx"] if "quant" in results else []))

@@ -14,6 +14,8 @@ computes (``tests/compress/test_attention.py``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,40 +163,59 @@ def _fuse_saved_projections(module: TokenAttention, state_dict: dict, prefix: st
             state_dict[f"{prefix}{module.qkv_name}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
 
 
+MASK_NAMES = ("attention_mask", "mask", "attn_mask")  # where a Hugging Face style block takes its mask
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """How a Hugging Face style attention block is called and what it returns."""
+
+    arg_names: tuple[str, ...]  # its positional parameters in order; the first takes the hidden states
+    outputs: int                # the length of the tuple it returns; 0 for a tensor
+    keep_mask: bool = False     # its mask is (batch, tokens), nonzero where a token may be attended to
+
+
 class HeadAttention(QkvAttention):
     """Self-attention laid out as in Hugging Face models: query, key and value projections in the
     block (fused here into one ``qkv`` layer; a state dict with the separate weights still loads)
-    and the output projection in a sibling module that reads the block's output (``BertSelfOutput``
-    and its likes). Called as the block was (its positional parameter names are kept), with the
-    hidden states and an optional ``attention_mask`` (added to the scores, or a boolean mask as
-    ``scaled_dot_product_attention`` takes it); every other argument must be unset. Returns what
-    the block returned: the heads' outputs side by side, alone or first in a tuple of that length
-    (the attention weights are not computed: None). The output projection is held by reference,
-    not as a child, so the state dict does not list it twice."""
+    and the output projection either in the block (DistilBERT) or in a sibling module that reads
+    the block's output (``BertSelfOutput`` and its likes; held by reference, not as a child, so
+    the state dict does not list it twice). Called as the block was (``BlockCall``): the hidden
+    states (also passed as ``key`` and ``value``, if the block takes them) and an optional mask
+    (added to the scores, a boolean mask as ``scaled_dot_product_attention`` takes it, or a
+    (batch, tokens) keep mask); every other argument must be unset. Returns what the block
+    returned: alone or first in a tuple of that length (attention weights are not computed: None)."""
 
-    def __init__(self, children: dict[str, nn.Module], proj: nn.Linear, num_heads: int, scale: float,
-                 dropout: float, arg_names: tuple[str, ...], outputs: int, fused_from: tuple[str, ...]):
+    def __init__(self, children: dict[str, nn.Module], proj: nn.Linear | str, num_heads: int, scale: float,
+                 dropout: float, call: BlockCall, fused_from: tuple[str, ...]):
         super().__init__()
         for name, child in children.items():
             self.add_module(name, child)
-        object.__setattr__(self, "_proj", proj)
-        self.num_heads, self.scale, self.dropout_p = num_heads, scale, dropout
-        self.arg_names, self.outputs = arg_names, outputs  # outputs: the block's tuple length, 0 for a tensor
+        self.proj_name = proj if isinstance(proj, str) else None  # the projection's name when it is a child
+        object.__setattr__(self, "_proj", None if isinstance(proj, str) else proj)
+        self.num_heads, self.scale, self.dropout_p, self.call = num_heads, scale, dropout, call
         self.qkv_name, self.fused_from = "qkv", fused_from
         self.register_load_state_dict_pre_hook(_fuse_saved_projections)
 
     def projections(self) -> tuple[nn.Linear, nn.Linear]:
-        return self.qkv, self._proj
+        return self.qkv, (self._modules[self.proj_name] if self.proj_name else self._proj)
 
     def forward(self, *args, **kwargs):
-        named = dict(zip(self.arg_names, args)) | kwargs
-        x, mask = named.pop(self.arg_names[0]), named.pop("attention_mask", None)
+        named = dict(zip(self.call.arg_names, args)) | kwargs
+        x = named.pop(self.call.arg_names[0])
+        for name in ("key", "value"):
+            if named.get(name) is x:
+                named.pop(name)
+        mask = next((named.pop(n) for n in MASK_NAMES if n in named), None)
         given = sorted(k for k, v in named.items() if v is not None and v is not False)
         if given:
             raise ValueError(f"this attention block was converted for pruning from calls with hidden states and "
-                             f"an attention mask only; it was given {', '.join(given)}")
+                             f"a mask only; it was given {', '.join(given)}")
+        if mask is not None and self.call.keep_mask:
+            mask = mask.reshape(mask.shape[0], 1, 1, -1) != 0
         out, _ = self._attend(x, mask, self.dropout_p)
-        return (out, *[None] * (self.outputs - 1)) if self.outputs else out
+        out = self._modules[self.proj_name](out) if self.proj_name else out
+        return (out, *[None] * (self.call.outputs - 1)) if self.call.outputs else out
 
 
 _HEAD_COUNT_NAMES = ("num_heads", "heads", "n_heads", "n_head", "nhead")
@@ -266,17 +287,21 @@ def _fused_linear(layers: list[nn.Linear]) -> nn.Linear:
 
 
 def _head_layout(block: nn.Module) -> tuple[list[str], int, list[float], float] | None:
-    """(q, k and v layer names, heads, plausible softmax scales, attention dropout) of a block laid
-    out as Hugging Face's self-attention: three linear layers of one shape, dropout, a head count;
-    None for anything else (other weighted layers or parameters: relative position terms)."""
+    """(q, k and v layer names, and the output projection's if the block holds it; heads;
+    plausible softmax scales; attention dropout) of a block laid out as Hugging Face's
+    self-attention: three linear layers of one shape (then, optionally, the output projection),
+    dropout, a head count; None for anything else (other weighted layers or parameters: relative
+    position terms, norms)."""
     if isinstance(block, QkvAttention) or any(True for _ in block.parameters(recurse=False)):
         return None
     children = dict(block.named_children())
     linears = [n for n, c in children.items() if isinstance(c, nn.Linear)]
-    if len(linears) != 3 or any(any(True for _ in c.parameters()) for n, c in children.items() if n not in linears):
+    if len(linears) not in (3, 4) or any(any(True for _ in c.parameters()) for n, c in children.items()
+                                         if n not in linears):
         return None
     layers = [children[n] for n in linears]
-    if len({(m.in_features, m.out_features, m.bias is not None) for m in layers}) != 1:
+    if len({(m.in_features, m.out_features, m.bias is not None) for m in layers[:3]}) != 1 or \
+            (len(layers) == 4 and layers[3].in_features != layers[0].out_features):
         return None
     width = layers[0].out_features
     names = ("num_attention_heads", *_HEAD_COUNT_NAMES)
@@ -290,8 +315,8 @@ def _head_layout(block: nn.Module) -> tuple[list[str], int, list[float], float] 
 
 
 def _head_calls(model: nn.Module, example: torch.Tensor, blocks: list[nn.Module]) -> dict[nn.Module, tuple[list, nn.Linear]]:
-    """Each block's calls (args, kwargs, output) in one pass and the one linear layer that reads
-    its output (its output projection); blocks whose output no single linear layer reads are left out."""
+    """Each block's calls (args, kwargs, output) in one pass, and the one linear layer that reads
+    its output (an output projection outside the block; None where no single one does)."""
     calls: dict[nn.Module, list] = {}
     readers: dict[int, set[nn.Linear]] = {}  # by id of a recorded output (kept alive in ``calls``)
     if not blocks:
@@ -314,8 +339,8 @@ def _head_calls(model: nn.Module, example: torch.Tensor, blocks: list[nn.Module]
     for block, recorded in calls.items():
         outs = [out[0] if isinstance(out, tuple) and out else out for _, _, out in recorded]
         projs = {p for o in outs for p in readers.get(id(o), ())}
-        if len(projs) == 1 and all(isinstance(o, torch.Tensor) and readers.get(id(o)) for o in outs):
-            found[block] = (recorded, projs.pop())
+        single = len(projs) == 1 and all(isinstance(o, torch.Tensor) and readers.get(id(o)) for o in outs)
+        found[block] = (recorded, projs.pop() if single else None)
     return found
 
 
@@ -327,18 +352,20 @@ def _head_replacements(model: nn.Module, example: torch.Tensor) -> dict[nn.Modul
     layouts = {m: lay for m in model.modules() if m is not model and (lay := _head_layout(m)) is not None}
     made = {}
     with torch.no_grad(), composed_attention():
-        for block, (recorded, proj) in _head_calls(model, example, list(layouts)).items():
+        for block, (recorded, reader) in _head_calls(model, example, list(layouts)).items():
             linears, heads, scales, dropout = layouts[block]
-            if proj.in_features != block.get_submodule(linears[0]).out_features:
+            qkv, inner = linears[:3], linears[3] if len(linears) == 4 else None
+            proj = inner or reader
+            if proj is None or (not inner and reader.in_features != block.get_submodule(qkv[0]).out_features):
                 continue
-            params = [p.name for p in inspect.signature(block.forward).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            params = tuple(p.name for p in inspect.signature(block.forward).parameters.values()
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
             out = recorded[0][2]
-            children = {"qkv": _fused_linear([block.get_submodule(n) for n in linears]),
-                        **{n: c for n, c in block.named_children() if n not in linears}}
-            for scale in scales:
-                candidate = HeadAttention(children, proj, heads, scale, dropout, tuple(params),
-                                          len(out) if isinstance(out, tuple) else 0, tuple(linears)).train(block.training)
+            children = {"qkv": _fused_linear([block.get_submodule(n) for n in qkv]),
+                        **{n: c for n, c in block.named_children() if n not in qkv}}
+            calls = [BlockCall(params, len(out) if isinstance(out, tuple) else 0, keep) for keep in (False, True)]
+            for scale, call in ((scale, call) for scale in scales for call in calls):
+                candidate = HeadAttention(children, proj, heads, scale, dropout, call, tuple(qkv)).train(block.training)
                 if all(_same_call(candidate, args, kwargs, ref) for args, kwargs, ref in recorded):
                     made[block] = candidate
                     break
@@ -408,7 +435,7 @@ def convert_token_attention(model: nn.Module, example: torch.Tensor) -> int:
     that computes anything else (another layout of q, k and v, a norm inside, relative position
     terms, cross-attention) stays as it is."""
     with eval_mode(model):
-        made = _equivalent_replacements(model, example) | _head_replacements(model, example)
+        made = _head_replacements(model, example) | _equivalent_replacements(model, example)  # TokenAttention first
         if made and not _swap_if_unchanged(model, made, example):
             made = {}
     for old, new in made.items():  # the replaced block's flag was restored; its replacement takes it

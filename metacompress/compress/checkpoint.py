@@ -39,13 +39,17 @@ def _structure(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 def save_compressed(path: str | os.PathLike, model: nn.Module, spec: str, input_shape, num_classes: int,
-                    model_kwargs: dict | None = None, meta: dict | None = None, token_ids: bool = False) -> None:
-    """``token_ids``: the model takes int64 token ids (``data.inputs``), not float32 samples."""
+                    model_kwargs: dict | None = None, meta: dict | None = None,
+                    token_example: torch.Tensor | None = None) -> None:
+    """``token_example``: for a model over token ids (``data.inputs``), one sample of them, which
+    ``load_compressed`` converts the rebuilt model's attention with (ids of zeros may be padding
+    throughout, and a block that attends to nothing is not reproduced)."""
     save_torch({
         "format": FORMAT,
         "model": spec,
         "input_shape": list(input_shape),
-        "input_dtype": "int64" if token_ids else "float32",
+        "input_dtype": "float32" if token_example is None else "int64",
+        **({} if token_example is None else {"token_example": token_example[:1].detach().long().clone()}),
         "num_classes": int(num_classes),
         "model_kwargs": dict(model_kwargs or {}),
         "structure": _structure(model),
@@ -93,8 +97,8 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None) -> 
                         "to load_compressed(path, model)")
     if model is None:
         model = build_model(ckpt["model"], ckpt["input_shape"], ckpt["num_classes"], **ckpt["model_kwargs"])
-    dtype = torch.long if ckpt.get("input_dtype") == "int64" else torch.float32
-    match_saved_attention(model, ckpt["state_dict"], torch.zeros(1, *ckpt["input_shape"], dtype=dtype))
+    example = ckpt.get("token_example")
+    match_saved_attention(model, ckpt["state_dict"], torch.zeros(1, *ckpt["input_shape"]) if example is None else example)
     resize_to(model, ckpt["structure"], ckpt["state_dict"])
     try:
         load_state(model, ckpt["state_dict"])

@@ -414,42 +414,81 @@ class SplitLayer(nn.Module):
         return h + self.ffn(h)
 
 
-class SplitTextNet(nn.Module):
-    """A BERT-like text classifier: token ids, padding (id 0) masked additively."""
+class KeepMaskAttention(nn.Module):
+    """DistilBERT's layout: q, k, v and the output projection in the block, called with query, key
+    and value and a (batch, tokens) mask that is 1 where a token may be attended to."""
 
-    def __init__(self, vocab: int = 30, length: int = 10, width: int = 32) -> None:
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.n_heads, self.dim, self.dropout = heads, width, nn.Dropout(0.1)
+        self.q_lin, self.k_lin, self.v_lin, self.out_lin = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, query, key, value, mask, head_mask=None, output_attentions=False):
+        b, size = query.shape[0], self.dim // self.n_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, -1, self.n_heads, size).transpose(1, 2)
+
+        q, k, v = heads(self.q_lin(query)) / size ** 0.5, heads(self.k_lin(key)), heads(self.v_lin(value))
+        scores = (q @ k.transpose(-1, -2)).masked_fill((mask == 0).view(b, 1, 1, -1), torch.finfo(q.dtype).min)
+        context = (self.dropout(scores.softmax(-1)) @ v).transpose(1, 2).reshape(b, -1, self.dim)
+        return (self.out_lin(context),)
+
+
+class KeepMaskLayer(nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.attention, self.norm = KeepMaskAttention(width), nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x + self.attention(x, x, x, keep)[0])
+        return h + self.ffn(h)
+
+
+class SplitTextNet(nn.Module):
+    """A BERT-like (or DistilBERT-like) text classifier: token ids, padding (id 0) masked."""
+
+    def __init__(self, layer: type = SplitLayer, vocab: int = 30, length: int = 10, width: int = 32) -> None:
         super().__init__()
         self.embed, self.position = nn.Embedding(vocab, width), nn.Parameter(torch.zeros(1, length, width))
-        self.layers = nn.ModuleList(SplitLayer(width) for _ in range(2))
+        self.layers = nn.ModuleList(layer(width) for _ in range(2))
         self.head = nn.Linear(width, 3)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        mask = (ids == 0).float()[:, None, None, :] * -1e4
+        keep = isinstance(self.layers[0], KeepMaskLayer)
+        mask = (ids != 0).long() if keep else (ids == 0).float()[:, None, None, :] * -1e4
         h = self.embed(ids) + self.position
         for layer in self.layers:
             h = layer(h, mask)
         return self.head(h[:, 0])
 
 
-def test_split_query_key_value_attention_with_a_sibling_output_is_converted_and_pruned_by_head_dims(tmp_path):
-    """Hugging Face's layout: the block is rebuilt where it computes the same (with its mask),
-    its heads lose dims at equal offsets together with the sibling's output projection, and the
-    compressed model exports and loads back; an argument the conversion did not see is refused."""
+@pytest.mark.parametrize("layer", [SplitLayer, KeepMaskLayer])
+def test_hugging_face_attention_layouts_are_converted_and_pruned_by_head_dims(tmp_path, layer):
+    """Hugging Face's layouts (the output projection in a sibling module, an additive mask; or in
+    the block, called with query, key and value and a keep mask): the block is rebuilt where it
+    computes the same, its heads lose dims at equal offsets together with the output projection,
+    and the compressed model exports and loads back; an argument the conversion did not see is
+    refused."""
     from metacompress.compress.attention import HeadAttention
 
     torch.manual_seed(0)
-    model = SplitTextNet().eval()
+    model = SplitTextNet(layer).eval()
     ids, y = torch.randint(1, 30, (96, 10)), torch.randint(0, 3, (96,))
     ids[:, 7:] = 0
     converted = copy.deepcopy(model)
     assert split_self_attention(converted, ids[:1]) == 2
     assert all(type(layer.attention) is HeadAttention for layer in converted.layers)
-    assert converted.layers[0].attention.projections()[1] is converted.layers[0].output.dense
-    assert "layers.0.output.dense.weight" in converted.state_dict() and not any("_proj" in k for k in converted.state_dict())
+    first = converted.layers[0]
+    proj = first.output.dense if layer is SplitLayer else first.attention.out_lin
+    assert first.attention.projections()[1] is proj
+    assert sum(p is proj.weight for p in converted.parameters()) == 1  # the sibling's layer is listed once
     with torch.no_grad():
         assert (converted(ids) - model(ids)).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="given output_attentions"):
-        converted.layers[0].attention(torch.randn(2, 10, 32), None, None, True)
+        x = torch.randn(2, 10, 32)
+        first.attention(x, None, None, True) if layer is SplitLayer else first.attention(x, x, x, None, None, True)
     small, _ = mc.compress(model, ids[:1], target=mc.MACs(0.5), train=(ids, y), allocation="uniform",
                            repair=mc.RepairConfig(steps=0), guard=False, round_to=2)
     assert abs(count_macs(small, ids[:1]) / count_macs(model, ids[:1]) - 0.5) <= 0.02 * 0.5
@@ -459,5 +498,5 @@ def test_split_query_key_value_attention_with_a_sibling_output_is_converted_and_
     check = mc.verify(tmp_path / "split.onnx", small, (ids[:32], y[:32]))
     assert check["max_abs_diff"] <= 1e-4 and check["top1_agreement"] == 1.0
     mc.save(small, tmp_path / "split.pt", ids[:1])
-    back, _ = mc.load_compressed(tmp_path / "split.pt", SplitTextNet())
+    back, _ = mc.load_compressed(tmp_path / "split.pt", SplitTextNet(layer))
     assert torch.equal(back(ids[:8]), small(ids[:8]))
