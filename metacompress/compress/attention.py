@@ -14,6 +14,7 @@ computes (``tests/compress/test_attention.py``).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -347,8 +348,6 @@ def _head_calls(model: nn.Module, example: torch.Tensor, blocks: list[nn.Module]
 def _head_replacements(model: nn.Module, example: torch.Tensor) -> dict[nn.Module, HeadAttention]:
     """Each Hugging Face style self-attention block's ``HeadAttention``, where it gives the
     block's recorded outputs from its recorded inputs."""
-    import inspect
-
     layouts = {m: lay for m in model.modules() if m is not model and (lay := _head_layout(m)) is not None}
     made = {}
     with torch.no_grad(), composed_attention():

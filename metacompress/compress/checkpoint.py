@@ -48,7 +48,6 @@ def save_compressed(path: str | os.PathLike, model: nn.Module, spec: str, input_
         "format": FORMAT,
         "model": spec,
         "input_shape": list(input_shape),
-        "input_dtype": "float32" if token_example is None else "int64",
         **({} if token_example is None else {"token_example": token_example[:1].detach().long().clone()}),
         "num_classes": int(num_classes),
         "model_kwargs": dict(model_kwargs or {}),

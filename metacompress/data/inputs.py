@@ -29,11 +29,6 @@ def model_input(x: torch.Tensor) -> torch.Tensor:
     return x.long() if is_token_ids(x) else x.float()
 
 
-def numpy_dtype(onnx_type: str) -> type:
-    """The numpy dtype of an onnxruntime input type: int64 for token ids, float32 otherwise."""
-    return np.int64 if onnx_type == ONNX_INT64 else np.float32
-
-
 def onnx_feed(batch: Any, onnx_type: str) -> np.ndarray:
     """A batch (tensor or array) as an onnxruntime feed of the input's type."""
     if isinstance(batch, torch.Tensor):
@@ -41,7 +36,7 @@ def onnx_feed(batch: Any, onnx_type: str) -> np.ndarray:
     batch = np.asarray(batch)
     if onnx_type == ONNX_INT64 and not np.issubdtype(batch.dtype, np.integer):
         raise UserError(f"the model takes int64 token ids; the data holds {batch.dtype} values")
-    return np.ascontiguousarray(batch, dtype=numpy_dtype(onnx_type))
+    return np.ascontiguousarray(batch, dtype=np.int64 if onnx_type == ONNX_INT64 else np.float32)
 
 
 def timing_feed(shape: tuple[int, ...], onnx_type: str, rng: np.random.Generator) -> np.ndarray:

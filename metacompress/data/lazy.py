@@ -35,6 +35,7 @@ class LazySamples:
                  rows: np.ndarray | None = None, threads: int = 1, dtype: type = np.float32) -> None:
         self._read = read
         self._dtype = np.dtype(dtype)
+        self._torch_dtype = torch.from_numpy(np.zeros(0, self._dtype)).dtype
         self._threads = max(1, threads)
         self._rows = np.arange(count) if rows is None else rows
         self._sample_shape = tuple(int(d) for d in sample_shape)
@@ -58,7 +59,7 @@ class LazySamples:
         rows = np.atleast_1d(self._rows[_numpy_index(index)])
         # torch's own memory, not numpy's: a training batch is saved for the backward pass, and
         # compress crashed (SIGSEGV in backward) when batches lived in numpy-allocated memory
-        batch = torch.empty((len(rows), *self._sample_shape), dtype=torch.from_numpy(np.zeros(0, self._dtype)).dtype)
+        batch = torch.empty((len(rows), *self._sample_shape), dtype=self._torch_dtype)
 
         def fill(i: int) -> None:
             batch[i] = torch.from_numpy(self._checked(rows[i]))

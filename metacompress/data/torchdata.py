@@ -47,9 +47,9 @@ def _pairs(data: DataLike, what: str) -> tuple[Samples, torch.Tensor]:
         raise UserError(f"{what} must be a torch Dataset, a DataLoader or an (inputs, labels) tuple of tensors, "
                         f"got {type(data).__name__}")
     if _map_style(dataset) and len(dataset) > 0:
-        shape = tuple(torch.as_tensor(_pair(dataset[0], what)[0]).shape)
-        if not fits_in_memory(len(dataset), shape):
-            return _lazy(dataset, shape, what)
+        first = torch.as_tensor(_pair(dataset[0], what)[0])
+        if not fits_in_memory(len(dataset), tuple(first.shape)):
+            return _lazy(dataset, first, what)
     xs, ys, values = [], [], 0
     for x, y in _batches(loader, what):
         values += x.numel()
@@ -98,21 +98,20 @@ def _batches(loader: Any, what: str) -> Iterator[tuple[torch.Tensor, torch.Tenso
         raise UserError(f"{what}: cannot batch its samples: {' '.join(str(exc).split())[:200]}") from None
 
 
-def _lazy(dataset: Any, shape: tuple[int, ...], what: str) -> tuple[LazySamples, torch.Tensor]:
-    """Labels read (and every sample's shape and values checked) in one pass; the samples stay unread."""
+def _lazy(dataset: Any, first: torch.Tensor, what: str) -> tuple[LazySamples, torch.Tensor]:
+    """Labels read (and every sample's shape and values checked) in one pass; the samples stay
+    unread, of ``first``'s shape and input kind (``data.inputs``)."""
     ys = []
     for x, y in _batches(DataLoader(dataset, batch_size=READ_BATCH, shuffle=False), what):
         _checked(x, y, what)
         ys.append(y)
     y = torch.cat(ys).long()
-
-    first = torch.as_tensor(_pair(dataset[0], what)[0])
     dtype = np.int64 if is_token_ids(first) else np.float32
 
     def read(i: int) -> np.ndarray:
         return model_input(torch.as_tensor(_pair(dataset[i], what)[0]).detach()).numpy()
 
-    return LazySamples(read, len(dataset), shape, dtype=dtype), y
+    return LazySamples(read, len(dataset), tuple(first.shape), dtype=dtype), y
 
 
 def _checked(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
